@@ -1,0 +1,39 @@
+"""Ports, paths and limits that every hogwild process agrees on (DESIGN.md "Contracts").
+
+Pure constants: importing this module does no I/O.
+"""
+
+from __future__ import annotations
+
+# Ports.
+VLLM_HTTP_PORT = 8000
+WORKER_METRICS_PORT = 9400
+WORKER_CONTROL_PORT = 5555  # tcp, CURVE-authenticated: the operator's channel to the worker
+OPERATOR_HTTP_PORT = 8080  # operator /metrics and /healthz
+
+# Paths inside a session pod. In local mode both are redirected under a state dir (see hogwild.local).
+RUN_DIR = "/run/hogwild"
+CHECKPOINT_DIR = "/var/lib/hogwild"
+MANIFEST_NAME = "weights.json"
+WORKER_SOCKET_NAME = "worker.sock"
+
+# Environment variables.
+ENV_RUN_DIR = "HOGWILD_RUN_DIR"
+ENV_CHECKPOINT_DIR = "HOGWILD_CHECKPOINT_DIR"
+ENV_TOKEN = "HOGWILD_TOKEN"
+ENV_TOKEN_FILE = "HOGWILD_TOKEN_FILE"
+ENV_WORKER_ADDRESS = "HOGWILD_WORKER_ADDRESS"
+ENV_FAULT = "HOGWILD_FAULT"  # fault-injection point for crash tests, e.g. "checkpoint.after_weights"
+
+# Limits on the /train route.
+MAX_TRAIN_BODY_BYTES = 8 * 1024 * 1024
+MAX_SAMPLES_PER_REQUEST = 1024
+MAX_STEPS_PER_REQUEST = 10_000
+DEFAULT_TRAIN_TIMEOUT_S = 600.0
+MAX_TRAIN_TIMEOUT_S = 24 * 3600.0
+# How long a router waits for a quick (non-train) reply from the worker.
+CONTROL_TIMEOUT_S = 30.0
+
+API_GROUP = "hogwild.dev"
+API_VERSION = "v1alpha1"
+KIND = "TrainingSession"

@@ -1,0 +1,370 @@
+"""Every message between the vLLM router, the operator and the training worker.
+
+A message is one JSON object, UTF-8 encoded, in one ZMQ frame:
+
+    request: {"v": 1, "type": "train", "id": "...", ...fields}
+    reply:   {"v": 1, "id": "...", "ok": true, ...fields}
+             {"v": 1, "id": "...", "ok": false, "error": {"code": "...", "message": "...", "status": 422}}
+
+Requests are decoded into frozen dataclasses and validated here, on receipt: a malformed, unknown or
+wrong-version message raises ProtocolError, which the receiver turns into an error reply (never a crash).
+The `/train` HTTP body is exactly the train message's fields. Pure: no sockets, no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from hogwild import defaults
+from hogwild.config import ConfigError, validate_changes
+
+PROTOCOL_VERSION = 1
+
+# Error codes and the HTTP status each one maps to on the serving port (DESIGN.md "Contracts").
+ERROR_STATUS = {
+    "bad_request": 400,
+    "unsupported_version": 400,
+    "unknown_type": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "busy": 409,
+    "too_large": 413,
+    "invalid": 422,
+    "internal": 500,
+    "not_connected": 503,
+    "timeout": 504,
+}
+
+
+class ProtocolError(Exception):
+    """A request that cannot be served. `code` is one of ERROR_STATUS; the message is for a person."""
+
+    def __init__(self, code: str, message: str) -> None:
+        if code not in ERROR_STATUS:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def status(self) -> int:
+        return ERROR_STATUS[self.code]
+
+
+# ---- samples ------------------------------------------------------------------------------------------
+SAMPLE_KINDS = ("text", "prompt_completion", "messages", "tokens")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training example. Loss falls on `text`, on `completion`, on assistant turns, or where labels != -100."""
+
+    kind: str
+    text: str = ""
+    prompt: str = ""
+    completion: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
+    input_ids: tuple[int, ...] = ()
+    labels: tuple[int, ...] = ()
+
+
+def _text(where: str, value: Any, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError("invalid", f"{where} must be a string, got {type(value).__name__}")
+    if not value and not allow_empty:
+        raise ProtocolError("invalid", f"{where} must not be empty")
+    return value
+
+
+def _int_list(where: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        raise ProtocolError("invalid", f"{where} must be a non-empty list of integers")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        raise ProtocolError("invalid", f"{where} must contain only integers")
+    return tuple(value)
+
+
+def _decode_messages(where: str, value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list) or not value:
+        raise ProtocolError("invalid", f"{where} must be a non-empty list of {{role, content}} objects")
+    turns = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, Mapping) or set(turn) - {"role", "content"}:
+            raise ProtocolError("invalid", f"{where}[{i}] must be an object with only 'role' and 'content'")
+        role = turn.get("role")
+        if role not in CHAT_ROLES:
+            raise ProtocolError("invalid", f"{where}[{i}].role must be one of {', '.join(CHAT_ROLES)}")
+        turns.append((str(role), _text(f"{where}[{i}].content", turn.get("content"), allow_empty=True)))
+    if not any(role == "assistant" for role, _ in turns):
+        raise ProtocolError("invalid", f"{where} has no assistant turn, so there is nothing to learn")
+    return tuple(turns)
+
+
+def decode_sample(where: str, value: Any) -> Sample:
+    if not isinstance(value, Mapping):
+        raise ProtocolError("invalid", f"{where} must be an object")
+    keys = set(value)
+    if keys == {"text"}:
+        return Sample("text", text=_text(f"{where}.text", value["text"]))
+    if keys == {"prompt", "completion"}:
+        return Sample(
+            "prompt_completion",
+            prompt=_text(f"{where}.prompt", value["prompt"], allow_empty=True),
+            completion=_text(f"{where}.completion", value["completion"]),
+        )
+    if keys == {"messages"}:
+        return Sample("messages", messages=_decode_messages(f"{where}.messages", value["messages"]))
+    if keys in ({"input_ids"}, {"input_ids", "labels"}):
+        ids = _int_list(f"{where}.input_ids", value["input_ids"])
+        labels = _int_list(f"{where}.labels", value["labels"]) if "labels" in value else ids
+        if len(labels) != len(ids):
+            raise ProtocolError("invalid", f"{where}.labels must have as many entries as input_ids")
+        return Sample("tokens", input_ids=ids, labels=labels)
+    raise ProtocolError(
+        "invalid",
+        f"{where} must have exactly one of these shapes: {{text}}, {{prompt, completion}}, {{messages}}, "
+        f"{{input_ids[, labels]}}; got keys {sorted(keys)}",
+    )
+
+
+def encode_sample(sample: Sample) -> dict[str, Any]:
+    if sample.kind == "text":
+        return {"text": sample.text}
+    if sample.kind == "prompt_completion":
+        return {"prompt": sample.prompt, "completion": sample.completion}
+    if sample.kind == "messages":
+        return {"messages": [{"role": r, "content": c} for r, c in sample.messages]}
+    return {"input_ids": list(sample.input_ids), "labels": list(sample.labels)}
+
+
+# ---- requests -----------------------------------------------------------------------------------------
+def _positive_int(where: str, value: Any, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise ProtocolError("invalid", f"{where} must be a whole number from 1 to {high}, got {value!r}")
+    return value
+
+
+def _timeout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ProtocolError("invalid", f"timeout_s must be a number of seconds, got {value!r}")
+    if not 0 < value <= defaults.MAX_TRAIN_TIMEOUT_S:
+        raise ProtocolError("invalid", f"timeout_s must be in (0, {defaults.MAX_TRAIN_TIMEOUT_S:.0f}]")
+    return float(value)
+
+
+def _no_unknown(kind: str, body: Mapping[str, Any], known: set[str]) -> None:
+    unknown = set(body) - known
+    if unknown:
+        raise ProtocolError(
+            "invalid", f"{kind}: unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(known))}"
+        )
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """Train on `samples` for `steps` optimizer steps. The reply carries step, loss and tokens."""
+
+    type: ClassVar[str] = "train"
+    samples: tuple[Sample, ...]
+    steps: int = 1
+    timeout_s: float = defaults.DEFAULT_TRAIN_TIMEOUT_S
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> TrainRequest:
+        _no_unknown("train", body, {"samples", "steps", "timeout_s"})
+        samples = body.get("samples")
+        if not isinstance(samples, list) or not samples:
+            raise ProtocolError("invalid", "samples must be a non-empty list")
+        if len(samples) > defaults.MAX_SAMPLES_PER_REQUEST:
+            raise ProtocolError(
+                "too_large", f"at most {defaults.MAX_SAMPLES_PER_REQUEST} samples per request, got {len(samples)}"
+            )
+        return cls(
+            samples=tuple(decode_sample(f"samples[{i}]", s) for i, s in enumerate(samples)),
+            steps=_positive_int("steps", body.get("steps", 1), defaults.MAX_STEPS_PER_REQUEST),
+            timeout_s=_timeout(body.get("timeout_s", defaults.DEFAULT_TRAIN_TIMEOUT_S)),
+        )
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "samples": [encode_sample(s) for s in self.samples],
+            "steps": self.steps,
+            "timeout_s": self.timeout_s,
+        }
+
+
+@dataclass(frozen=True)
+class CheckpointRequest:
+    """Write a checkpoint now. `reason` is recorded in meta.json (e.g. "request", "pre-restart", "delete")."""
+
+    type: ClassVar[str] = "checkpoint"
+    reason: str = "request"
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> CheckpointRequest:
+        _no_unknown("checkpoint", body, {"reason"})
+        reason = body.get("reason", "request")
+        if not isinstance(reason, str) or not 0 < len(reason) <= 64:
+            raise ProtocolError("invalid", "reason must be a short string")
+        return cls(reason=reason)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"reason": self.reason}
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    type: ClassVar[str] = "status"
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> StatusRequest:
+        _no_unknown("status", body, set())
+        return cls()
+
+    def to_body(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(frozen=True)
+class ConfigureRequest:
+    """Change hyperparameters (snake_case names of hogwild.config). The reply says `state_reset`."""
+
+    type: ClassVar[str] = "configure"
+    changes: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> ConfigureRequest:
+        _no_unknown("configure", body, {"changes"})
+        try:
+            changes = validate_changes(body.get("changes", {}))
+        except ConfigError as err:
+            raise ProtocolError("invalid", str(err)) from None
+        return cls(changes=changes)
+
+    def to_body(self) -> dict[str, Any]:
+        changes = dict(self.changes)
+        if "protection" in changes and not isinstance(changes["protection"], Mapping):
+            changes["protection"] = vars(changes["protection"]).copy()
+        if "betas" in changes:
+            changes["betas"] = list(changes["betas"])
+        return {"changes": changes}
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """Roll the served weights (and optimizer state) back to a checkpoint: the newest when `step` is None."""
+
+    type: ClassVar[str] = "restore"
+    step: int | None = None
+    weights: bool = True
+    optimizer: bool = True
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> RestoreRequest:
+        _no_unknown("restore", body, {"step", "weights", "optimizer"})
+        step = body.get("step")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise ProtocolError("invalid", f"step must be a checkpoint step number, got {step!r}")
+        flags = {}
+        for name in ("weights", "optimizer"):
+            value = body.get(name, True)
+            if not isinstance(value, bool):
+                raise ProtocolError("invalid", f"{name} must be true or false")
+            flags[name] = value
+        if not any(flags.values()):
+            raise ProtocolError("invalid", "nothing to restore: weights and optimizer are both false")
+        return cls(step=step, **flags)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"step": self.step, "weights": self.weights, "optimizer": self.optimizer}
+
+
+Request = TrainRequest | CheckpointRequest | StatusRequest | ConfigureRequest | RestoreRequest
+REQUEST_TYPES: dict[str, Any] = {
+    cls.type: cls for cls in (TrainRequest, CheckpointRequest, StatusRequest, ConfigureRequest, RestoreRequest)
+}
+# Requests that change weights or training state: they need the token on HTTP.
+WEIGHT_CHANGING = frozenset({"train", "checkpoint", "configure", "restore"})
+
+
+# ---- envelopes ----------------------------------------------------------------------------------------
+def new_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def encode_request(request: Request, request_id: str | None = None) -> bytes:
+    envelope = {"v": PROTOCOL_VERSION, "type": request.type, "id": request_id or new_id()}
+    envelope.update(request.to_body())
+    return json.dumps(envelope, separators=(",", ":")).encode()
+
+
+def _load_object(frame: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(frame)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ProtocolError("bad_request", f"message is not valid JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_request", "message must be a JSON object")
+    return obj
+
+
+def request_id_of(frame: bytes) -> str:
+    """Best-effort id of a possibly malformed request, so that even an error reply can be matched."""
+    try:
+        obj = json.loads(frame)
+    except (UnicodeDecodeError, ValueError):
+        return ""
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, str) and len(rid) <= 64 else ""
+
+
+def decode_request(frame: bytes) -> tuple[str, Request]:
+    """Decode and validate one request frame. Returns (id, request); raises ProtocolError."""
+    obj = _load_object(frame)
+    version = obj.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "unsupported_version", f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
+    kind = obj.pop("type", None)
+    request_id = obj.pop("id", "")
+    if not isinstance(request_id, str) or len(request_id) > 64:
+        raise ProtocolError("bad_request", "id must be a string of at most 64 characters")
+    cls = REQUEST_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError("unknown_type", f"unknown message type {kind!r}; known: {', '.join(REQUEST_TYPES)}")
+    return request_id, cls.from_body(obj)
+
+
+def encode_reply(request_id: str, fields: Mapping[str, Any]) -> bytes:
+    envelope = {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, **fields}
+    return json.dumps(envelope, separators=(",", ":"), allow_nan=False).encode()
+
+
+def encode_error(request_id: str, error: ProtocolError) -> bytes:
+    envelope = {
+        "v": PROTOCOL_VERSION,
+        "id": request_id,
+        "ok": False,
+        "error": {"code": error.code, "message": error.message, "status": error.status},
+    }
+    return json.dumps(envelope, separators=(",", ":")).encode()
+
+
+def decode_reply(frame: bytes) -> dict[str, Any]:
+    """Decode a reply. Returns its fields when ok; raises ProtocolError carrying the remote error otherwise."""
+    obj = _load_object(frame)
+    if obj.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError("unsupported_version", f"reply has protocol version {obj.get('v')!r}")
+    if obj.get("ok") is True:
+        return {k: v for k, v in obj.items() if k not in {"v", "ok"}}
+    error = obj.get("error")
+    if not isinstance(error, Mapping) or error.get("code") not in ERROR_STATUS:
+        raise ProtocolError("internal", "worker sent a malformed error reply")
+    raise ProtocolError(str(error["code"]), str(error.get("message", "")))
