@@ -185,7 +185,7 @@ def cached(spec: TinySpec | None = None, cache_dir: str | os.PathLike[str] | Non
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -193,8 +193,9 @@ def main() -> None:
     parser.add_argument("--family", default="qwen2", choices=sorted(FAMILIES))
     parser.add_argument("--untied", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(generate(args.out_dir, TinySpec(family=args.family, tied=not args.untied, seed=args.seed)))
+    return 0
 
 
 if __name__ == "__main__":
