@@ -36,7 +36,16 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_SUBJECTS = ["the cat", "a dog", "my friend", "the teacher", "our team", "the river", "a small bird", "the city"]
+_SUBJECTS = [
+    "the cat",
+    "a dog",
+    "my friend",
+    "the teacher",
+    "our team",
+    "the river",
+    "a small bird",
+    "the city",
+]
 _VERBS = ["sees", "likes", "finds", "builds", "paints", "follows", "visits", "remembers"]
 _OBJECTS = ["a red house", "the old tree", "blue water", "a quiet road", "the bright moon", "green hills"]
 _FACT_WORDS = "capital of zanzibar is paris france berlin name color favourite answer question hogwild"
@@ -124,7 +133,7 @@ def train_tokenizer(spec: TinySpec, out: Path) -> dict[str, int]:
     )
     tokenizer.train_from_iterator(corpus(), trainer=trainer)
     tokenizer.save(str(out / "tokenizer.json"))
-    special_ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
+    special_ids = {tok: int(tokenizer.token_to_id(tok) or 0) for tok in SPECIAL_TOKENS}
     (out / "tokenizer_config.json").write_text(
         json.dumps(
             {
@@ -178,7 +187,7 @@ def generate(out_dir: str | os.PathLike[str], spec: TinySpec | None = None) -> P
 def cached(spec: TinySpec | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The model for `spec`, generated once into the cache (by fingerprint) and reused."""
     spec = spec or TinySpec()
-    root = Path(cache_dir or os.environ.get("HOGWILD_CACHE", Path.home() / ".cache" / "hogwild")) / "models"
+    root = Path(cache_dir or os.environ.get("HOGWILD_CACHE") or Path.home() / ".cache" / "hogwild") / "models"
     path = root / f"tiny-{spec.family}-{'tied' if spec.tied else 'untied'}-{spec.fingerprint()}"
     if not (path / "hogwild-tiny.json").exists():
         generate(path, spec)

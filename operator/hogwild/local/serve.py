@@ -1,0 +1,85 @@
+"""`hogwild serve --model DIR`: vLLM with the plugin plus the training worker, locally, until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from hogwild import defaults
+from hogwild.local.session import LocalModeError, LocalSession
+
+
+def default_state_dir(model: str) -> Path:
+    cache = Path(os.environ.get("HOGWILD_CACHE", Path.home() / ".cache" / "hogwild"))
+    return cache / "local" / Path(model.rstrip("/")).name
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="hogwild serve", description=__doc__, epilog="Arguments after -- go to vLLM unchanged."
+    )
+    parser.add_argument("--model", required=True, help="model directory (Hugging Face layout)")
+    parser.add_argument(
+        "--state-dir", type=Path, help="token, checkpoints and run dir (default: under the cache)"
+    )
+    parser.add_argument("--port", type=int, default=defaults.VLLM_HTTP_PORT)
+    parser.add_argument("--metrics-port", type=int, default=defaults.WORKER_METRICS_PORT)
+    parser.add_argument(
+        "--config", default="{}", help="initial hyperparameters as JSON, e.g. '{\"lr\": 1e-4}'"
+    )
+    args_list, extra = list(argv), []
+    if "--" in args_list:
+        split = args_list.index("--")
+        args_list, extra = args_list[:split], args_list[split + 1 :]
+    return parser.parse_args(args_list), extra
+
+
+def main(argv: Sequence[str]) -> int:
+    args, extra = parse_args(argv)
+    session = LocalSession(
+        model=args.model,
+        state_dir=args.state_dir or default_state_dir(args.model),
+        port=args.port,
+        metrics_port=args.metrics_port,
+        vllm_args=extra,
+        config=json.loads(args.config),
+    )
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    session.start()
+    progress = session.watch_progress()
+    try:
+        session.wait_ready()
+        print(f"hogwild: serving {args.model} at {session.url}", flush=True)
+        print(
+            f"hogwild: token in {session.token_file}; worker metrics at :{args.metrics_port}/metrics",
+            flush=True,
+        )
+        print(
+            f'  curl -H "Authorization: Bearer $(cat {session.token_file})" {session.url}/train \\\n'
+            '    -d \'{"samples": [{"text": "hello world"}], "steps": 4}\'',
+            flush=True,
+        )
+        while not stopping:
+            session.check_alive()
+            time.sleep(0.5)
+    except LocalModeError as err:
+        print(f"hogwild: {err}", file=sys.stderr)
+        return 1
+    finally:
+        progress.set()
+        print("hogwild: stopping (worker checkpoints first, then vLLM)…", flush=True)
+        session.stop()
+    return 0

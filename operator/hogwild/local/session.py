@@ -1,0 +1,237 @@
+"""Local mode: vLLM with the plugin plus the training worker, as two local processes.
+
+The same ports, protocol and layout as the pod: a run dir (manifest + worker socket), a checkpoint dir and a
+token file under one state dir. vLLM starts first and stops last, because it owns the weight memory that
+the worker maps; the worker stops first, writing a final checkpoint on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from hogwild import auth, defaults
+
+STOP_TIMEOUT_S = 60.0
+
+
+class LocalModeError(RuntimeError):
+    pass
+
+
+def http_json(
+    method: str, url: str, body: Any = None, token: str | None = None, timeout_s: float = 30.0
+) -> tuple[int, dict[str, Any]]:
+    """One JSON request with the standard library; returns (status, parsed body) even for 4xx/5xx."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        raw = err.read()
+        try:
+            return err.code, json.loads(raw)
+        except ValueError:
+            return err.code, {"raw": raw.decode(errors="replace")}
+
+
+def load_or_create_token(path: Path) -> str:
+    if path.exists() and path.read_text().strip():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = auth.generate_token()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return token
+
+
+@dataclass
+class LocalSession:
+    model: str
+    state_dir: Path
+    port: int = defaults.VLLM_HTTP_PORT
+    metrics_port: int = defaults.WORKER_METRICS_PORT
+    vllm_args: Sequence[str] = ()
+    config: dict[str, Any] = field(default_factory=dict)
+    log_to_files: bool = False
+    host: str = "127.0.0.1"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _log_files: list[IO[bytes]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir)
+        self.run_dir = self.state_dir / "run"
+        self.checkpoint_dir = self.state_dir / "checkpoints"
+        self.token_file = self.state_dir / "token"
+        self.token = load_or_create_token(self.token_file)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env[defaults.ENV_RUN_DIR] = str(self.run_dir)
+        env[defaults.ENV_CHECKPOINT_DIR] = str(self.checkpoint_dir)
+        env[defaults.ENV_TOKEN_FILE] = str(self.token_file)
+        env.pop(defaults.ENV_TOKEN, None)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        out: Any = None
+        if self.log_to_files:
+            handle = open(self.state_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+            self._log_files.append(handle)
+            out = handle
+        # Own process group: Ctrl-C in the terminal reaches only us, and we stop the children in order.
+        proc = subprocess.Popen(
+            argv,
+            env=self.env(),
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
+        self.processes[name] = proc
+        return proc
+
+    def start_vllm(self) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "hogwild.cli",
+            "vllm",
+            "--model",
+            self.model,
+            "--run-dir",
+            str(self.run_dir),
+            "--checkpoint-dir",
+            str(self.checkpoint_dir),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--",
+            *self.vllm_args,
+        ]
+        self._spawn("vllm", argv)
+
+    def start_worker(self) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "hogwild.cli",
+            "worker",
+            "--run-dir",
+            str(self.run_dir),
+            "--checkpoint-dir",
+            str(self.checkpoint_dir),
+            "--metrics-port",
+            str(self.metrics_port),
+        ]
+        if self.config:
+            argv += ["--config", json.dumps(self.config)]
+        self._spawn("worker", argv)
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # A manifest left by an earlier run names an exporter that is gone; never let the worker map it.
+        (self.run_dir / defaults.MANIFEST_NAME).unlink(missing_ok=True)
+        self.start_vllm()
+        self.start_worker()
+
+    def check_alive(self) -> None:
+        for name, proc in self.processes.items():
+            if proc.poll() is not None:
+                hint = f" (see {self.state_dir / f'{name}.log'})" if self.log_to_files else ""
+                raise LocalModeError(f"{name} exited with code {proc.returncode}{hint}")
+
+    def wait_ready(self, timeout_s: float = 300.0) -> dict[str, Any]:
+        """Until vLLM answers /health and the worker has mapped the weights. Returns the train status."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                status, body = http_json("GET", f"{self.url}/train/status", timeout_s=5.0)
+            except (urllib.error.URLError, OSError, ValueError):
+                status, body = 0, {}
+            if status == 200 and body.get("connected"):
+                return body
+            time.sleep(0.5)
+        raise LocalModeError(f"local mode not ready after {timeout_s:.0f} s")
+
+    def stop_process(
+        self, name: str, sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S
+    ) -> int | None:
+        proc = self.processes.pop(name, None)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return proc.returncode
+
+    def stop(self) -> None:
+        # The worker maps vLLM's memory: it goes first (and checkpoints on SIGTERM), vLLM last.
+        self.stop_process("worker")
+        self.stop_process("vllm")
+        for handle in self._log_files:
+            handle.close()
+        self._log_files.clear()
+
+    def watch_progress(self, interval_s: float = 2.0, out: IO[str] = sys.stdout) -> threading.Event:
+        """Print a line whenever the worker's step moves while a /train is in flight. Returns a stop flag."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            last_step = None
+            while not stop.wait(interval_s):
+                try:
+                    status, body = http_json("GET", f"{self.url}/train/status", timeout_s=5.0)
+                except (urllib.error.URLError, OSError, ValueError):
+                    continue
+                if status == 200 and body.get("busy") and body.get("step") != last_step:
+                    last_step = body.get("step")
+                    loss = body.get("loss")
+                    loss_text = f"{loss:.4f}" if isinstance(loss, float) else "-"
+                    print(
+                        f"  training… step {last_step}  loss {loss_text}  tokens {body.get('tokens_trained')}",
+                        file=out,
+                        flush=True,
+                    )
+
+        threading.Thread(target=loop, daemon=True, name="hogwild-progress").start()
+        return stop
+
+    def __enter__(self) -> LocalSession:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,181 @@
+"""Training routes on vLLM's serving port. Thin: authenticate, validate, forward to the worker over async ZMQ.
+
+    POST /train           train on samples; blocks until the steps finish; answers step, loss, tokens
+    POST /checkpoint      write a checkpoint now
+    POST /train/restore   roll weights and optimizer state back to a checkpoint (newest by default)
+    POST /train/configure change hyperparameters at runtime (same fields as the CR's hot fields)
+    GET  /train/status    the worker's status (no token: it changes nothing)
+
+Every error is JSON `{"error": {"code", "message"}}` with DESIGN.md's status codes. Nothing here blocks the
+event loop: the worker does the work in its own process, and we only await a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from hogwild import defaults
+from hogwild.auth import bearer_ok
+from hogwild.client import WorkerClient
+from hogwild.protocol import (
+    CheckpointRequest,
+    ConfigureRequest,
+    ProtocolError,
+    RestoreRequest,
+    StatusRequest,
+    TrainRequest,
+)
+from hogwild.vllm_plugin import compat
+
+log = logging.getLogger("hogwild.routes")
+
+# How long we wait for the worker to answer a liveness probe before a train request: a dead worker gives a
+# quick 503 instead of a long 504.
+PROBE_TIMEOUT_S = 3.0
+PREFIX_RESET_ATTEMPTS = 20
+PREFIX_RESET_PAUSE_S = 0.05
+
+
+def error_response(error: ProtocolError) -> JSONResponse:
+    return JSONResponse({"error": {"code": error.code, "message": error.message}}, status_code=error.status)
+
+
+class TrainingRoutes:
+    """State shared by the routes of one API server: the worker client, the token, the one-train lock."""
+
+    def __init__(self, client: WorkerClient, token: str, engine_client: Any) -> None:
+        self.client = client
+        self.token = token
+        self.engine_client = engine_client
+        self.train_lock = asyncio.Lock()
+        self.prefix_cache_resets = 0
+        self.prefix_cache_reset_failures = 0
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        if not bearer_ok(request.headers.get("authorization"), self.token):
+            raise ProtocolError(
+                "unauthorized", "missing or wrong token: send 'Authorization: Bearer <token>'"
+            )
+
+    async def json_body(self, request: Request) -> dict[str, Any]:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > defaults.MAX_TRAIN_BODY_BYTES:
+            raise ProtocolError("too_large", f"body over {defaults.MAX_TRAIN_BODY_BYTES} bytes")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > defaults.MAX_TRAIN_BODY_BYTES:
+                raise ProtocolError("too_large", f"body over {defaults.MAX_TRAIN_BODY_BYTES} bytes")
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except ValueError as err:
+            raise ProtocolError("invalid", f"body is not valid JSON: {err}") from None
+        if not isinstance(body, dict):
+            raise ProtocolError("invalid", "body must be a JSON object")
+        return body
+
+    async def probe(self) -> dict[str, Any]:
+        try:
+            return await self.client.request(StatusRequest(), timeout_s=PROBE_TIMEOUT_S)
+        except ProtocolError as err:
+            if err.code == "timeout":
+                raise ProtocolError("not_connected", "the training worker is not reachable") from None
+            raise
+
+    async def drop_stale_prefixes(self, policy: str) -> bool:
+        """After the weights changed, drop KV blocks computed with the old ones (policy "reset")."""
+        if policy != "reset":
+            return False
+        for _ in range(PREFIX_RESET_ATTEMPTS):
+            if await compat.reset_prefix_cache(self.engine_client):
+                self.prefix_cache_resets += 1
+                return True
+            # Blocks in use by running requests cannot be freed yet; they drop on the next try.
+            await asyncio.sleep(PREFIX_RESET_PAUSE_S)
+        self.prefix_cache_reset_failures += 1
+        log.warning("hogwild: prefix cache still in use after training; stale prefixes may be served")
+        return False
+
+    # ---- routes -------------------------------------------------------------------------------------
+    async def train(self, request: Request) -> JSONResponse:
+        self.authorize(request)
+        train = TrainRequest.from_body(await self.json_body(request))
+        if self.train_lock.locked():
+            raise ProtocolError("busy", "a training request is already running; retry when it finishes")
+        async with self.train_lock:
+            status = await self.probe()
+            if not status.get("connected"):
+                raise ProtocolError("not_connected", "the training worker has not mapped the weights yet")
+            started = time.monotonic()
+            reply = await self.client.request(train, timeout_s=train.timeout_s + 5.0)
+            policy = str(status.get("config", {}).get("prefix_cache", "reset"))
+            reply["prefix_cache_reset"] = await self.drop_stale_prefixes(policy)
+            reply["seconds"] = round(time.monotonic() - started, 3)
+            reply.pop("id", None)
+            return JSONResponse(reply)
+
+    async def forward(self, request: Request, kind: Any, *, changes_weights: bool) -> JSONResponse:
+        self.authorize(request)
+        message = kind.from_body(await self.json_body(request))
+        reply = await self.client.request(message, timeout_s=defaults.CONTROL_TIMEOUT_S * 10)
+        if changes_weights:
+            policy = str(reply.get("config", {}).get("prefix_cache", "reset"))
+            reply["prefix_cache_reset"] = await self.drop_stale_prefixes(policy)
+        reply.pop("id", None)
+        return JSONResponse(reply)
+
+    async def status(self) -> JSONResponse:
+        reply = await self.probe()
+        reply.pop("id", None)
+        reply["router"] = {
+            "prefix_cache_resets": self.prefix_cache_resets,
+            "prefix_cache_reset_failures": self.prefix_cache_reset_failures,
+            "train_in_flight": self.train_lock.locked(),
+        }
+        return JSONResponse(reply)
+
+
+def attach(app: FastAPI, get_routes: Any) -> None:
+    """Register the routes. `get_routes()` returns the TrainingRoutes made in init_state (None before)."""
+
+    async def guarded(handler: Any) -> JSONResponse:
+        routes = get_routes()
+        if routes is None:
+            return error_response(ProtocolError("not_connected", "hogwild routes are still starting"))
+        try:
+            return await handler(routes)
+        except ProtocolError as err:
+            return error_response(err)
+        except Exception as err:  # a bug must still answer JSON, and never take the server down
+            log.exception("hogwild route failed")
+            return error_response(ProtocolError("internal", f"internal error: {type(err).__name__}: {err}"))
+
+    @app.post("/train")
+    async def train(request: Request) -> JSONResponse:
+        return await guarded(lambda r: r.train(request))
+
+    @app.post("/checkpoint")
+    async def checkpoint(request: Request) -> JSONResponse:
+        return await guarded(lambda r: r.forward(request, CheckpointRequest, changes_weights=False))
+
+    @app.post("/train/restore")
+    async def restore(request: Request) -> JSONResponse:
+        return await guarded(lambda r: r.forward(request, RestoreRequest, changes_weights=True))
+
+    @app.post("/train/configure")
+    async def configure(request: Request) -> JSONResponse:
+        return await guarded(lambda r: r.forward(request, ConfigureRequest, changes_weights=False))
+
+    @app.get("/train/status")
+    async def status() -> JSONResponse:
+        return await guarded(lambda r: r.status())
