@@ -201,6 +201,11 @@ class LocalSession:
         # The worker maps vLLM's memory: it goes first (and checkpoints on SIGTERM), vLLM last.
         self.stop_process("worker")
         self.stop_process("vllm")
+        # vLLM's worker dies by signal and cannot unlink its shared weights file: sweep it (and any other
+        # file whose exporter is gone).
+        from hogwild.sharing import sweep_stale_shm
+
+        sweep_stale_shm()
         for handle in self._log_files:
             handle.close()
         self._log_files.clear()

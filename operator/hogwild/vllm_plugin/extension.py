@@ -29,7 +29,9 @@ class HogwildWorkerExtension:
             )
         else:
             sharing.sweep_stale_shm()
-            manifest = sharing.export_shm(params, model_path=model_path, hf_config=hf_config, vllm_version=version)
+            manifest = sharing.export_shm(
+                params, model_path=model_path, hf_config=hf_config, vllm_version=version
+            )
         handles.write_manifest(run_dir, manifest)
         total = sum(p.numel() * p.element_size() for _, p in params)
         log.info("hogwild: exported %d tensors (%d bytes) via %s", len(params), total, manifest.backend)
