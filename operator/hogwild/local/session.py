@@ -7,6 +7,7 @@ the worker maps; the worker stops first, writing a final checkpoint on SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -48,6 +49,32 @@ def http_json(
             return err.code, json.loads(raw)
         except ValueError:
             return err.code, {"raw": raw.decode(errors="replace")}
+
+
+def wait_group_gone(pgid: int, timeout_s: float) -> bool:
+    """Wait until no process of the group is left (vLLM's engine and worker outlive its API server)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+    """Signal a child's whole process group, wait for all of it, SIGKILL what is left after the timeout."""
+    if proc.poll() is None or not wait_group_gone(proc.pid, 0):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout_s)
+        if not wait_group_gone(proc.pid, max(1.0, timeout_s / 4)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            wait_group_gone(proc.pid, 10.0)
+    return proc.wait()
 
 
 def load_or_create_token(path: Path) -> str:
@@ -186,16 +213,7 @@ class LocalSession:
         self, name: str, sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S
     ) -> int | None:
         proc = self.processes.pop(name, None)
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        return proc.returncode
+        return None if proc is None else stop_group(proc, sig, timeout_s)
 
     def stop(self) -> None:
         # The worker maps vLLM's memory: it goes first (and checkpoints on SIGTERM), vLLM last.
