@@ -75,7 +75,9 @@ def write_curve_dir(directory: str | os.PathLike[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     server_public, server_secret = generate_keypair()
     client_public, client_secret = generate_keypair()
-    for name, key in zip(CURVE_FILES, (server_public, server_secret, client_public, client_secret), strict=True):
+    for name, key in zip(
+        CURVE_FILES, (server_public, server_secret, client_public, client_secret), strict=True
+    ):
         path = out / name
         path.write_bytes(key)
         path.chmod(0o600)

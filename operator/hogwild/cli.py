@@ -15,7 +15,10 @@ SUBCOMMANDS = {
     "vllm": ("hogwild.vllm_plugin.launch", "start vLLM's OpenAI server with the plugin (container command)"),
     "worker": ("hogwild.worker.main", "run the training worker (sidecar command)"),
     "operator": ("hogwild.operator.main", "run the Kubernetes operator"),
-    "tiny-model": ("hogwild.testing.tiny_model", "write a tiny random model with a locally trained tokenizer"),
+    "tiny-model": (
+        "hogwild.testing.tiny_model",
+        "write a tiny random model with a locally trained tokenizer",
+    ),
 }
 
 

@@ -104,7 +104,9 @@ class Manifest:
         if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
             raise ManifestError("not a hogwild weights manifest")
         if data.get("version") != MANIFEST_VERSION:
-            raise ManifestError(f"manifest version {data.get('version')!r}, this side reads {MANIFEST_VERSION}")
+            raise ManifestError(
+                f"manifest version {data.get('version')!r}, this side reads {MANIFEST_VERSION}"
+            )
         if data.get("backend") not in BACKENDS:
             raise ManifestError(f"unknown weight-sharing backend {data.get('backend')!r}")
         try:
@@ -115,7 +117,8 @@ class Manifest:
                 model_path=data["model_path"],
                 dtype=data["dtype"],
                 tensors=tuple(
-                    TensorEntry(t["name"], t["dtype"], tuple(t["shape"]), t.get("offset", 0)) for t in data["tensors"]
+                    TensorEntry(t["name"], t["dtype"], tuple(t["shape"]), t.get("offset", 0))
+                    for t in data["tensors"]
                 ),
                 views=tuple(
                     ViewEntry(v["name"], v["source"], tuple(v["rows"]) if v.get("rows") else None)  # type: ignore[arg-type]
@@ -174,7 +177,11 @@ def fused_row_splits(hf_config: Mapping[str, Any]) -> dict[str, list[tuple[str, 
     head_dim = int(hf_config.get("head_dim") or int(hf_config["hidden_size"]) // heads)
     intermediate = int(hf_config["intermediate_size"])
     return {
-        "qkv_proj": [("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim), ("v_proj", kv_heads * head_dim)],
+        "qkv_proj": [
+            ("q_proj", heads * head_dim),
+            ("k_proj", kv_heads * head_dim),
+            ("v_proj", kv_heads * head_dim),
+        ],
         "gate_up_proj": [("gate_proj", intermediate), ("up_proj", intermediate)],
     }
 

@@ -162,7 +162,8 @@ def _no_unknown(kind: str, body: Mapping[str, Any], known: set[str]) -> None:
     unknown = set(body) - known
     if unknown:
         raise ProtocolError(
-            "invalid", f"{kind}: unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(known))}"
+            "invalid",
+            f"{kind}: unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(known))}",
         )
 
 
@@ -183,7 +184,8 @@ class TrainRequest:
             raise ProtocolError("invalid", "samples must be a non-empty list")
         if len(samples) > defaults.MAX_SAMPLES_PER_REQUEST:
             raise ProtocolError(
-                "too_large", f"at most {defaults.MAX_SAMPLES_PER_REQUEST} samples per request, got {len(samples)}"
+                "too_large",
+                f"at most {defaults.MAX_SAMPLES_PER_REQUEST} samples per request, got {len(samples)}",
             )
         return cls(
             samples=tuple(decode_sample(f"samples[{i}]", s) for i, s in enumerate(samples)),
@@ -287,7 +289,8 @@ class RestoreRequest:
 
 Request = TrainRequest | CheckpointRequest | StatusRequest | ConfigureRequest | RestoreRequest
 REQUEST_TYPES: dict[str, Any] = {
-    cls.type: cls for cls in (TrainRequest, CheckpointRequest, StatusRequest, ConfigureRequest, RestoreRequest)
+    cls.type: cls
+    for cls in (TrainRequest, CheckpointRequest, StatusRequest, ConfigureRequest, RestoreRequest)
 }
 # Requests that change weights or training state: they need the token on HTTP.
 WEIGHT_CHANGING = frozenset({"train", "checkpoint", "configure", "restore"})
@@ -330,7 +333,8 @@ def decode_request(frame: bytes) -> tuple[str, Request]:
     version = obj.pop("v", None)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            "unsupported_version", f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})"
+            "unsupported_version",
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})",
         )
     kind = obj.pop("type", None)
     request_id = obj.pop("id", "")
@@ -338,7 +342,9 @@ def decode_request(frame: bytes) -> tuple[str, Request]:
         raise ProtocolError("bad_request", "id must be a string of at most 64 characters")
     cls = REQUEST_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ProtocolError("unknown_type", f"unknown message type {kind!r}; known: {', '.join(REQUEST_TYPES)}")
+        raise ProtocolError(
+            "unknown_type", f"unknown message type {kind!r}; known: {', '.join(REQUEST_TYPES)}"
+        )
     return request_id, cls.from_body(obj)
 
 
