@@ -1,0 +1,329 @@
+"""APOLLO: AdamW-level updates with SGD-like optimizer memory (Zhu et al., arXiv 2412.05270, Algorithm 1).
+
+Why: the worker trains a served model in the GPU memory vLLM leaves over. AdamW keeps two full-size moments
+per weight; APOLLO keeps them only for a rank-r random projection of each weight's gradient and uses them
+for one thing: how much to scale each channel of the raw gradient. At rank 64 a 4096 x 11008 weight carries
+2 * 64 * 11008 floats of state instead of 2 * 4096 * 11008.
+
+For a 2-D weight W (m x n with m <= n; otherwise the projection acts on the other side) at step t:
+  1. P ~ N(0, 1/r), r x m, regenerated from a seed kept in the state every `update_proj_gap` steps
+  2. R = P G                                                 projected gradient, r x n
+  3. M, V = AdamW moments of R;  R~ = M^ / (sqrt(V^) + eps)  bias-corrected
+  4. s_j = ||R~[:, j]|| / ||R[:, j]||   channel-wise (APOLLO)
+     s   = ||R~|| / ||R||               tensor-wise (APOLLO-Mini: rank 1, scale sqrt(128))
+  5. G~ = scale * G diag(s)
+  6. norm-growth limiter: if ||G~|| > gamma ||G~_prev||, G~ *= gamma ||G~_prev|| / ||G~||
+  7. W <- W (1 - lr wd) - lr G~                              decoupled weight decay
+The moments persist across projection refreshes, as in the paper's algorithm. Parameters that are not 2-D
+(norms, biases), weights whose smaller side is not larger than the rank, and groups with `low_rank=False`
+(e.g. embeddings) get plain AdamW inside the same optimizer. Updates to bf16 weights go through
+`rounding.apply_update_` (stochastic rounding by default), always in place.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from hogwild.optim.rounding import ROUNDINGS, apply_update_, derive_seed, noise_keys
+
+SCALE_TYPES = ("channel", "tensor")
+APOLLO_MINI_SCALE = math.sqrt(128.0)
+_TINY = torch.finfo(torch.float32).tiny
+_CHUNK = 32  # parameters whose transient projected tensors live at once
+
+
+def _number(name: str, value: Any, low: float, *, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (low_open and value == low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+
+
+def _integer(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _betas(value: Any) -> None:
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise ValueError(f"betas must be a pair of numbers in [0, 1), got {value!r}")
+    for i, beta in enumerate(value):
+        _number(f"betas[{i}]", beta, 0.0)
+        if beta >= 1.0:
+            raise ValueError(f"betas[{i}] must be < 1, got {beta!r}")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _limit(value: Any) -> None:
+    if value is not None:
+        _number("norm_growth_limit", value, 1.0)
+
+
+def _flag(value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"low_rank must be true or false, got {value!r}")
+
+
+_CHECKS: dict[str, Callable[[Any], None]] = {
+    "lr": lambda v: _number("lr", v, 0.0),
+    "betas": _betas,
+    "eps": lambda v: _number("eps", v, 0.0, low_open=True),
+    "weight_decay": lambda v: _number("weight_decay", v, 0.0),
+    "rank": lambda v: _integer("rank", v, 1),
+    "scale_type": lambda v: _choice("scale_type", v, SCALE_TYPES),
+    "update_proj_gap": lambda v: _integer("update_proj_gap", v, 1),
+    "scale": lambda v: _number("scale", v, 0.0, low_open=True),
+    "norm_growth_limit": _limit,
+    "rounding": lambda v: _choice("rounding", v, ROUNDINGS),
+    "seed": lambda v: _integer("seed", v, 0),
+    "low_rank": _flag,
+}
+
+
+def validate_hyperparameters(values: Mapping[str, Any]) -> None:
+    """Raise ValueError, naming the field, for any out-of-range hyperparameter in `values` (others ignored)."""
+    for name, check in _CHECKS.items():
+        if name in values:
+            check(values[name])
+
+
+def projection_matrix(
+    seed: int, refresh: int, shape: tuple[int, int], rank: int, device: torch.device
+) -> Tensor:
+    """The Gaussian projection of refresh period `refresh`: entries N(0, 1/rank), regenerated, never stored."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(seed, refresh, 0x9E0))
+    matrix = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    return matrix.mul_(1.0 / math.sqrt(rank))
+
+
+def _adam_normalized(
+    exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[int], group: dict[str, Any]
+) -> list[Tensor]:
+    """Bias-corrected M^ / (sqrt(V^) + eps) for a list of moments, a few foreach kernels in all."""
+    beta1, beta2 = group["betas"]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
+    torch._foreach_add_(denom, group["eps"])
+    normalized = list(torch._foreach_div(exp_avgs, denom))
+    torch._foreach_div_(normalized, [1 - beta1**t for t in steps])
+    return normalized
+
+
+def _update_moments(
+    exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], values: list[Tensor], group: dict[str, Any]
+) -> None:
+    beta1, beta2 = group["betas"]
+    torch._foreach_lerp_(exp_avgs, values, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, values, values, value=1 - beta2)
+
+
+class Apollo(Optimizer):
+    """APOLLO / APOLLO-Mini with AdamW for the parameters it does not project. See the module docstring.
+
+    Per-parameter state: `step` (int), `seed` (int: the projection and the rounding noise derive from it),
+    `exp_avg` and `exp_avg_sq` (fp32: r x n or m x r projected, or the parameter's shape for AdamW),
+    `update_norm` (0-dim fp32, the limiter's memory; projected parameters only), and `compensation`
+    (parameter dtype, only with rounding="kahan" on a bf16/fp16 parameter).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        *,
+        lr: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 64,
+        scale_type: str = "channel",
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        norm_growth_limit: float | None = 1.01,
+        rounding: str = "stochastic",
+        seed: int = 0,
+        low_rank: bool = True,
+    ) -> None:
+        defaults: dict[str, Any] = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "rank": rank,
+            "scale_type": scale_type,
+            "update_proj_gap": update_proj_gap,
+            "scale": scale,
+            "norm_growth_limit": norm_growth_limit,
+            "rounding": rounding,
+            "seed": seed,
+            "low_rank": low_rank,
+        }
+        validate_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        validate_hyperparameters(self.param_groups[-1])
+
+    @staticmethod
+    def projects(param: Tensor, group: Mapping[str, Any]) -> bool:
+        """Whether `param` gets the APOLLO update (else AdamW): a 2-D weight wider than the rank both ways."""
+        return bool(group["low_rank"]) and param.dim() == 2 and min(param.shape) > group["rank"]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0
+        for group in self.param_groups:
+            projected: list[Tensor] = []
+            full: list[Tensor] = []
+            for param in group["params"]:
+                index += 1
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError("Apollo does not support sparse gradients")
+                low_rank = self.projects(param, group)
+                self._ensure_state(param, group, index, low_rank)
+                self.state[param]["step"] += 1
+                (projected if low_rank else full).append(param)
+            for start in range(0, len(projected), _CHUNK):
+                self._apollo_update(projected[start : start + _CHUNK], group)
+            for start in range(0, len(full), _CHUNK):
+                self._adamw_update(full[start : start + _CHUNK], group)
+        return loss
+
+    def _ensure_state(self, param: Tensor, group: dict[str, Any], index: int, low_rank: bool) -> None:
+        """Create the state lazily, or afresh when the moments no longer fit (e.g. the rank changed)."""
+        state = self.state[param]
+        shape: tuple[int, ...]
+        if low_rank:
+            m, n = param.shape
+            shape = (group["rank"], n) if m <= n else (m, group["rank"])
+        else:
+            shape = tuple(param.shape)
+        if state and tuple(state["exp_avg"].shape) == shape:
+            return
+        state.clear()
+        state["step"] = 0
+        state["seed"] = derive_seed(group["seed"], index)
+        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=param.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=param.device)
+        if low_rank:
+            state["update_norm"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        if group["rounding"] == "kahan" and param.dtype in (torch.bfloat16, torch.float16):
+            state["compensation"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _apollo_update(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        states = [self.state[p] for p in params]
+        steps = [state["step"] for state in states]
+        # Steps 1-2: project each gradient onto its random rank-r space.
+        projected = [self._project(p.grad, state, group) for p, state in zip(params, states, strict=True)]  # type: ignore[arg-type]
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        # Step 3: AdamW moments and the Adam-normalized update, in the projected space.
+        _update_moments(exp_avgs, exp_avg_sqs, projected, group)
+        normalized = _adam_normalized(exp_avgs, exp_avg_sqs, steps, group)
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        for param, state, r, r_tilde in zip(params, states, projected, normalized, strict=True):
+            grad: Tensor = param.grad  # type: ignore[assignment]
+            coef = self._channel_coefficients(grad, r, r_tilde, state, group)
+            # Step 7: W <- W (1 - lr wd) - G diag(lr * scale * limiter * s).
+            apply_update_(
+                param,
+                grad,
+                coef,
+                decay=decay,
+                rounding=group["rounding"],
+                keys=noise_keys(state["seed"], state["step"]),
+                compensation=state.get("compensation"),
+            )
+
+    def _project(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        m, n = grad.shape
+        rank = group["rank"]
+        refresh = (state["step"] - 1) // group["update_proj_gap"]
+        # Step 1: P along the smaller side, so that the state is r x max(m, n).
+        if m <= n:
+            matrix = projection_matrix(state["seed"], refresh, (rank, m), rank, grad.device)
+            return (matrix.to(grad.dtype) @ grad).float()
+        matrix = projection_matrix(state["seed"], refresh, (n, rank), rank, grad.device)
+        return (grad @ matrix.to(grad.dtype)).float()
+
+    @staticmethod
+    def _channel_coefficients(
+        grad: Tensor, r: Tensor, r_tilde: Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> Tensor:
+        """Steps 4-6: the factors lr * scale * limiter * s, shaped to broadcast against the gradient."""
+        dim = 0 if grad.shape[0] <= grad.shape[1] else 1
+        if group["scale_type"] == "channel":
+            # Step 4 (channel-wise): one factor per column (or row) of the larger side.
+            ratio = torch.linalg.vector_norm(r_tilde, dim=dim, keepdim=True)
+            ratio.div_(torch.linalg.vector_norm(r, dim=dim, keepdim=True).clamp_min_(_TINY))
+            # ||G diag(s)|| without forming it: sqrt(sum_j s_j^2 ||G[:, j]||^2).
+            channel_norms = torch.linalg.vector_norm(grad, dim=dim, keepdim=True, dtype=torch.float32)
+            update_norm = torch.linalg.vector_norm(ratio * channel_norms) * group["scale"]
+        else:
+            # Step 4 (tensor-wise): one factor for the whole weight.
+            ratio = torch.linalg.vector_norm(r_tilde) / torch.linalg.vector_norm(r).clamp_min(_TINY)
+            update_norm = ratio * torch.linalg.vector_norm(grad, dtype=torch.float32) * group["scale"]
+        # Step 5 is the scale; step 6, the norm-growth limiter, compares with the previous step's update.
+        limit = group["norm_growth_limit"]
+        previous = state["update_norm"]
+        if limit is not None:
+            factor = torch.where(previous > 0, (limit * previous / update_norm).clamp(max=1.0), 1.0)
+            update_norm = update_norm * factor
+            ratio = ratio * factor
+        previous.copy_(update_norm)
+        return ratio.mul_(group["lr"] * group["scale"])
+
+    def _adamw_update(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        states = [self.state[p] for p in params]
+        grads = [p.grad.float() for p in params]  # type: ignore[union-attr]
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        _update_moments(exp_avgs, exp_avg_sqs, grads, group)
+        normalized = _adam_normalized(exp_avgs, exp_avg_sqs, [state["step"] for state in states], group)
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        for param, state, direction in zip(params, states, normalized, strict=True):
+            apply_update_(
+                param,
+                direction,
+                group["lr"],
+                decay=decay,
+                rounding=group["rounding"],
+                keys=noise_keys(state["seed"], state["step"]),
+                compensation=state.get("compensation"),
+            )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but keeps each state tensor's own dtype.
+
+        torch casts floating-point state to the parameter's dtype, which would turn the fp32 moments of a
+        bf16 weight into bf16 and break bit-exact resume; here tensors only move to the parameter's device.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, param in zip(saved_ids, params, strict=True):
+            saved = state_dict["state"].get(saved_id)
+            if saved is not None:
+                self.state[param] = {
+                    key: value.to(device=param.device, copy=True) if isinstance(value, Tensor) else value
+                    for key, value in saved.items()
+                }

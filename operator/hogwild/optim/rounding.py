@@ -1,0 +1,197 @@
+"""Writing fp32 updates into bf16 weights in place without losing them.
+
+bf16 keeps 8 significant bits: an update smaller than about 2^-9 of a weight rounds back to the same weight,
+so fine-tuning at a small learning rate silently does nothing (FACTS.md, "Precision"). Two cures, both
+writing into the parameter's own storage with `copy_`, because vLLM reads that exact memory:
+
+- stochastic rounding (default): round up with probability equal to the distance from the lower bf16
+  neighbour, so the stored value equals the fp32 value in expectation and small updates accumulate.
+- Kahan compensation: a per-parameter buffer keeps what rounding dropped and adds it back next step.
+
+The random bits are a counter-based hash of (element index, key), not a generator stream. The key comes from
+integers the optimizer state already holds (per-parameter seed and step), so a resumed run is bit-identical
+without saving any generator, and the eager path and the fused Triton kernel draw the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:  # Triton ships with CUDA torch; the fused kernel is only an acceleration.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+ROUNDINGS = ("stochastic", "kahan", "nearest")
+_MASK32 = 0xFFFFFFFF
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+# Multipliers of the 32-bit mixer. Both are odd and below 2^31, so that the eager path's int64 products
+# never overflow and the Triton kernel's uint32 arithmetic sees them as 32-bit values.
+_MIX1 = 0x7FEB352D
+_MIX2 = 0x2C1B3C6D
+_BLOCK = 2048
+
+
+def splitmix64(value: int) -> int:
+    """One step of the SplitMix64 mixer on Python ints: a well-spread 64-bit value from any integer."""
+    z = (value + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def derive_seed(*values: int) -> int:
+    """A non-negative 63-bit seed from a tuple of integers (fits `torch.Generator.manual_seed`)."""
+    z = 0
+    for value in values:
+        z = splitmix64(z ^ (value & _MASK64))
+    return z >> 1
+
+
+def noise_keys(seed: int, step: int) -> tuple[int, int]:
+    """The two 31-bit keys of the rounding noise for one parameter at one step: (odd multiplier, offset)."""
+    z = derive_seed(seed, step, 0x5EED)
+    return (z & 0x7FFFFFFF) | 1, (z >> 32) & 0x7FFFFFFF
+
+
+def random_bits16(shape: torch.Size | tuple[int, ...], keys: tuple[int, int], device: torch.device) -> Tensor:
+    """16 uniform random bits per element (int32 in [0, 65536)), a pure function of (index, keys).
+
+    The hash is a 32-bit integer mixer applied to `index * keys[0] + keys[1]` (mod 2^32); the Triton kernel
+    computes exactly the same bits in uint32 arithmetic.
+    """
+    numel = 1
+    for size in shape:
+        numel *= size
+    x = torch.arange(numel, dtype=torch.int64, device=device).bitwise_and_(_MASK32)
+    x.mul_(keys[0]).add_(keys[1]).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 16).mul_(_MIX1).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 15).mul_(_MIX2).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 16)
+    return x.bitwise_and_(0xFFFF).to(torch.int32).view(shape)
+
+
+def stochastic_round_bf16_(value: Tensor, keys: tuple[int, int]) -> Tensor:
+    """Round an fp32 tensor in place to bf16-representable values, stochastically; returns it.
+
+    Adding 16 random bits below the bf16 mantissa and truncating them rounds the magnitude up with
+    probability (distance to the lower neighbour) / (gap between neighbours): unbiased.
+    """
+    if value.dtype != torch.float32:
+        raise TypeError(f"stochastic rounding takes an fp32 tensor, got {value.dtype}")
+    bits = value.view(torch.int32)
+    bits.add_(random_bits16(value.shape, keys, value.device))
+    bits.bitwise_and_(-65536)  # 0xFFFF0000: keep sign, exponent and the 7 stored mantissa bits
+    return value
+
+
+def kahan_round_(value: Tensor, compensation: Tensor, dtype: torch.dtype) -> Tensor:
+    """Round `value` (fp32, modified) to `dtype`, carrying what rounding dropped over to the next call.
+
+    Returns the rounded tensor; `compensation` (any float dtype) then holds the dropped part.
+    """
+    value.add_(compensation)
+    rounded = value.to(dtype)
+    compensation.copy_(value.sub_(rounded))
+    return rounded
+
+
+def apply_update_(
+    param: Tensor,
+    direction: Tensor,
+    coef: Tensor | float,
+    *,
+    decay: float,
+    rounding: str,
+    keys: tuple[int, int],
+    compensation: Tensor | None = None,
+) -> None:
+    """`param <- round(param * decay - direction * coef)`, written in place into `param`'s storage.
+
+    `coef` is a float or a tensor that broadcasts against `param` (a row or column of channel factors).
+    The arithmetic is fp32; `rounding` picks how the result goes back into a bf16/fp16 parameter
+    ("stochastic" applies to bf16 only; fp16 rounds to nearest). fp32/fp64 parameters are updated exactly.
+    """
+    if param.dtype in (torch.float32, torch.float64):
+        if decay != 1.0:
+            param.mul_(decay)
+        if isinstance(coef, Tensor):
+            param.addcmul_(direction, coef, value=-1)
+        else:
+            param.add_(direction, alpha=-coef)
+        return
+    stochastic = rounding == "stochastic" and param.dtype == torch.bfloat16
+    if stochastic and _fusable(param, direction, coef):
+        _fused_update_(param, direction, coef, decay, keys)
+        return
+    value = param.float()
+    if decay != 1.0:
+        value.mul_(decay)
+    if isinstance(coef, Tensor):
+        value.addcmul_(direction, coef, value=-1)
+    else:
+        value.add_(direction, alpha=-coef)
+    if rounding == "kahan" and compensation is not None:
+        param.copy_(kahan_round_(value, compensation, param.dtype))
+    elif stochastic:
+        param.copy_(stochastic_round_bf16_(value, keys))
+    else:
+        param.copy_(value)
+
+
+def _fusable(param: Tensor, direction: Tensor, coef: Tensor | float) -> bool:
+    if triton is None or not param.is_cuda or not param.is_contiguous():
+        return False
+    if direction.shape != param.shape or not direction.is_contiguous():
+        return False
+    return not isinstance(coef, Tensor) or (coef.dtype == torch.float32 and coef.dim() <= 2)
+
+
+def _fused_update_(
+    param: Tensor, direction: Tensor, coef: Tensor | float, decay: float, keys: tuple[int, int]
+) -> None:
+    """One Triton kernel for the stochastic-rounding path: reads param and direction once, writes param once."""
+    numel = param.numel()
+    if numel == 0:
+        return
+    if isinstance(coef, Tensor):
+        # Factor index = (flat index // inner) % size: a (1, n) row of factors changes every element, an
+        # (m, 1) column every n elements, a single factor never.
+        size = coef.numel()
+        inner = 1 if size == 1 or coef.shape[0] == 1 else param.shape[-1]
+        coef_ptr, scalar, has_coef = coef.contiguous(), 1.0, True
+    else:
+        inner, size, coef_ptr, scalar, has_coef = 1, 1, param, float(coef), False
+    grid = (triton.cdiv(numel, _BLOCK),)
+    _update_kernel[grid](
+        param, direction, coef_ptr, numel, float(decay), scalar, inner, size, keys[0], keys[1],
+        HAS_COEF=has_coef, BLOCK=_BLOCK,
+    )  # fmt: skip
+
+
+if triton is not None:
+
+    @triton.jit
+    def _update_kernel(  # type: ignore[no-untyped-def]
+        p_ptr, d_ptr, c_ptr, numel, decay, scalar, inner, size, key_mul, key_add,
+        HAS_COEF: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        d = tl.load(d_ptr + offs, mask=mask).to(tl.float32)
+        if HAS_COEF:  # noqa: SIM108 - Triton resolves this constexpr branch at compile time
+            c = tl.load(c_ptr + (offs // inner) % size, mask=mask)
+        else:
+            c = scalar
+        x = p * decay - d * c
+        # Same hash as random_bits16, in uint32 arithmetic (wraps mod 2^32 by definition).
+        h = offs.to(tl.uint32) * key_mul + key_add
+        h = (h ^ (h >> 16)) * 0x7FEB352D
+        h = (h ^ (h >> 15)) * 0x2C1B3C6D
+        h = (h ^ (h >> 16)) & 0xFFFF
+        bits = x.to(tl.uint32, bitcast=True) + h
+        bits = (bits >> 16) << 16
+        tl.store(p_ptr + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
