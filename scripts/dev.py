@@ -27,7 +27,7 @@ COMPLETE_MARKER = ".hogwild-complete"
 
 
 def log(message: str) -> None:
-    print(f"[dev] {message}", flush=True)
+    print(f"[dev] {message}", file=sys.stderr, flush=True)
 
 
 def venv_dir() -> Path:
@@ -39,9 +39,19 @@ def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
-def run(cmd: list[str], **kwargs: object) -> None:
+# pip warns once per package about an index directory that this machine's pip.conf names but lacks.
+PIP_NOISE = ("is ignored: it is neither a file nor a directory", "BuildBackendWarning", "return '\\n'.join(")
+
+
+def run(cmd: list[object]) -> None:
+    """Run a command, hiding known noise lines, and fail loudly with its output on error."""
     log("$ " + " ".join(str(c) for c in cmd))
-    subprocess.run([str(c) for c in cmd], check=True, **kwargs)  # type: ignore[call-overload]
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, check=False)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if not any(noise in line for noise in PIP_NOISE):
+            print(line, file=sys.stderr, flush=True)
+    if proc.returncode:
+        raise SystemExit(f"[dev] command failed with exit code {proc.returncode}: {cmd[0]} ...")
 
 
 def build_venv(venv: Path) -> None:
