@@ -1,0 +1,88 @@
+"""The worker's Prometheus metrics (`hogwild_worker_*`), served on /metrics (port 9400 in a pod).
+
+Each worker owns a private CollectorRegistry, so several workers (tests) can live in one process. The
+checkpoint age is computed at scrape time from the last checkpoint's timestamp.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from hogwild.worker.trainer import StepStats
+
+PREFIX = "hogwild_worker_"
+STEP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(PREFIX + name, doc, labels, registry=r)
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=r)
+
+        self.steps = counter("steps", "Optimizer steps applied to the served weights")
+        self.tokens = counter("tokens", "Tokens trained on (applied steps)")
+        self.skipped_steps = counter(
+            "skipped_steps", "Steps skipped because the loss or gradient was not finite"
+        )
+        self.loss = gauge("loss", "Loss of the last applied step")
+        self.grad_norm = gauge("grad_norm", "Gradient norm of the last step, before clipping")
+        self.update_norm = gauge("update_norm", "Norm of the last step's change to the weights")
+        self.step_seconds = Histogram(
+            PREFIX + "step_seconds", "Seconds per training step", buckets=STEP_BUCKETS_S, registry=r
+        )
+        self.optimizer_state_bytes = gauge("optimizer_state_bytes", "Bytes of optimizer state")
+        self.weight_bytes = gauge("weight_bytes", "Bytes of the mapped (served) weights")
+        self.checkpoint_seconds = gauge("checkpoint_seconds", "Seconds the last checkpoint took to write")
+        self.checkpoint_bytes = gauge("checkpoint_bytes", "Bytes of the last checkpoint")
+        self.checkpoints = counter("checkpoints", "Checkpoints written", ("reason",))
+        self.last_checkpoint_timestamp = gauge(
+            "last_checkpoint_timestamp", "Unix time of the last checkpoint"
+        )
+        self.checkpoint_age_seconds = gauge("checkpoint_age_seconds", "Seconds since the last checkpoint")
+        self._last_checkpoint_time: float | None = None
+        self.checkpoint_age_seconds.set_function(self._checkpoint_age_s)
+        self.connected = gauge("connected", "1 while the served weights are mapped")
+        self.paused = gauge("paused", "1 while training is paused")
+        self.busy = gauge("busy", "1 while a train request runs")
+        self.errors = counter("errors", "Requests answered with an error, by code", ("code",))
+        self.requests = counter("requests", "Requests received, by type", ("type",))
+        self.train_requests = counter("train_requests", "Train requests finished, by result", ("result",))
+        self.remaps = counter("remaps", "Times the weights were (re)mapped after the exporter changed")
+
+    def _checkpoint_age_s(self) -> float:
+        return time.time() - self._last_checkpoint_time if self._last_checkpoint_time else 0.0
+
+    def observe_step(self, stats: StepStats) -> None:
+        self.step_seconds.observe(stats.seconds)
+        self.grad_norm.set(stats.grad_norm)
+        if stats.skipped:
+            self.skipped_steps.inc()
+            return
+        self.steps.inc()
+        self.tokens.inc(stats.tokens)
+        self.loss.set(stats.loss)
+        self.update_norm.set(stats.update_norm)
+
+    def observe_checkpoint(self, *, reason: str, seconds: float, size_bytes: int, timestamp: float) -> None:
+        self.checkpoints.labels(reason=reason).inc()
+        self.checkpoint_seconds.set(seconds)
+        self.checkpoint_bytes.set(size_bytes)
+        self.set_last_checkpoint(timestamp)
+
+    def set_last_checkpoint(self, timestamp: float) -> None:
+        self._last_checkpoint_time = timestamp
+        self.last_checkpoint_timestamp.set(timestamp)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> tuple[int, Any]:
+        """Start /metrics on `port` (0: any free port). Returns (bound port, server)."""
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return int(server.server_port), server

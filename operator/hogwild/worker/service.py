@@ -1,0 +1,420 @@
+"""The worker's state behind the five protocol messages: mapping, the watcher, jobs and checkpoints.
+
+The socket loop (hogwild.worker.server) calls `handle` and `tick` from one thread. Quick requests (status,
+configure) answer at once; train runs on its own thread and checkpoint/restore on another, so status keeps
+answering while they run. Each job replies through `done` when it finishes. One train at a time (a second
+gets `busy`), and one checkpoint or restore at a time.
+
+"Trained since the last checkpoint" is a marker file in the run dir named after the exporter's nonce: it
+survives a worker restart (the run dir outlives the container) but not a vLLM restart (vLLM then serves the
+newest checkpoint, so nothing is unsaved). A restarted worker thus knows whether vLLM's weights hold training
+that no checkpoint has, and the SIGTERM checkpoint is skipped when nothing would be lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hogwild import checkpoint, handles, sharing
+from hogwild.config import ConfigError, TrainingConfig
+from hogwild.protocol import (
+    CheckpointRequest,
+    ConfigureRequest,
+    ProtocolError,
+    Request,
+    RestoreRequest,
+    StatusRequest,
+    TrainRequest,
+)
+from hogwild.worker import status
+from hogwild.worker.metrics import WorkerMetrics
+from hogwild.worker.model import MappedModel, load_tokenizer, map_model
+from hogwild.worker.trainer import StepStats, Trainer
+
+log = logging.getLogger("hogwild.worker")
+Done = Callable[[dict[str, Any] | ProtocolError], None]
+MAP_RETRY_S = 10.0
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    run_dir: Path
+    checkpoint_dir: Path
+    device: str | None = None
+
+
+class WorkerService:
+    def __init__(self, settings: WorkerSettings, config: TrainingConfig, metrics: WorkerMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.trainer = Trainer(config, on_step=self._on_step)
+        self.mapped: MappedModel | None = None
+        self.endpoints: dict[str, Any] = {}
+        self.mapping_error: str | None = None
+        self._failed_map: tuple[str, float] | None = None
+        self._train_thread: threading.Thread | None = None
+        self._maintenance_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        removed = checkpoint.sweep_temporary(settings.checkpoint_dir)
+        if removed:
+            log.info(
+                "removed incomplete checkpoints",
+                extra={"event": "checkpoint_swept", "paths": [str(p) for p in removed]},
+            )
+        newest = checkpoint.newest_complete(settings.checkpoint_dir)
+        self.last_checkpoint = newest
+        self._last_checkpoint_mono = time.monotonic()
+        if newest is not None:
+            metrics.set_last_checkpoint(newest.time)
+        metrics.paused.set(int(config.paused))
+
+    # ---- dispatch ---------------------------------------------------------------------------------------
+    def handle(self, request: Request, done: Done) -> None:
+        self.metrics.requests.labels(type=request.type).inc()
+        if isinstance(request, StatusRequest):
+            done(self.status())
+        elif isinstance(request, ConfigureRequest):
+            done(self.configure(request))
+        elif isinstance(request, TrainRequest):
+            self._start_train(request, done)
+        elif isinstance(request, CheckpointRequest):
+            self._start_maintenance(lambda: self.checkpoint(request.reason), done)
+        elif isinstance(request, RestoreRequest):
+            if self.busy:
+                raise ProtocolError("busy", "a train request is running; restore after it finishes")
+            self._start_maintenance(lambda: self.restore(request), done)
+        else:  # decode_request only returns the types above
+            raise ProtocolError("unknown_type", f"no handler for {request.type}")
+
+    @property
+    def busy(self) -> bool:
+        return self._train_thread is not None and self._train_thread.is_alive()
+
+    @property
+    def writing(self) -> bool:
+        return self._maintenance_thread is not None and self._maintenance_thread.is_alive()
+
+    def _run(self, name: str, job: Callable[[], dict[str, Any]], done: Done) -> threading.Thread:
+        def target() -> None:
+            try:
+                result: dict[str, Any] | ProtocolError = job()
+            except ProtocolError as err:
+                result = err
+            except Exception as err:  # a failed job answers an error; the worker lives on
+                log.exception("%s failed", name, extra={"event": f"{name}_failed"})
+                result = ProtocolError("internal", f"{name} failed: {type(err).__name__}: {err}")
+            done(result)
+
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def _start_train(self, request: TrainRequest, done: Done) -> None:
+        if self._stopping.is_set():
+            raise ProtocolError("not_connected", "the worker is shutting down")
+        if not self.trainer.attached:
+            raise ProtocolError("not_connected", "the served weights are not mapped yet")
+        if self.trainer.config.paused:
+            raise ProtocolError("busy", "training is paused (configure paused=false to resume)")
+        if self.busy:
+            raise ProtocolError("busy", "a train request is already running; one runs at a time")
+
+        def finished(result: dict[str, Any] | ProtocolError) -> None:
+            self.metrics.train_requests.labels(
+                result=result.code if isinstance(result, ProtocolError) else "ok"
+            ).inc()
+            self.metrics.busy.set(0)
+            done(result)
+
+        self.metrics.busy.set(1)
+        self._train_thread = self._run("train", lambda: self.train(request), finished)
+
+    def _start_maintenance(self, job: Callable[[], dict[str, Any]], done: Done) -> None:
+        if self.writing:
+            raise ProtocolError("busy", "a checkpoint or restore is already running")
+        self._maintenance_thread = self._run("checkpoint", job, done)
+
+    # ---- requests ----------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        t, c, mapped = self.trainer, self.trainer.counters, self.mapped
+        return status.status_reply(
+            status.StatusInputs(
+                connected=t.attached,
+                busy=self.busy,
+                writing=self.writing,
+                step=c.step,
+                tokens_trained=c.tokens_trained,
+                loss=c.loss,
+                skipped_steps=c.skipped_steps,
+                config=t.config,
+                last_checkpoint=self.last_checkpoint.summary() if self.last_checkpoint else None,
+                manifest=mapped.manifest if mapped else None,
+                optimizer=type(t.optimizer).__name__ if t.optimizer is not None else None,
+                optimizer_state_bytes=t.optimizer_state_bytes,
+                weight_bytes=mapped.weight_bytes if mapped else 0,
+                device=str(mapped.device) if mapped else None,
+                trained_since_checkpoint=self.trained_since_checkpoint,
+                mapping_error=self.mapping_error,
+                endpoints=self.endpoints,
+            )
+        )
+
+    def configure(self, request: ConfigureRequest) -> dict[str, Any]:
+        try:
+            reply = self.trainer.configure(request.changes)
+        except ConfigError as err:
+            raise ProtocolError("invalid", str(err)) from None
+        self.metrics.paused.set(int(self.trainer.config.paused))
+        log.info(
+            "configured",
+            extra={"event": "configured", "applied": reply["applied"], "state_reset": reply["state_reset"]},
+        )
+        return reply
+
+    def train(self, request: TrainRequest) -> dict[str, Any]:
+        deadline = time.monotonic() + request.timeout_s
+
+        def should_stop() -> str | None:
+            if self._stopping.is_set():
+                raise ProtocolError(
+                    "not_connected",
+                    f"the worker is shutting down (weights at step {self.trainer.counters.step})",
+                )
+            if time.monotonic() > deadline:
+                raise ProtocolError(
+                    "timeout",
+                    f"train did not finish within timeout_s={request.timeout_s:g}; "
+                    f"the steps done so far are applied (weights at step {self.trainer.counters.step})",
+                )
+            return "paused" if self.trainer.config.paused else None
+
+        result = self.trainer.train(
+            request, should_stop=should_stop, rest=lambda s: self._stopping.wait(s) and None
+        )
+        reply = result.reply()
+        log.info(
+            "trained",
+            extra={
+                "event": "trained",
+                **{k: reply[k] for k in ("step", "loss", "tokens", "skipped", "steps")},
+            },
+        )
+        return reply
+
+    def _meta(self, reason: str) -> dict[str, Any]:
+        assert self.mapped is not None
+        model_path = self.mapped.manifest.model_path
+        served_meta = checkpoint.read_meta(Path(model_path))
+        c = self.trainer.counters
+        return {
+            "reason": reason,
+            "tokens": c.tokens_trained,
+            "loss": c.loss,
+            "skipped_steps": c.skipped_steps,
+            "model_path": model_path,
+            "base_model": (served_meta or {}).get("base_model", model_path),
+            "exporter_nonce": self.mapped.manifest.exporter.nonce,
+        }
+
+    def checkpoint(self, reason: str) -> dict[str, Any]:
+        with self.trainer.lock:  # no step runs while the weights are copied out
+            mapped = self.mapped
+            if mapped is None:
+                raise ProtocolError(
+                    "not_connected", "the served weights are not mapped; nothing to checkpoint"
+                )
+            written = checkpoint.write(
+                self.settings.checkpoint_dir,
+                step=self.trainer.counters.step,
+                weights=mapped.checkpoint_tensors(),
+                optimizer_state=self.trainer.state_dict(),
+                model_dir=mapped.manifest.model_path,
+                meta=self._meta(reason),
+                hf_config=mapped.module.config,
+                tokenizer=self.trainer.tokenizer,
+            )
+            self._set_trained(False)
+        removed = checkpoint.prune(self.settings.checkpoint_dir, self.trainer.config.checkpoint_keep)
+        self.last_checkpoint = written.checkpoint
+        self._last_checkpoint_mono = time.monotonic()
+        self.metrics.observe_checkpoint(
+            reason=reason,
+            seconds=written.seconds,
+            size_bytes=written.bytes,
+            timestamp=written.checkpoint.time,
+        )
+        reply = {
+            "step": written.checkpoint.step,
+            "path": str(written.checkpoint.path),
+            "bytes": written.bytes,
+            "seconds": written.seconds,
+            "reason": reason,
+            "pruned": [str(p) for p in removed],
+        }
+        log.info("checkpoint written", extra={"event": "checkpoint", **reply})
+        return reply
+
+    def restore(self, request: RestoreRequest) -> dict[str, Any]:
+        found = checkpoint.find(self.settings.checkpoint_dir, request.step)
+        if found is None:
+            which = (
+                "no complete checkpoint"
+                if request.step is None
+                else f"no complete checkpoint of step {request.step}"
+            )
+            raise ProtocolError("not_found", f"{which} in {self.settings.checkpoint_dir}")
+        with self.trainer.lock:
+            mapped = self.mapped
+            if mapped is None:
+                raise ProtocolError(
+                    "not_connected", "the served weights are not mapped; nothing to restore into"
+                )
+            try:
+                if request.weights:
+                    checkpoint.load_weights_into(found, mapped.checkpoint_tensors())
+                loaded = request.optimizer and self.trainer.load_state_dict(
+                    checkpoint.load_optimizer_state(found)
+                )
+            except checkpoint.CheckpointError as err:
+                raise ProtocolError("invalid", str(err)) from None
+            newest = checkpoint.newest_complete(self.settings.checkpoint_dir)
+            # Rolled back to an older checkpoint: persist the rollback with the next checkpoint.
+            self._set_trained(newest is None or newest.path != found.path or not request.weights)
+        reply = {
+            "step": self.trainer.counters.step,
+            "path": str(found.path),
+            "weights": request.weights,
+            "optimizer": loaded,
+        }
+        log.info("restored", extra={"event": "restored", **reply})
+        return reply
+
+    # ---- trained-since-checkpoint marker ------------------------------------------------------------------
+    def _marker(self) -> Path | None:
+        if self.mapped is None:
+            return None
+        return self.settings.run_dir / f".hogwild-trained-{self.mapped.manifest.exporter.nonce}"
+
+    @property
+    def trained_since_checkpoint(self) -> bool:
+        marker = self._marker()
+        return marker is not None and marker.exists()
+
+    def _set_trained(self, trained: bool) -> None:
+        marker = self._marker()
+        if marker is None or marker.exists() == trained:
+            return
+        if trained:
+            marker.touch()
+        else:
+            marker.unlink(missing_ok=True)
+
+    def _on_step(self, stats: StepStats) -> None:
+        self.metrics.observe_step(stats)
+        self.metrics.optimizer_state_bytes.set(self.trainer.optimizer_state_bytes)
+        if not stats.skipped:
+            self._set_trained(True)
+
+    # ---- the watcher and the interval ----------------------------------------------------------------------
+    def tick(self) -> None:
+        """Called by the socket loop between messages: follow the manifest, start interval checkpoints."""
+        self.poll_manifest()
+        due = status.interval_checkpoint_due(
+            interval_s=self.trainer.config.checkpoint_interval_s,
+            since_last_s=time.monotonic() - self._last_checkpoint_mono,
+            trained_since_checkpoint=self.trained_since_checkpoint,
+            connected=self.trainer.attached,
+            writing=self.writing,
+        )
+        if due and not self._stopping.is_set():
+            self._start_maintenance(lambda: self.checkpoint("interval"), self._log_result)
+
+    @staticmethod
+    def _log_result(result: dict[str, Any] | ProtocolError) -> None:
+        if isinstance(result, ProtocolError):
+            log.error("interval checkpoint failed: %s", result.message, extra={"event": "checkpoint_failed"})
+
+    def poll_manifest(self) -> None:
+        try:
+            manifest = handles.read_manifest(self.settings.run_dir)
+        except handles.ManifestError as err:
+            self.mapping_error = str(err)
+            return
+        alive = manifest is not None and sharing.exporter_alive(manifest.exporter)
+        current = self.mapped.manifest.exporter.nonce if self.mapped else None
+        action = status.watch_action(current, manifest, alive)
+        if action == status.DISCONNECT:
+            self._disconnect("the exporter is gone")
+        elif action == status.MAP and manifest is not None:
+            failed = self._failed_map
+            if failed and failed[0] == manifest.exporter.nonce and time.monotonic() - failed[1] < MAP_RETRY_S:
+                return
+            self._map(manifest)
+
+    def _disconnect(self, why: str) -> None:
+        with self.trainer.lock:
+            self.trainer.detach()
+            self.mapped = None
+        self.metrics.connected.set(0)
+        log.warning("weights unmapped: %s", why, extra={"event": "disconnected"})
+
+    def _map(self, manifest: handles.Manifest) -> None:
+        started = time.monotonic()
+        with self.trainer.lock:  # waits for a running step; the next one trains the new mapping
+            self.trainer.detach()
+            self.mapped = None
+            try:
+                mapped = map_model(manifest, self.settings.device)
+                tokenizer = load_tokenizer(manifest.model_path)
+            except Exception as err:  # the worker stays up and answers status with the error
+                self.mapping_error = f"{type(err).__name__}: {err}"
+                self._failed_map = (manifest.exporter.nonce, time.monotonic())
+                self.metrics.connected.set(0)
+                log.exception("mapping the weights failed", extra={"event": "map_failed"})
+                return
+            self.trainer.attach(mapped.module, tokenizer, int(mapped.module.config.vocab_size))
+            self.mapped, self.mapping_error, self._failed_map = mapped, None, None
+            restored = self._restore_optimizer_state()
+        self.metrics.connected.set(1)
+        self.metrics.remaps.inc()
+        self.metrics.weight_bytes.set(mapped.weight_bytes)
+        self.metrics.optimizer_state_bytes.set(self.trainer.optimizer_state_bytes)
+        log.info(
+            "weights mapped",
+            extra={"event": "mapped", "nonce": manifest.exporter.nonce, "backend": manifest.backend, "bytes": mapped.weight_bytes,
+                   "seconds": round(time.monotonic() - started, 3), "restored": restored},
+        )  # fmt: skip
+
+    def _restore_optimizer_state(self) -> str | None:
+        """Resume from the newest checkpoint's optimizer state and counters (the weights are vLLM's)."""
+        newest = checkpoint.newest_complete(self.settings.checkpoint_dir)
+        if newest is None:
+            self.trainer.reset()  # these weights hold no saved training
+            return None
+        try:
+            self.trainer.load_state_dict(checkpoint.load_optimizer_state(newest))
+        except Exception:
+            log.exception(
+                "could not read the optimizer state of %s", newest.path, extra={"event": "restore_failed"}
+            )
+            return None
+        return str(newest.path)
+
+    # ---- shutdown ------------------------------------------------------------------------------------------
+    def shutdown(self, join_timeout_s: float = 600.0) -> None:
+        """Stop training between steps, then write a final checkpoint if anything is unsaved."""
+        self._stopping.set()
+        for thread in (self._train_thread, self._maintenance_thread):
+            if thread is not None:
+                thread.join(join_timeout_s)
+        if self.trainer.attached and self.trained_since_checkpoint:
+            try:
+                self.checkpoint("shutdown")
+            except Exception:
+                log.exception("final checkpoint failed", extra={"event": "checkpoint_failed"})

@@ -1,0 +1,402 @@
+"""The in-place training step over the served weights, hot reconfiguration, and the optimizer state.
+
+One `Trainer` lives as long as the worker. It trains whatever module is attached (the HF module over vLLM's
+weights, see `model`); when the exporter restarts, the service attaches the new mapping and the optimizer is
+rebuilt over the new parameters. `lock` guards the weights and the optimizer: a step (forward, backward,
+optimizer step), a checkpoint and a restore each hold it, so none of them sees the others half done.
+Serving never takes it: vLLM reads the weights while they change, which is the point (HOGWILD).
+
+A step whose loss or gradient is not finite is skipped before the optimizer runs: the weights stay bit for
+bit what they were, and the skip is counted. Hyperparameter changes apply between steps; those in
+`STATE_RESET_FIELDS` replace the optimizer (its state is gone, and the reply says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hogwild.config import TrainingConfig, apply_changes, config_to_dict
+from hogwild.protocol import ProtocolError, Sample, TrainRequest
+from hogwild.worker import batches
+from hogwild.worker.batches import Encoded, StepBatch
+
+log = logging.getLogger("hogwild.worker")
+
+# The update norm is measured on at most this many weight elements (a strided sample; exact below it), so
+# that measuring it never costs a copy of the weights.
+UPDATE_NORM_SAMPLE_ELEMENTS = 1 << 24
+STATE_FORMAT = 1
+
+
+def build_optimizer(
+    named_params: Sequence[tuple[str, torch.Tensor]], config: TrainingConfig
+) -> torch.optim.Optimizer:
+    """The optimizer `config.optimizer` names (hogwild.optim's factory; torch AdamW if it is not there)."""
+    try:
+        from hogwild.optim import factory
+    except ImportError:
+        factory = None  # type: ignore[assignment]
+    if factory is None:
+        return torch.optim.AdamW(
+            [p for _, p in named_params],
+            lr=config.lr,
+            betas=config.betas,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
+    return factory.build_optimizer(factory.param_groups(named_params), config)
+
+
+def apply_hot(optimizer: torch.optim.Optimizer, changes: Mapping[str, Any]) -> None:
+    try:
+        from hogwild.optim import factory
+    except ImportError:
+        for group in optimizer.param_groups:
+            group.update({k: v for k, v in changes.items() if k in {"lr", "betas", "eps", "weight_decay"}})
+        return
+    factory.apply_hot_update(optimizer, changes)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
+    if optimizer is None:
+        return 0
+    return sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
+def duty_cycle_sleep_s(compute_s: float, max_duty_cycle: float) -> float:
+    """How long to rest after `compute_s` of work so that work takes at most `max_duty_cycle` of wall time."""
+    if max_duty_cycle >= 1.0 or compute_s <= 0.0:
+        return 0.0
+    return compute_s * (1.0 / max_duty_cycle - 1.0)
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class StepStats:
+    step: int  # global optimizer step after this one
+    loss: float
+    grad_norm: float
+    update_norm: float
+    tokens: int
+    targets: int
+    truncated_tokens: int
+    skipped: bool
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    step: int = 0
+    losses: list[float | None] = field(default_factory=list)
+    tokens: int = 0
+    skipped: int = 0
+    truncated_tokens: int = 0
+    stopped: str | None = None  # "paused" when a pause ended the request early
+
+    def reply(self) -> dict[str, Any]:
+        finite = [x for x in self.losses if x is not None]
+        return {
+            "step": self.step,
+            "loss": finite[-1] if finite else None,
+            "losses": self.losses,
+            "tokens": self.tokens,
+            "skipped": self.skipped,
+            "steps": len(self.losses),
+            "truncated_tokens": self.truncated_tokens,
+            "stopped": self.stopped,
+        }
+
+
+@dataclass
+class Counters:
+    step: int = 0
+    tokens_trained: int = 0
+    skipped_steps: int = 0
+    loss: float | None = None
+
+
+class Trainer:
+    def __init__(self, config: TrainingConfig, *, on_step: Callable[[StepStats], None] | None = None) -> None:
+        self.config = config
+        self.counters = Counters()
+        self.lock = threading.RLock()  # weights + optimizer; see the module docstring
+        self._config_lock = threading.Lock()
+        self._on_step = on_step
+        self._pending_hot: dict[str, Any] = {}
+        self._pending_reset = False
+        self.module: Any = None
+        self.tokenizer: Any = None
+        self.vocab_size = 0
+        self.named_params: list[tuple[str, torch.Tensor]] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        # TODO(serving protection): a hook that says whether vLLM has requests running or waiting (from its
+        # /metrics); with protection.yield_when_busy the step waits up to max_wait_s while it says yes.
+        self.serving_busy: Callable[[], bool] | None = None
+
+    # ---- attaching a model -----------------------------------------------------------------------------
+    def attach(self, module: Any, tokenizer: Any, vocab_size: int) -> None:
+        """Train `module` from now on, with a fresh optimizer (state is reloaded by the caller if wanted)."""
+        with self.lock:
+            self.module, self.tokenizer, self.vocab_size = module, tokenizer, vocab_size
+            self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+            self.optimizer = build_optimizer(self.named_params, self.config)
+            self._pending_hot, self._pending_reset = {}, False
+
+    def detach(self) -> None:
+        with self.lock:
+            self.module = self.tokenizer = self.optimizer = None
+            self.named_params = []
+
+    @property
+    def attached(self) -> bool:
+        return self.module is not None
+
+    # ---- configuration ---------------------------------------------------------------------------------
+    def configure(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Apply hyperparameter changes: now if no step runs, else before the next one. Raises ConfigError."""
+        with self._config_lock:
+            new, reset = apply_changes(self.config, changes)
+            changed = {k: getattr(new, k) for k in changes if getattr(new, k) != getattr(self.config, k)}
+            self.config = new
+            self._pending_reset |= reset
+            self._pending_hot.update(changed)
+        if self.lock.acquire(blocking=False):
+            try:
+                self._sync_optimizer()
+            finally:
+                self.lock.release()
+        return {"applied": sorted(changed), "state_reset": reset, "config": config_to_dict(new)}
+
+    def _sync_optimizer(self) -> None:
+        """Bring the optimizer up to the config (call with `lock` held)."""
+        with self._config_lock:
+            hot, reset = self._pending_hot, self._pending_reset
+            self._pending_hot, self._pending_reset = {}, False
+        if self.module is None:
+            return
+        if reset or self.optimizer is None:
+            self.optimizer = build_optimizer(self.named_params, self.config)
+            log.info(
+                "optimizer state reset",
+                extra={"event": "optimizer_reset", "optimizer": self.config.optimizer},
+            )
+        elif hot:
+            apply_hot(self.optimizer, hot)
+
+    # ---- one step ---------------------------------------------------------------------------------------
+    def encode(self, samples: Sequence[Sample]) -> list[Encoded]:
+        return [batches.encode_sample(self.tokenizer, s, self.vocab_size) for s in samples]
+
+    def backward(self, batch: StepBatch) -> float:
+        """Forward and backward over every micro-batch; gradients sum to those of the mean loss. Returns it."""
+        device = self.named_params[0][1].device
+        total = 0.0
+        for micro in batch.micro_batches:
+            ids, labels = micro.input_ids.to(device), micro.labels.to(device)
+            logits = self.module(input_ids=ids, attention_mask=micro.attention_mask.to(device)).logits
+            # Sum over every target of the step, divided by their count over ALL micro-batches: so gradient
+            # accumulation gives the gradient of one big batch, however the samples were split.
+            loss = (
+                F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(),
+                    labels[:, 1:].flatten(),
+                    ignore_index=batches.IGNORE,
+                    reduction="sum",
+                )
+                / batch.targets
+            )
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
+    def _grad_norm_and_clip(self) -> float:
+        grads = [p.grad for _, p in self.named_params if p.grad is not None]
+        if not grads:
+            return 0.0
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if self.config.clip_grad_norm > 0 and torch.isfinite(norm):
+            torch.nn.utils.clip_grads_with_norm_(
+                [p for _, p in self.named_params], self.config.clip_grad_norm, norm
+            )
+        return float(norm)
+
+    def _optimizer_step_with_update_norm(self) -> float:
+        assert self.optimizer is not None
+        params = [p.detach().reshape(-1) for _, p in self.named_params]
+        stride = max(1, math.ceil(sum(p.numel() for p in params) / UPDATE_NORM_SAMPLE_ELEMENTS))
+        before = [p[::stride].float() for p in params]
+        self.optimizer.step()
+        squared = sum(
+            float((p[::stride].float() - b).pow(2).sum()) for p, b in zip(params, before, strict=True)
+        )
+        return math.sqrt(squared * stride)
+
+    def _yield_to_serving(self) -> None:
+        protection = self.config.protection
+        if not (protection.yield_when_busy and self.serving_busy):
+            return
+        deadline = time.monotonic() + protection.max_wait_s
+        while self.serving_busy() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def step(self, batch: StepBatch) -> StepStats:
+        """One optimizer step on the shared weights (or a counted skip when the loss/gradient is not finite)."""
+        self._yield_to_serving()
+        with self.lock:
+            if self.module is None:
+                raise ProtocolError("not_connected", "the weights are not mapped (the exporter is gone)")
+            started = time.perf_counter()
+            self._sync_optimizer()
+            assert self.optimizer is not None
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.backward(batch)
+            grad_norm = self._grad_norm_and_clip()
+            skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+            update_norm = 0.0 if skipped else self._optimizer_step_with_update_norm()
+            self.optimizer.zero_grad(set_to_none=True)
+            if batch.micro_batches and self.named_params[0][1].is_cuda:
+                torch.cuda.synchronize()
+            c = self.counters
+            if skipped:
+                c.skipped_steps += 1
+                log.warning(
+                    "skipped a step: loss or gradient not finite",
+                    extra={"event": "step_skipped", "loss": loss},
+                )
+            else:
+                c.step += 1
+                c.tokens_trained += batch.tokens
+                c.loss = loss
+            stats = StepStats(
+                c.step,
+                loss,
+                grad_norm,
+                update_norm,
+                batch.tokens,
+                batch.targets,
+                batch.truncated_tokens,
+                skipped,
+                time.perf_counter() - started,
+            )
+        if self._on_step:
+            self._on_step(stats)
+        return stats
+
+    # ---- a train request ---------------------------------------------------------------------------------
+    def train(
+        self, request: TrainRequest, *, should_stop: Callable[[], str | None], rest: Callable[[float], object]
+    ) -> TrainResult:
+        """Run the request's steps. `should_stop` may raise ProtocolError (timeout) or return a reason to stop."""
+        if not self.attached:
+            raise ProtocolError("not_connected", "the weights are not mapped yet")
+        encoded = self.encode(request.samples)
+        result = TrainResult(step=self.counters.step)
+        for index in range(request.steps):
+            reason = should_stop()
+            if reason:
+                result.stopped = reason
+                break
+            config = self.config
+            batch = batches.step_batch(
+                encoded,
+                max_tokens=config.max_tokens_per_step,
+                grad_accumulation=config.grad_accumulation,
+                pad_id=batches.pad_id_of(self.tokenizer),
+            )
+            stats = self.step(batch)
+            result.step = stats.step
+            result.losses.append(None if stats.skipped else finite_or_none(stats.loss))
+            result.skipped += int(stats.skipped)
+            result.tokens += 0 if stats.skipped else stats.tokens
+            result.truncated_tokens += stats.truncated_tokens
+            wait_s = duty_cycle_sleep_s(stats.seconds, config.protection.max_duty_cycle)
+            if wait_s > 0 and index + 1 < request.steps:
+                rest(wait_s)
+        return result
+
+    # ---- state ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state + counters + config: tensors and plain values only (torch.load weights_only)."""
+        with self.lock:
+            self._sync_optimizer()
+            c = self.counters
+            return {
+                "format": STATE_FORMAT,
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "counters": {
+                    "step": c.step,
+                    "tokens_trained": c.tokens_trained,
+                    "skipped_steps": c.skipped_steps,
+                    "loss": c.loss,
+                },
+                "config": config_to_dict(self.config),
+                "param_names": [n for n, _ in self.named_params],
+            }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> bool:
+        """Restore counters, and the optimizer state if it fits (same parameters, same state-shaping config).
+
+        Returns whether the optimizer state was loaded.
+        """
+        with self.lock:
+            counters = state.get("counters") or {}
+            self.counters = Counters(
+                int(counters.get("step", 0)),
+                int(counters.get("tokens_trained", 0)),
+                int(counters.get("skipped_steps", 0)),
+                counters.get("loss"),
+            )
+            reason = self._incompatible(state)
+            if reason:
+                log.warning(
+                    "optimizer state not restored: %s", reason, extra={"event": "optimizer_state_skipped"}
+                )
+                self.optimizer = (
+                    build_optimizer(self.named_params, self.config) if self.module is not None else None
+                )
+                return False
+            self.optimizer = build_optimizer(self.named_params, self.config)
+            self.optimizer.load_state_dict(state["optimizer"])
+            return True
+
+    def reset(self) -> None:
+        """Zero the counters and start a fresh optimizer: the weights hold no saved training."""
+        with self.lock:
+            self.counters = Counters()
+            self.optimizer = (
+                build_optimizer(self.named_params, self.config) if self.module is not None else None
+            )
+
+    def _incompatible(self, state: Mapping[str, Any]) -> str | None:
+        from hogwild.config import STATE_RESET_FIELDS, config_from_dict
+
+        if self.module is None:
+            return "no model attached"
+        if state.get("format") != STATE_FORMAT or state.get("optimizer") is None:
+            return "no optimizer state in it"
+        if list(state.get("param_names") or []) != [n for n, _ in self.named_params]:
+            return "it was saved for different parameters"
+        saved = config_from_dict(state.get("config") or {})
+        differ = sorted(f for f in STATE_RESET_FIELDS if getattr(saved, f) != getattr(self.config, f))
+        return f"it was made with different {', '.join(differ)}" if differ else None
+
+    @property
+    def optimizer_state_bytes(self) -> int:
+        return optimizer_state_bytes(self.optimizer)
