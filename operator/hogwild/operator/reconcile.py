@@ -1,0 +1,381 @@
+"""One reconcile per TrainingSession: observe, build the desired children (pure), apply, relay, then compute
+the status (pure). Create, resume, update and the status timer all run the same reconcile, under a
+per-session lock, so it is idempotent: a second run, or a restarted operator, finds what the first made.
+
+Side effects go through `kube` (API) and `relay` (worker); decisions come from spec/builders/diff/status.
+The status is written through kopf's `patch` (kopf sends it to the status subresource after the handler).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from hogwild import auth
+from hogwild.operator import builders, status
+from hogwild.operator.diff import config_changes
+from hogwild.operator.kube import APIError, Kube
+from hogwild.operator.metrics import OperatorMetrics
+from hogwild.operator.options import OperatorOptions
+from hogwild.operator.relay import Relay, Target, client_keys
+from hogwild.operator.spec import SessionSpec, SpecError, parse_spec
+from hogwild.protocol import CheckpointRequest, ConfigureRequest, ProtocolError, StatusRequest
+
+logger = logging.getLogger(__name__)
+# Children other than the pod are re-checked at most this often (and whenever the spec changes).
+CHILDREN_RECHECK_S = 300.0
+PRE_RESTART_BUSY_RETRIES = 6
+# Posts a Kubernetes Event about the session: (body, type Normal|Warning, reason, message).
+EventSink = Callable[[Mapping[str, Any], str, str, str], None]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    phase: str
+    retry_after_s: float | None = None  # ask kopf to run the handler again (waiting for the old pod)
+    message: str = ""
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def session_of(body: Mapping[str, Any]) -> builders.SessionRef:
+    meta = body["metadata"]
+    return builders.SessionRef(name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid", ""))
+
+
+class Controller:
+    def __init__(
+        self, options: OperatorOptions, kube: Kube, relay: Relay, metrics: OperatorMetrics, emit: EventSink
+    ) -> None:
+        self.options, self.kube, self.relay, self.metrics, self.emit = options, kube, relay, metrics, emit
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._children_ok: dict[str, tuple[str, float]] = {}  # uid -> (spec hash, monotonic deadline)
+        self._keys: dict[str, auth.CurveKeys] = {}  # uid -> the operator's CURVE keys for that session
+        self._busy_retries: dict[str, int] = {}
+
+    def _lock(self, uid: str) -> asyncio.Lock:
+        return self._locks.setdefault(uid, asyncio.Lock())
+
+    # ---- the reconcile --------------------------------------------------------------------------------
+    async def reconcile(
+        self, body: Mapping[str, Any], trigger: str, patch: MutableMapping[str, Any]
+    ) -> Outcome:
+        session = session_of(body)
+        if body["metadata"].get("deletionTimestamp"):
+            return Outcome("Terminating")
+        started = time.perf_counter()
+        self.metrics.reconciles.labels(session.namespace, session.name, trigger).inc()
+        try:
+            async with self._lock(session.uid):
+                return await self._reconcile(body, session, patch)
+        except Exception as err:
+            self.metrics.reconcile_errors.labels(session.namespace, session.name, type(err).__name__).inc()
+            logger.warning(
+                "reconcile session=%s/%s trigger=%s error=%r", session.namespace, session.name, trigger, err
+            )
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.reconcile_seconds.labels(session.namespace, session.name).observe(elapsed)
+
+    async def _reconcile(
+        self, body: Mapping[str, Any], session: builders.SessionRef, patch: MutableMapping[str, Any]
+    ) -> Outcome:
+        previous = dict(body.get("status") or {})
+        raw_spec = body.get("spec") or {}
+        base = status.Observation(
+            generation=int(body["metadata"].get("generation") or 1),
+            spec_hash=builders.spec_hash(raw_spec),
+            pod_name=session.name,
+            endpoint=builders.endpoint(session),
+        )
+        try:
+            spec = parse_spec(raw_spec, self.options.image_defaults)
+        except SpecError as err:
+            return self._write(body, session, previous, replace(base, spec_error=str(err)), patch)
+        try:
+            await self._ensure_children(session, spec, base.spec_hash)
+        except _Waiting as wait:
+            outcome = self._write(body, session, previous, replace(base, waiting=str(wait)), patch)
+            return replace(outcome, retry_after_s=self.options.status_interval_s)
+        obs, retry = await self._observe_pod(body, session, spec, base)
+        if obs.pod is not None and obs.pod_current and not obs.restarting:
+            obs = await self._observe_worker(body, session, spec, obs)
+        outcome = self._write(body, session, previous, obs, patch)
+        return replace(outcome, retry_after_s=retry)
+
+    def _write(
+        self,
+        body: Mapping[str, Any],
+        session: builders.SessionRef,
+        previous: dict[str, Any],
+        obs: status.Observation,
+        patch: MutableMapping[str, Any],
+    ) -> Outcome:
+        new = status.compute_status(previous, obs, now_iso())
+        if new != previous:
+            patch.setdefault("status", {}).update(new)
+        event = status.phase_event(previous.get("phase"), new)
+        if event is not None:
+            kind, reason, message = event
+            self.emit(body, kind, reason, message)
+            logger.info("phase session=%s/%s %s", session.namespace, session.name, message)
+        self.metrics.set_phase(session.namespace, session.name, new["phase"])
+        return Outcome(new["phase"], message=new["message"])
+
+    # ---- children -------------------------------------------------------------------------------------
+    async def _ensure_children(self, session: builders.SessionRef, spec: SessionSpec, spec_hash: str) -> None:
+        checked = self._children_ok.get(session.uid)
+        if checked and checked[0] == spec_hash and checked[1] > time.monotonic():
+            return
+        names = builders.names(session, spec)
+        self._keys[session.uid] = await self._ensure_credentials(session, spec, names)
+        config, _ = await self.kube.ensure(builders.build_config_map(session, spec))
+        desired = builders.build_config_map(session, spec)["data"]
+        if (config.get("data") or {}) != desired:
+            await self.kube.merge_patch("ConfigMap", session.namespace, names.config, {"data": desired})
+        pvc = builders.build_pvc(session, spec)
+        if pvc is not None:
+            await self.kube.ensure(pvc)
+        elif await self.kube.get("PersistentVolumeClaim", session.namespace, names.pvc) is None:
+            raise _Waiting(
+                f"waiting for PersistentVolumeClaim {names.pvc} (checkpoint.storage.existingClaim)"
+            )
+        await self.kube.ensure(builders.build_service(session, spec))
+        self._children_ok[session.uid] = (spec_hash, time.monotonic() + CHILDREN_RECHECK_S)
+
+    async def _ensure_credentials(
+        self, session: builders.SessionRef, spec: SessionSpec, names: builders.Names
+    ) -> auth.CurveKeys:
+        ns = session.namespace
+        if spec.auth.token_secret is None:
+            await self.kube.ensure(builders.build_token_secret(session, spec, auth.generate_token()))
+        elif await self.kube.get("Secret", ns, names.token_secret) is None:
+            raise _Waiting(f"waiting for Secret {names.token_secret} (auth.tokenSecretRef)")
+        if spec.auth.curve_secret is None:
+            keys = _new_curve_keys()
+            secret, _ = await self.kube.ensure(builders.build_curve_secret(session, spec, keys))
+        else:
+            found = await self.kube.get("Secret", ns, names.curve_secret)
+            if found is None:
+                raise _Waiting(f"waiting for Secret {names.curve_secret} (auth.curveSecretRef)")
+            secret = found
+        try:
+            return client_keys(secret)
+        except ValueError as err:
+            raise _Waiting(str(err)) from None
+
+    # ---- the pod --------------------------------------------------------------------------------------
+    async def _observe_pod(
+        self,
+        body: Mapping[str, Any],
+        session: builders.SessionRef,
+        spec: SessionSpec,
+        base: status.Observation,
+    ) -> tuple[status.Observation, float | None]:
+        desired = builders.build_pod(session, spec)
+        want_hash = desired["metadata"]["annotations"][builders.POD_HASH_ANNOTATION]
+        found = await self.kube.get("Pod", session.namespace, session.name)
+        if found is not None:
+            facts = status.pod_facts(found, builders.POD_HASH_ANNOTATION)
+            if facts.terminating:
+                obs = replace(base, pod=facts, restarting=f"waiting for pod {facts.name} to stop")
+                return obs, self.options.restart_poll_s
+            ended = facts.phase in {"Failed", "Succeeded"}
+            if facts.pod_hash == want_hash and not ended:
+                return replace(base, pod=facts, pod_current=True), None
+            why = f"pod {facts.name} ended ({facts.phase})" if ended else "the spec changed"
+            if not await self._stop_pod(body, session, spec, facts, why):
+                return replace(
+                    base, pod=facts, restarting=f"{why}: waiting to checkpoint"
+                ), self.options.restart_poll_s
+            found = await self.kube.get("Pod", session.namespace, session.name)
+            if found is not None:  # still terminating: a later reconcile creates the new pod
+                obs = replace(base, pod=status.pod_facts(found, builders.POD_HASH_ANNOTATION), restarting=why)
+                return obs, self.options.restart_poll_s
+        created, _ = await self.kube.ensure(desired)
+        facts = status.pod_facts(created, builders.POD_HASH_ANNOTATION)
+        return replace(base, pod=facts, pod_current=facts.pod_hash == want_hash), None
+
+    async def _stop_pod(
+        self,
+        body: Mapping[str, Any],
+        session: builders.SessionRef,
+        spec: SessionSpec,
+        pod: status.PodFacts,
+        why: str,
+    ) -> bool:
+        """Checkpoint (if the worker can), then delete the pod. False: the worker is busy; try again later."""
+        target = self._target(body, session, pod)
+        if target is not None:
+            try:
+                reply = await self.relay.request(
+                    target, CheckpointRequest(reason="pre-restart"), spec.checkpoint.timeout_s
+                )
+                self.emit(
+                    body,
+                    "Normal",
+                    "Checkpointed",
+                    f"before restart ({why}): {_where(reply)}",
+                )
+            except ProtocolError as err:
+                tries = self._busy_retries.get(session.uid, 0)
+                if err.code == "busy" and tries < PRE_RESTART_BUSY_RETRIES:
+                    self._busy_retries[session.uid] = tries + 1
+                    return False
+                self.emit(
+                    body,
+                    "Warning",
+                    "CheckpointFailed",
+                    f"pre-restart checkpoint failed ({err.code}: {err.message}); replacing the pod anyway, "
+                    "losing what was trained since the last checkpoint",
+                )
+        self._busy_retries.pop(session.uid, None)
+        await self.kube.delete("Pod", session.namespace, pod.name)
+        await self.relay.forget(session.namespace, session.name)
+        self.emit(body, "Normal", "Restarting", f"replacing pod {pod.name}: {why}")
+        logger.info("restart session=%s/%s pod=%s why=%s", session.namespace, session.name, pod.name, why)
+        return True
+
+    # ---- the worker -----------------------------------------------------------------------------------
+    def _target(
+        self, body: Mapping[str, Any], session: builders.SessionRef, pod: status.PodFacts
+    ) -> Target | None:
+        keys = self._keys.get(session.uid)
+        annotations = body["metadata"].get("annotations") or {}
+        override = (
+            annotations.get(builders.WORKER_ADDRESS_ANNOTATION)
+            if self.options.allow_address_override
+            else None
+        )
+        if keys is None or not pod.trainer_running or not (override or pod.ip):
+            return None
+        address = override or builders.worker_address(pod.ip or "")
+        return Target(session.namespace, session.name, address, keys)
+
+    async def _observe_worker(
+        self,
+        body: Mapping[str, Any],
+        session: builders.SessionRef,
+        spec: SessionSpec,
+        obs: status.Observation,
+    ) -> status.Observation:
+        assert obs.pod is not None
+        target = self._target(body, session, obs.pod)
+        if target is None:
+            return obs
+        timeout = self.options.status_timeout_s
+        try:
+            facts = status.worker_facts(await self.relay.request(target, StatusRequest(), timeout))
+        except ProtocolError as err:
+            self._children_ok.pop(session.uid, None)  # re-read the keys next time, in case they changed
+            return replace(obs, worker_error=f"{err.code}: {err.message}")
+        changes = config_changes(spec.training, facts.config)
+        if changes:
+            try:
+                request = ConfigureRequest(changes=changes)
+                reply = await self.relay.request(target, request, self.options.configure_timeout_s)
+                facts = status.worker_facts(await self.relay.request(target, StatusRequest(), timeout))
+            except ProtocolError as err:
+                pending = tuple(sorted(changes))
+                return replace(
+                    obs, worker=facts, config_pending=pending, relay_error=f"{err.code}: {err.message}"
+                )
+            reset = " (optimizer state reset)" if reply.get("state_reset") else ""
+            self.emit(
+                body,
+                "Normal",
+                "Configured",
+                f"worker applied {', '.join(sorted(changes))}{reset}",
+            )
+            logger.info(
+                "configure session=%s/%s fields=%s%s",
+                session.namespace,
+                session.name,
+                ",".join(sorted(changes)),
+                reset,
+            )
+        pending = tuple(sorted(config_changes(spec.training, facts.config)))
+        return replace(obs, worker=facts, config_pending=pending)
+
+    # ---- delete ---------------------------------------------------------------------------------------
+    async def finalize(self, body: Mapping[str, Any], patch: MutableMapping[str, Any]) -> None:
+        """Final checkpoint (bounded by checkpoint.timeoutSeconds), then the pod goes; owners GC the rest."""
+        session = session_of(body)
+        async with self._lock(session.uid):
+            patch.setdefault("status", {}).update(
+                phase="Terminating", message="final checkpoint, then the pod goes"
+            )
+            pod = await self.kube.get("Pod", session.namespace, session.name)
+            try:
+                timeout = parse_spec(body.get("spec") or {}, self.options.image_defaults).checkpoint.timeout_s
+            except SpecError:
+                timeout = 0.0
+            facts = status.pod_facts(pod, builders.POD_HASH_ANNOTATION) if pod else None
+            target = self._target(body, session, facts) if facts and timeout else None
+            if target is None and session.uid not in self._keys and facts is not None and timeout:
+                target = await self._target_after_restart(body, session, facts)
+            if target is not None:
+                try:
+                    reply = await self.relay.request(target, CheckpointRequest(reason="delete"), timeout)
+                    self.emit(
+                        body,
+                        "Normal",
+                        "Checkpointed",
+                        f"final checkpoint: {_where(reply)}",
+                    )
+                except ProtocolError as err:
+                    self.emit(
+                        body,
+                        "Warning",
+                        "CheckpointFailed",
+                        f"final checkpoint failed: {err.code}: {err.message}",
+                    )
+            if pod is not None:
+                await self.kube.delete("Pod", session.namespace, session.name)
+            await self.relay.forget(session.namespace, session.name)
+            self.metrics.forget(session.namespace, session.name)
+            for cache in (self._children_ok, self._keys, self._busy_retries):
+                cache.pop(session.uid, None)
+            logger.info("deleted session=%s/%s", session.namespace, session.name)
+        self._locks.pop(session.uid, None)
+
+    async def _target_after_restart(
+        self, body: Mapping[str, Any], session: builders.SessionRef, pod: status.PodFacts
+    ) -> Target | None:
+        """After an operator restart the keys are not cached yet: read them from the Secret."""
+        try:
+            spec = parse_spec(body.get("spec") or {}, self.options.image_defaults)
+            secret = await self.kube.get(
+                "Secret", session.namespace, builders.names(session, spec).curve_secret
+            )
+            if secret is None:
+                return None
+            self._keys[session.uid] = client_keys(secret)
+        except (SpecError, ValueError, APIError):
+            return None
+        return self._target(body, session, pod)
+
+
+class _Waiting(Exception):
+    """Something the session needs does not exist yet (a named Secret or PVC)."""
+
+
+def _new_curve_keys() -> dict[str, bytes]:
+    server_public, server_secret = auth.generate_keypair()
+    client_public, client_secret = auth.generate_keypair()
+    return dict(
+        zip(auth.CURVE_FILES, (server_public, server_secret, client_public, client_secret), strict=True)
+    )
+
+
+def _where(reply: Mapping[str, Any]) -> str:
+    step, path = reply.get("step"), reply.get("path")
+    return f"step {step} at {path}" if path else "done"
