@@ -13,7 +13,7 @@ from torch import Tensor
 
 from hogwild.optim import Apollo, projection_matrix, state_bytes
 
-CPU = torch.device("cpu")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def reference_apollo(
@@ -30,6 +30,7 @@ def reference_apollo(
     update_proj_gap: int,
     scale: float,
     norm_growth_limit: float | None,
+    device: str = "cpu",
 ) -> tuple[Tensor, int]:
     """The paper's Algorithm 1 in float64, step by step; returns the weight and how often the limiter cut."""
     w = weight.double().clone()
@@ -42,9 +43,9 @@ def reference_apollo(
         g = grad.double()
         refresh = (t - 1) // update_proj_gap
         if m <= n:
-            r = projection_matrix(seed, refresh, (rank, m), rank, CPU).double() @ g
+            r = projection_matrix(seed, refresh, (rank, m), rank, torch.device(device)).cpu().double() @ g
         else:
-            r = g @ projection_matrix(seed, refresh, (n, rank), rank, CPU).double()
+            r = g @ projection_matrix(seed, refresh, (n, rank), rank, torch.device(device)).cpu().double()
         exp_avg = betas[0] * exp_avg + (1 - betas[0]) * r
         exp_avg_sq = betas[1] * exp_avg_sq + (1 - betas[1]) * r * r
         r_tilde = (exp_avg / (1 - betas[0] ** t)) / ((exp_avg_sq / (1 - betas[1] ** t)).sqrt() + eps)
@@ -101,23 +102,27 @@ BASE: dict[str, Any] = {
         pytest.param((24, 40), {"weight_decay": 0.1, "norm_growth_limit": None}, 5, False, id="weight-decay"),
         pytest.param((24, 40), {"update_proj_gap": 2}, 7, True, id="across-proj-gap"),
         pytest.param((40, 24), {"update_proj_gap": 3, "scale": 2.0, "weight_decay": 0.05}, 7, True, id="tall-gap-scale-decay"),
+        pytest.param((24, 40), {"update_proj_gap": 2, "device": "cuda"}, 7, True, id="cuda-channel", marks=[pytest.mark.gpu, CUDA]),
+        pytest.param((40, 24), {"scale_type": "tensor", "device": "cuda"}, 6, True, id="cuda-tensor-tall", marks=[pytest.mark.gpu, CUDA]),
     ],
 )  # fmt: skip
 def test_update_matches_float64_reference(
     shape: tuple[int, int], overrides: dict[str, Any], steps: int, limiter_cuts: bool
 ) -> None:
     hyper = {**BASE, **overrides}
+    device = hyper.pop("device", "cpu")
     torch.manual_seed(0)
     start = torch.randn(shape) * 0.1  # small weights: fp32 storage error stays far below the tolerance
-    weight = torch.nn.Parameter(start.clone())
+    weight = torch.nn.Parameter(start.to(device, copy=True))
     optimizer = Apollo([weight], **hyper)
     grads = random_grads(shape, steps, flipping=limiter_cuts)
     for grad in grads:
-        weight.grad = grad.clone()
+        weight.grad = grad.to(device, copy=True)
         optimizer.step()
-    expected, limited = reference_apollo(start, grads, seed=optimizer.state[weight]["seed"], **hyper)
+    seed = optimizer.state[weight]["seed"]
+    expected, limited = reference_apollo(start, grads, seed=seed, device=device, **hyper)
     assert (limited > 0) is limiter_cuts, "the case must exercise the limiter exactly when it says so"
-    moved, expected_moved = weight.detach().double() - start.double(), expected - start.double()
+    moved, expected_moved = weight.detach().cpu().double() - start.double(), expected - start.double()
     assert torch.allclose(moved, expected_moved, rtol=1e-4, atol=1e-5 * expected_moved.abs().max().item())
 
 
@@ -217,10 +222,10 @@ def test_state_is_the_projected_moments_not_the_projection(
     assert isinstance(state["seed"], int)
 
 
-def resume_problem(dtype: torch.dtype) -> list[Tensor]:
+def resume_problem(dtype: torch.dtype, device: str) -> list[Tensor]:
     generator = torch.Generator().manual_seed(3)
-    shapes = [(24, 40), (40, 24), (40,)]
-    return [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+    shapes = [(24, 40), (40, 24), (24, 40), (40,)]
+    return [torch.randn(s, generator=generator).to(device=device, dtype=dtype) for s in shapes]
 
 
 def run_steps(
@@ -229,31 +234,32 @@ def run_steps(
     for step in range(first, last + 1):
         generator = torch.Generator().manual_seed(1000 + step)
         for param in params:
-            noise = torch.randn(param.shape, generator=generator).to(param.dtype)
+            noise = torch.randn(param.shape, generator=generator).to(device=param.device, dtype=param.dtype)
             param.grad = noise + 0.1 * param.detach()
         optimizer.step()
 
 
 @pytest.mark.parametrize(
-    ("dtype", "rounding"),
+    ("dtype", "rounding", "device"),
     [
-        pytest.param(torch.float32, "stochastic", id="fp32"),
-        pytest.param(torch.bfloat16, "stochastic", id="bf16-stochastic"),
-        pytest.param(torch.bfloat16, "kahan", id="bf16-kahan"),
+        pytest.param(torch.float32, "stochastic", "cpu", id="fp32"),
+        pytest.param(torch.bfloat16, "stochastic", "cpu", id="bf16-stochastic"),
+        pytest.param(torch.bfloat16, "kahan", "cpu", id="bf16-kahan"),
+        pytest.param(torch.bfloat16, "stochastic", "cuda", id="cuda-bf16-stochastic", marks=[pytest.mark.gpu, CUDA]),
     ],
-)
-def test_resume_continues_bit_for_bit(dtype: torch.dtype, rounding: str) -> None:
+)  # fmt: skip
+def test_resume_continues_bit_for_bit(dtype: torch.dtype, rounding: str, device: str) -> None:
     hyper = {"lr": 1e-3, "rank": 4, "update_proj_gap": 3, "rounding": rounding, "weight_decay": 0.01}
-    through = [torch.nn.Parameter(w) for w in resume_problem(dtype)]
+    through = [torch.nn.Parameter(w) for w in resume_problem(dtype, device)]
     run_steps(Apollo(through, **hyper), through, 1, 8)
 
-    first = [torch.nn.Parameter(w) for w in resume_problem(dtype)]
+    first = [torch.nn.Parameter(w) for w in resume_problem(dtype, device)]
     optimizer = Apollo(first, **hyper)
     run_steps(optimizer, first, 1, 4)
     buffer = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "weights": [p.detach() for p in first]}, buffer)
     buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=True)
+    checkpoint = torch.load(buffer, weights_only=True, map_location=device)
 
     resumed = [torch.nn.Parameter(w.clone()) for w in checkpoint["weights"]]
     optimizer = Apollo(resumed, **hyper)

@@ -163,28 +163,46 @@ def test_update_writes_into_the_same_storage(dtype: torch.dtype, rounding: str) 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
-    "coef_shape",
+    ("coef_shape", "direction_dtype"),
     [
-        pytest.param((1, 384), id="per-column"),
-        pytest.param((256, 1), id="per-row"),
-        pytest.param((), id="tensor"),
+        pytest.param((3, 1, 384), torch.bfloat16, id="per-column"),
+        pytest.param((3, 256, 1), torch.bfloat16, id="per-row"),
+        pytest.param((3, 1, 1), torch.bfloat16, id="per-tensor"),
+        pytest.param(None, torch.float32, id="scalar-fp32-direction"),
     ],
 )
-def test_fused_kernel_matches_the_eager_path(coef_shape: tuple[int, ...]) -> None:
+def test_fused_kernel_matches_the_eager_path(
+    coef_shape: tuple[int, ...] | None, direction_dtype: torch.dtype
+) -> None:
     from hogwild.optim import rounding
 
     if rounding.triton is None:
         pytest.skip("needs triton")
     generator = torch.Generator().manual_seed(0)
-    param = torch.randn(256, 384, generator=generator).to(torch.bfloat16)
-    direction = torch.randn(256, 384, generator=generator).to(torch.bfloat16)
-    coef = torch.rand(coef_shape, generator=generator) * 1e-3
-    eager = param.clone()
-    apply_update_(eager, direction, coef, decay=0.999, rounding="stochastic", keys=KEYS)
-    fused = param.cuda()
-    apply_update_(fused, direction.cuda(), coef.cuda(), decay=0.999, rounding="stochastic", keys=KEYS)
-    # Same random bits; only an fp32 rounding difference (fused multiply-add) may flip a rare element.
-    differ = fused.cpu() != eager
-    assert differ.double().mean().item() < 1e-3
-    ulp = (eager.float().abs() * 2.0**-7).clamp_min(1e-30)
-    assert ((fused.cpu().float() - eager.float()).abs() <= ulp)[differ].all()
+    params = [torch.randn(256, 384, generator=generator).to(torch.bfloat16) for _ in range(3)]
+    directions = [torch.randn(256, 384, generator=generator).to(direction_dtype) for _ in range(3)]
+    coefs = 3e-3 if coef_shape is None else torch.rand(coef_shape, generator=generator) * 1e-3
+    keys = [noise_keys(seed=i, step=5) for i in range(3)]
+    eager = [p.clone() for p in params]
+    rounding.apply_updates_(
+        eager, directions, coefs, decay=0.999, rounding="stochastic", keys=keys, compensations=[None] * 3
+    )
+    fused = [p.cuda() for p in params]
+    pointers = [p.data_ptr() for p in fused]
+    rounding.apply_updates_(
+        fused,
+        [d.cuda() for d in directions],
+        coefs if isinstance(coefs, float) else coefs.cuda(),
+        decay=0.999,
+        rounding="stochastic",
+        keys=keys,
+        compensations=[None] * 3,
+    )
+    assert [p.data_ptr() for p in fused] == pointers
+    for start, got, want in zip(params, fused, eager, strict=True):
+        # Same random bits; only fp32 contraction (fused multiply-add) may flip a rare element by one ulp.
+        differ = got.cpu() != want
+        assert differ.double().mean().item() < 1e-3
+        ulp = want.float().abs() * 2.0**-7
+        assert ((got.cpu().float() - want.float()).abs() <= ulp)[differ].all()
+        assert not torch.equal(want, start), "the update must change the weights"

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hogwild.optim.rounding import ROUNDINGS, apply_update_, derive_seed, noise_keys
+from hogwild.optim.rounding import ROUNDINGS, apply_updates_, derive_seed, noise_keys
 
 SCALE_TYPES = ("channel", "tensor")
 APOLLO_MINI_SCALE = math.sqrt(128.0)
@@ -130,6 +130,48 @@ def _update_moments(
     torch._foreach_addcmul_(exp_avg_sqs, values, values, value=1 - beta2)
 
 
+def _buckets(params: list[Tensor]) -> list[list[Tensor]]:
+    """Parameters grouped by (shape, dtype, gradient dtype, device), in order, at most _CHUNK a bucket."""
+    groups: dict[tuple[Any, ...], list[Tensor]] = {}
+    for param in params:
+        key = (tuple(param.shape), param.dtype, param.grad.dtype, param.device)  # type: ignore[union-attr]
+        groups.setdefault(key, []).append(param)
+    return [bucket[i : i + _CHUNK] for bucket in groups.values() for i in range(0, len(bucket), _CHUNK)]
+
+
+def _scaling_factors(
+    grads: list[Tensor], r: Tensor, r_tilde: Tensor, states: list[dict[str, Any]], group: dict[str, Any]
+) -> Tensor:
+    """Steps 4-6 for a bucket: lr * scale * limiter * s, shaped (k, 1, n), (k, m, 1) or (k, 1, 1)."""
+    k, scale = len(grads), group["scale"]
+    if group["scale_type"] == "channel":
+        # Step 4 (channel-wise): one factor per column (or row) of the larger side.
+        dim = 1 if grads[0].shape[0] <= grads[0].shape[1] else 2  # r is (k, rank, n) or (k, m, rank)
+        ratio = torch.linalg.vector_norm(r_tilde, dim=dim, keepdim=True)
+        ratio.div_(torch.linalg.vector_norm(r, dim=dim, keepdim=True).clamp_min_(_TINY))
+        # ||G diag(s)|| without forming it: sqrt(sum_j s_j^2 ||G[:, j]||^2).
+        channel_norms = torch.empty_like(ratio)
+        for out, grad in zip(channel_norms, grads, strict=True):
+            torch.linalg.vector_norm(grad, dim=dim - 1, keepdim=True, dtype=torch.float32, out=out)
+        update_norm = torch.linalg.vector_norm(ratio * channel_norms, dim=(1, 2)).mul_(scale)
+    else:
+        # Step 4 (tensor-wise): one factor for the whole weight.
+        ratio = torch.linalg.vector_norm(r_tilde, dim=(1, 2), keepdim=True)
+        ratio.div_(torch.linalg.vector_norm(r, dim=(1, 2), keepdim=True).clamp_min_(_TINY))
+        grad_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        update_norm = ratio.view(k) * grad_norms * scale
+    # Step 5 is the scale; step 6, the norm-growth limiter, compares with the previous step's update.
+    limit = group["norm_growth_limit"]
+    previous = [state["update_norm"] for state in states]
+    if limit is not None:
+        before = torch.stack(previous)
+        factor = torch.where(before > 0, (limit * before / update_norm).clamp(max=1.0), 1.0)
+        update_norm = update_norm * factor
+        ratio = ratio * factor.view(k, 1, 1)
+    torch._foreach_copy_(previous, list(update_norm.unbind(0)))
+    return ratio.mul_(group["lr"] * scale)
+
+
 class Apollo(Optimizer):
     """APOLLO / APOLLO-Mini with AdamW for the parameters it does not project. See the module docstring.
 
@@ -172,6 +214,8 @@ class Apollo(Optimizer):
         }
         validate_hyperparameters(defaults)
         super().__init__(params, defaults)
+        # Per parameter: (seed, refresh period, rank, dtype) -> the projection matrix of that period.
+        self._projections: dict[Tensor, tuple[tuple[int, int, int, torch.dtype], Tensor]] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -202,10 +246,10 @@ class Apollo(Optimizer):
                 self._ensure_state(param, group, index, low_rank)
                 self.state[param]["step"] += 1
                 (projected if low_rank else full).append(param)
-            for start in range(0, len(projected), _CHUNK):
-                self._apollo_update(projected[start : start + _CHUNK], group)
-            for start in range(0, len(full), _CHUNK):
-                self._adamw_update(full[start : start + _CHUNK], group)
+            for bucket in _buckets(projected):
+                self._apollo_update(bucket, group)
+            for bucket in _buckets(full):
+                self._adamw_update(bucket, group)
         return loss
 
     def _ensure_state(self, param: Tensor, group: dict[str, Any], index: int, low_rank: bool) -> None:
@@ -230,67 +274,62 @@ class Apollo(Optimizer):
             state["compensation"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def _apollo_update(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """Steps 1-7 for parameters of one shape, batched: a few kernels per bucket, three per parameter."""
         states = [self.state[p] for p in params]
-        steps = [state["step"] for state in states]
+        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
         # Steps 1-2: project each gradient onto its random rank-r space.
-        projected = [self._project(p.grad, state, group) for p, state in zip(params, states, strict=True)]  # type: ignore[arg-type]
+        r = self._project(params, grads, states, group)
         exp_avgs = [state["exp_avg"] for state in states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
         # Step 3: AdamW moments and the Adam-normalized update, in the projected space.
-        _update_moments(exp_avgs, exp_avg_sqs, projected, group)
-        normalized = _adam_normalized(exp_avgs, exp_avg_sqs, steps, group)
-        decay = 1.0 - group["lr"] * group["weight_decay"]
-        for param, state, r, r_tilde in zip(params, states, projected, normalized, strict=True):
-            grad: Tensor = param.grad  # type: ignore[assignment]
-            coef = self._channel_coefficients(grad, r, r_tilde, state, group)
-            # Step 7: W <- W (1 - lr wd) - G diag(lr * scale * limiter * s).
-            apply_update_(
-                param,
-                grad,
-                coef,
-                decay=decay,
-                rounding=group["rounding"],
-                keys=noise_keys(state["seed"], state["step"]),
-                compensation=state.get("compensation"),
-            )
+        _update_moments(exp_avgs, exp_avg_sqs, list(r.unbind(0)), group)
+        steps = [state["step"] for state in states]
+        r_tilde = torch.stack(_adam_normalized(exp_avgs, exp_avg_sqs, steps, group))
+        coefs = _scaling_factors(grads, r, r_tilde, states, group)
+        # Step 7: W <- W (1 - lr wd) - G diag(lr * scale * limiter * s).
+        apply_updates_(
+            params,
+            grads,
+            coefs,
+            decay=1.0 - group["lr"] * group["weight_decay"],
+            rounding=group["rounding"],
+            keys=[noise_keys(state["seed"], state["step"]) for state in states],
+            compensations=[state.get("compensation") for state in states],
+        )
 
-    def _project(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
-        m, n = grad.shape
-        rank = group["rank"]
-        refresh = (state["step"] - 1) // group["update_proj_gap"]
-        # Step 1: P along the smaller side, so that the state is r x max(m, n).
-        if m <= n:
-            matrix = projection_matrix(state["seed"], refresh, (rank, m), rank, grad.device)
-            return (matrix.to(grad.dtype) @ grad).float()
-        matrix = projection_matrix(state["seed"], refresh, (n, rank), rank, grad.device)
-        return (grad @ matrix.to(grad.dtype)).float()
-
-    @staticmethod
-    def _channel_coefficients(
-        grad: Tensor, r: Tensor, r_tilde: Tensor, state: dict[str, Any], group: dict[str, Any]
+    def _project(
+        self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
     ) -> Tensor:
-        """Steps 4-6: the factors lr * scale * limiter * s, shaped to broadcast against the gradient."""
-        dim = 0 if grad.shape[0] <= grad.shape[1] else 1
-        if group["scale_type"] == "channel":
-            # Step 4 (channel-wise): one factor per column (or row) of the larger side.
-            ratio = torch.linalg.vector_norm(r_tilde, dim=dim, keepdim=True)
-            ratio.div_(torch.linalg.vector_norm(r, dim=dim, keepdim=True).clamp_min_(_TINY))
-            # ||G diag(s)|| without forming it: sqrt(sum_j s_j^2 ||G[:, j]||^2).
-            channel_norms = torch.linalg.vector_norm(grad, dim=dim, keepdim=True, dtype=torch.float32)
-            update_norm = torch.linalg.vector_norm(ratio * channel_norms) * group["scale"]
-        else:
-            # Step 4 (tensor-wise): one factor for the whole weight.
-            ratio = torch.linalg.vector_norm(r_tilde) / torch.linalg.vector_norm(r).clamp_min(_TINY)
-            update_norm = ratio * torch.linalg.vector_norm(grad, dtype=torch.float32) * group["scale"]
-        # Step 5 is the scale; step 6, the norm-growth limiter, compares with the previous step's update.
-        limit = group["norm_growth_limit"]
-        previous = state["update_norm"]
-        if limit is not None:
-            factor = torch.where(previous > 0, (limit * previous / update_norm).clamp(max=1.0), 1.0)
-            update_norm = update_norm * factor
-            ratio = ratio * factor
-        previous.copy_(update_norm)
-        return ratio.mul_(group["lr"] * group["scale"])
+        """R for each gradient, stacked: (k, r, n) when m <= n, else (k, m, r); fp32."""
+        m, n = grads[0].shape
+        rank = group["rank"]
+        shape = (len(grads), rank, n) if m <= n else (len(grads), m, rank)
+        projected = torch.empty(shape, dtype=grads[0].dtype, device=grads[0].device)
+        for out, param, grad, state in zip(projected, params, grads, states, strict=True):
+            matrix = self._projection(param, state, group, grad.dtype)
+            if m <= n:
+                torch.mm(matrix, grad, out=out)
+            else:
+                torch.mm(grad, matrix, out=out)
+        return projected.float()
+
+    def _projection(
+        self, param: Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype
+    ) -> Tensor:
+        """Step 1: P along the smaller side, so that the state is r x max(m, n).
+
+        Regenerated from the seed when a refresh period starts, and kept (not in the state) until the next.
+        """
+        m, n = param.shape
+        rank = group["rank"]
+        key = (state["seed"], (state["step"] - 1) // group["update_proj_gap"], rank, dtype)
+        cached = self._projections.get(param)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        shape = (rank, m) if m <= n else (n, rank)
+        matrix = projection_matrix(state["seed"], key[1], shape, rank, param.device).to(dtype)
+        self._projections[param] = (key, matrix)
+        return matrix
 
     def _adamw_update(self, params: list[Tensor], group: dict[str, Any]) -> None:
         states = [self.state[p] for p in params]
@@ -299,17 +338,15 @@ class Apollo(Optimizer):
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
         _update_moments(exp_avgs, exp_avg_sqs, grads, group)
         normalized = _adam_normalized(exp_avgs, exp_avg_sqs, [state["step"] for state in states], group)
-        decay = 1.0 - group["lr"] * group["weight_decay"]
-        for param, state, direction in zip(params, states, normalized, strict=True):
-            apply_update_(
-                param,
-                direction,
-                group["lr"],
-                decay=decay,
-                rounding=group["rounding"],
-                keys=noise_keys(state["seed"], state["step"]),
-                compensation=state.get("compensation"),
-            )
+        apply_updates_(
+            params,
+            normalized,
+            group["lr"],
+            decay=1.0 - group["lr"] * group["weight_decay"],
+            rounding=group["rounding"],
+            keys=[noise_keys(state["seed"], state["step"]) for state in states],
+            compensations=[state.get("compensation") for state in states],
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but keeps each state tensor's own dtype.
@@ -318,6 +355,7 @@ class Apollo(Optimizer):
         bf16 weight into bf16 and break bit-exact resume; here tensors only move to the parameter's device.
         """
         super().load_state_dict(state_dict)
+        self._projections.clear()
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, param in zip(saved_ids, params, strict=True):

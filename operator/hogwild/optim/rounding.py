@@ -114,60 +114,111 @@ def apply_update_(
     The arithmetic is fp32; `rounding` picks how the result goes back into a bf16/fp16 parameter
     ("stochastic" applies to bf16 only; fp16 rounds to nearest). fp32/fp64 parameters are updated exactly.
     """
-    if param.dtype in (torch.float32, torch.float64):
-        if decay != 1.0:
-            param.mul_(decay)
-        if isinstance(coef, Tensor):
-            param.addcmul_(direction, coef, value=-1)
-        else:
-            param.add_(direction, alpha=-coef)
+    coefs = coef.unsqueeze(0) if isinstance(coef, Tensor) else coef
+    apply_updates_(
+        [param], [direction], coefs, decay=decay, rounding=rounding, keys=[keys], compensations=[compensation]
+    )
+
+
+def apply_updates_(
+    params: list[Tensor],
+    directions: list[Tensor],
+    coefs: Tensor | float,
+    *,
+    decay: float,
+    rounding: str,
+    keys: list[tuple[int, int]],
+    compensations: list[Tensor | None],
+) -> None:
+    """`apply_update_` for a list of parameters of one shape: `coefs[i]` (or the float) goes with `params[i]`.
+
+    On CUDA with Triton, bf16 stochastic rounding is one kernel launch for the whole list: it reads each
+    parameter and direction once and writes the parameter once, with the same random bits as the eager path.
+    """
+    if params and _fusable(params, directions, coefs, rounding):
+        _fused_updates_(params, directions, coefs, decay, keys)
         return
-    stochastic = rounding == "stochastic" and param.dtype == torch.bfloat16
-    if stochastic and _fusable(param, direction, coef):
-        _fused_update_(param, direction, coef, decay, keys)
-        return
-    value = param.float()
+    for i, (param, direction, key, compensation) in enumerate(
+        zip(params, directions, keys, compensations, strict=True)
+    ):
+        coef = coefs[i] if isinstance(coefs, Tensor) else coefs
+        _eager_update_(param, direction, coef, decay, rounding, key, compensation)
+
+
+def _eager_update_(
+    param: Tensor,
+    direction: Tensor,
+    coef: Tensor | float,
+    decay: float,
+    rounding: str,
+    keys: tuple[int, int],
+    compensation: Tensor | None,
+) -> None:
+    exact = param.dtype in (torch.float32, torch.float64)
+    value = param if exact else param.float()
     if decay != 1.0:
         value.mul_(decay)
     if isinstance(coef, Tensor):
         value.addcmul_(direction, coef, value=-1)
     else:
         value.add_(direction, alpha=-coef)
+    if exact:
+        return
     if rounding == "kahan" and compensation is not None:
         param.copy_(kahan_round_(value, compensation, param.dtype))
-    elif stochastic:
+    elif rounding == "stochastic" and param.dtype == torch.bfloat16:
         param.copy_(stochastic_round_bf16_(value, keys))
     else:
         param.copy_(value)
 
 
-def _fusable(param: Tensor, direction: Tensor, coef: Tensor | float) -> bool:
-    if triton is None or not param.is_cuda or not param.is_contiguous():
+def _fusable(params: list[Tensor], directions: list[Tensor], coefs: Tensor | float, rounding: str) -> bool:
+    first, direction = params[0], directions[0]
+    if triton is None or rounding != "stochastic" or not first.is_cuda:
         return False
-    if direction.shape != param.shape or not direction.is_contiguous():
+    if direction.dtype not in (torch.bfloat16, torch.float32):
         return False
-    return not isinstance(coef, Tensor) or (coef.dtype == torch.float32 and coef.dim() <= 2)
+    if isinstance(coefs, Tensor) and (coefs.dtype != torch.float32 or not coefs.is_contiguous()):
+        return False
+    return all(
+        p.dtype == torch.bfloat16
+        and p.is_contiguous()
+        and p.shape == first.shape
+        and p.device == first.device
+        for p in params
+    ) and all(d.dtype == direction.dtype and d.is_contiguous() and d.shape == first.shape for d in directions)
 
 
-def _fused_update_(
-    param: Tensor, direction: Tensor, coef: Tensor | float, decay: float, keys: tuple[int, int]
+def _fused_updates_(
+    params: list[Tensor],
+    directions: list[Tensor],
+    coefs: Tensor | float,
+    decay: float,
+    keys: list[tuple[int, int]],
 ) -> None:
-    """One Triton kernel for the stochastic-rounding path: reads param and direction once, writes param once."""
-    numel = param.numel()
+    """Launch `_update_kernel` once over the list: program (block, i) updates one block of `params[i]`."""
+    first = params[0]
+    numel = first.numel()
     if numel == 0:
         return
-    if isinstance(coef, Tensor):
+    # One row per tensor: parameter address, direction address, the two noise keys. Pinned, so that the
+    # copy to the GPU does not wait for the GPU to drain.
+    rows = [
+        [p.data_ptr(), d.data_ptr(), k[0], k[1]] for p, d, k in zip(params, directions, keys, strict=True)
+    ]
+    table = torch.tensor(rows, dtype=torch.int64).pin_memory().to(first.device, non_blocking=True)
+    if isinstance(coefs, Tensor):
         # Factor index = (flat index // inner) % size: a (1, n) row of factors changes every element, an
         # (m, 1) column every n elements, a single factor never.
-        size = coef.numel()
-        inner = 1 if size == 1 or coef.shape[0] == 1 else param.shape[-1]
-        coef_ptr, scalar, has_coef = coef.contiguous(), 1.0, True
+        size = coefs[0].numel()
+        inner = 1 if size == 1 or coefs.shape[1] == 1 else first.shape[-1]
+        coef_arg, scalar, has_coef = coefs, 1.0, True
     else:
-        inner, size, coef_ptr, scalar, has_coef = 1, 1, param, float(coef), False
-    grid = (triton.cdiv(numel, _BLOCK),)
+        inner, size, coef_arg, scalar, has_coef = 1, 1, table, float(coefs), False
+    grid = (triton.cdiv(numel, _BLOCK), len(params))
     _update_kernel[grid](
-        param, direction, coef_ptr, numel, float(decay), scalar, inner, size, keys[0], keys[1],
-        HAS_COEF=has_coef, BLOCK=_BLOCK,
+        table, coef_arg, numel, float(decay), scalar, inner, size,
+        HAS_COEF=has_coef, D_BF16=directions[0].dtype == torch.bfloat16, BLOCK=_BLOCK,
     )  # fmt: skip
 
 
@@ -175,15 +226,23 @@ if triton is not None:
 
     @triton.jit
     def _update_kernel(  # type: ignore[no-untyped-def]
-        p_ptr, d_ptr, c_ptr, numel, decay, scalar, inner, size, key_mul, key_add,
-        HAS_COEF: tl.constexpr, BLOCK: tl.constexpr,
+        table_ptr, c_ptr, numel, decay, scalar, inner, size,
+        HAS_COEF: tl.constexpr, D_BF16: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
+        t = tl.program_id(1)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
+        p_ptr = tl.load(table_ptr + 4 * t).to(tl.pointer_type(tl.bfloat16))
+        if D_BF16:
+            d_ptr = tl.load(table_ptr + 4 * t + 1).to(tl.pointer_type(tl.bfloat16))
+        else:
+            d_ptr = tl.load(table_ptr + 4 * t + 1).to(tl.pointer_type(tl.float32))
+        key_mul = tl.load(table_ptr + 4 * t + 2).to(tl.uint32)
+        key_add = tl.load(table_ptr + 4 * t + 3).to(tl.uint32)
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
         d = tl.load(d_ptr + offs, mask=mask).to(tl.float32)
         if HAS_COEF:  # noqa: SIM108 - Triton resolves this constexpr branch at compile time
-            c = tl.load(c_ptr + (offs // inner) % size, mask=mask)
+            c = tl.load(c_ptr + t.to(tl.int64) * size + (offs // inner) % size, mask=mask)
         else:
             c = scalar
         x = p * decay - d * c
