@@ -3,9 +3,9 @@
 `helm lint --strict` and `helm template` run over every values file in tests/fixtures/helm/, and
 `kubernetes-validate --strict` checks every rendered object of a built-in kind against the schemas of the
 oldest Kubernetes the chart supports and the newest the validator knows. It has no schemas for the
-Prometheus Operator's kinds (ServiceMonitor, PodMonitor, PrometheusRule): those are handled explicitly,
-by a test that only they go unvalidated and by the structural assertions below. The TrainingSession CRD
-itself is a built-in kind (CustomResourceDefinition) and is validated.
+Prometheus Operator's kinds (ServiceMonitor, PodMonitor, PrometheusRule) nor for kopf's peering objects:
+those are handled explicitly, by a test that only they go unvalidated and by the structural assertions
+below. The CRDs themselves are a built-in kind (CustomResourceDefinition) and are validated.
 
 helm and kubectl come from scripts/install_tools.py (pinned sha256), which scripts/dev.py runs.
 """
@@ -34,6 +34,8 @@ RELEASE, NAMESPACE = "hw-release", "hogwild-system"
 # The chart's kubeVersion floor, and the newest release kubernetes-validate carries schemas for.
 KUBE_VERSIONS = ["1.33.0", "1.37.0"]
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+# kopf's peering objects: their CRD (crds/kopf.dev_peerings.yaml) keeps any field, so there is nothing to check.
+UNVALIDATED_KINDS = MONITORING_KINDS | {"ClusterKopfPeering", "KopfPeering"}
 
 
 def tool(name: str) -> Path:
@@ -100,7 +102,7 @@ INVALID_VALUES = [
     pytest.param(["serviceAccount.create=false"], "serviceAccount.name is required", id="no-serviceaccount"),
     pytest.param(["operator.image.repository="], "/operator/image/repository", id="no-repository"),
     pytest.param(["sessionImages.trainer.tag="], "sessionImages.trainer.tag or", id="no-trainer-tag"),
-    pytest.param(["operator.logLevel=loud"], "/operator/logLevel", id="unknown-log-level"),
+    pytest.param(["operator.logFormat=loud"], "/operator/logFormat", id="unknown-log-format"),
     pytest.param(["operator.replica=1"], "additional properties 'replica' not allowed", id="typo-in-key"),
     pytest.param(["metrics.podMonitor.interval=often"], "/metrics/podMonitor/interval", id="bad-duration"),
 ]
@@ -131,11 +133,11 @@ def test_rendered_objects_validate_strictly(values: str, kube_version: str, tmp_
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "ERROR" not in output, output
-    # Only the Prometheus Operator's kinds may go unvalidated (no schema offline); they are checked below.
+    # Only the Prometheus Operator's kinds and kopf's peering objects may go unvalidated (no schema offline).
     unvalidated = set(re.findall(r"Couldn't find schema for kind (\w+)", output))
-    assert unvalidated <= MONITORING_KINDS, output
+    assert unvalidated <= UNVALIDATED_KINDS, output
     docs = [doc for doc in yaml.safe_load_all(manifest.read_text()) if doc]
-    validated = [doc for doc in docs if doc["kind"] not in MONITORING_KINDS]
+    validated = [doc for doc in docs if doc["kind"] not in UNVALIDATED_KINDS]
     assert output.count(" passed for resource ") == len(validated), output
 
 
@@ -143,16 +145,17 @@ def test_rendered_objects_validate_strictly(values: str, kube_version: str, tmp_
 
 Rules = dict[tuple[str, str], set[str]]
 OPERATOR_RULES: Rules = {
-    ("hogwild.dev", "trainingsessions"): {"get", "list", "watch", "patch"},
-    ("hogwild.dev", "trainingsessions/status"): {"get", "patch"},
+    ("hogwild.dev", "trainingsessions"): {"list", "watch", "patch"},
+    ("hogwild.dev", "trainingsessions/status"): {"patch"},
     ("hogwild.dev", "trainingsessions/finalizers"): {"update"},
-    ("", "pods"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "services"): {"get", "create", "patch", "delete"},
-    ("", "persistentvolumeclaims"): {"get", "create", "patch", "delete"},
-    ("", "secrets"): {"get", "create", "patch", "delete"},
+    ("", "pods"): {"get", "create", "delete"},
+    ("", "configmaps"): {"get", "create", "patch"},
+    ("", "services"): {"get", "create"},
+    ("", "persistentvolumeclaims"): {"get", "create"},
+    ("", "secrets"): {"get", "create"},
     ("", "events"): {"create"},
 }
-PEERING_VERBS = {"get", "list", "watch", "patch"}
+PEERING_VERBS = {"list", "watch", "patch"}
 
 
 def flatten(rules: list[dict[str, Any]]) -> Rules:
@@ -430,18 +433,41 @@ def test_dashboard_folder_annotation_is_passed_through() -> None:
 # --- the CRD copy ------------------------------------------------------------------------------------------
 
 
+PEERING_CASES = [
+    pytest.param("default", (), [], id="standalone"),
+    pytest.param("default", ("operator.peering.enabled=true",), [("ClusterKopfPeering", None)], id="cluster"),
+    pytest.param("namespaced", (), [("KopfPeering", "team-a"), ("KopfPeering", "team-b")], id="namespaces"),
+]
+
+
+@pytest.mark.parametrize(("values", "sets", "expected"), PEERING_CASES)
+def test_peering_objects_exist_where_the_operator_looks(
+    values: str, sets: tuple[str, ...], expected: list[tuple[str, str | None]]
+) -> None:
+    docs = rendered(values, *sets)
+    found = [(d["kind"], d["metadata"].get("namespace")) for d in docs if d["apiVersion"] == "kopf.dev/v1"]
+    assert found == expected
+    args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    names = {d["metadata"]["name"] for d in docs if d["apiVersion"] == "kopf.dev/v1"}
+    assert names <= {arg.removeprefix("--peering=") for arg in args}
+
+
 def test_chart_crd_is_identical_to_the_top_level_crd() -> None:
     top_level = ROOT / "crds" / CRD_NAME
     copy = CHART / "crds" / CRD_NAME
     assert top_level.is_file(), f"{top_level} does not exist yet (the operator issue writes it)"
     assert copy.is_file(), f"copy {top_level} to {copy}"
     assert copy.read_bytes() == top_level.read_bytes(), f"{copy} differs from {top_level}: copy it again"
-    assert [p.name for p in (CHART / "crds").iterdir()] == [CRD_NAME]
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == [CRD_NAME, "kopf.dev_peerings.yaml"]
 
 
 def test_crd_is_installed_with_the_chart() -> None:
     crds = of_kind(rendered("default"), "CustomResourceDefinition")
-    assert [crd["metadata"]["name"] for crd in crds] == ["trainingsessions.hogwild.dev"]
+    assert sorted(crd["metadata"]["name"] for crd in crds) == [
+        "clusterkopfpeerings.kopf.dev",
+        "kopfpeerings.kopf.dev",
+        "trainingsessions.hogwild.dev",
+    ]
 
 
 # --- values.yaml documentation -----------------------------------------------------------------------------
