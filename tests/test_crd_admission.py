@@ -1,0 +1,372 @@
+"""Offline admission of TrainingSessions against the CRD, the way the API server would admit them.
+
+No API server runs here, so this file plays its admission steps in order: structural defaulting from the
+schema's `default`s, the OpenAPI schema (with `jsonschema`, unknown fields rejected as `kubectl apply`'s
+strict field validation does), then every `x-kubernetes-validations` CEL rule (with `cel-python`).
+
+Limits of the emulation, by design of the rules: `cel-python` has no Kubernetes CEL extensions (no
+`quantity`, `url`, string `split`...), so the rules use none; transition rules (`oldSelf`) are evaluated by
+binding `oldSelf` ourselves, for the update fixtures whose first document is the stored object (the API
+server also skips transition rules on create, as here); the CEL cost budget is not estimated, so every list
+a rule walks has maxItems and maxLength. With KUBECONFIG set, the `e2e` test sends the same fixtures to a
+real API server (`kubectl apply --dry-run=server`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import celpy
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from hogwild import config, defaults
+from hogwild.config import ConfigError, validate_changes
+from hogwild.operator import spec as spec_module
+from hogwild.operator.spec import parse_spec
+from hogwild.operator.status import PHASES
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD_PATH = ROOT / "crds" / "hogwild.dev_trainingsessions.yaml"
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+INVALID = sorted((ROOT / "tests" / "fixtures" / "invalid").glob("*.yaml"))
+EXPECT = "test.hogwild.dev/rejected-with"
+
+
+def load_crd() -> dict[str, Any]:
+    return dict(yaml.safe_load(CRD_PATH.read_text()))
+
+
+CRD = load_crd()
+VERSION = CRD["spec"]["versions"][0]
+SCHEMA: dict[str, Any] = VERSION["schema"]["openAPIV3Schema"]
+
+
+# ---- the admission emulation --------------------------------------------------------------------------
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """Structural defaulting: a missing property with a `default` gets it, recursively (defaults included)."""
+    if isinstance(value, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if name not in value and "default" in sub:
+                value[name] = copy.deepcopy(sub["default"])
+            if name in value:
+                value[name] = apply_defaults(sub, value[name])
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for name in set(value) - set(schema.get("properties", {})):
+                value[name] = apply_defaults(extra, value[name])
+    elif isinstance(value, list) and "items" in schema:
+        return [apply_defaults(schema["items"], item) for item in value]
+    return value
+
+
+def to_jsonschema(schema: dict[str, Any]) -> dict[str, Any]:
+    """The CRD schema as JSON Schema: x- keys dropped, unknown fields refused (strict field validation)."""
+    out = {
+        k: to_jsonschema(v) if isinstance(v, dict) else v for k, v in schema.items() if not k.startswith("x-")
+    }
+    for key in ("properties",):
+        if key in schema:
+            out[key] = {name: to_jsonschema(sub) for name, sub in schema[key].items()}
+    if "items" in schema:
+        out["items"] = to_jsonschema(schema["items"])
+    if "anyOf" in schema:
+        out["anyOf"] = [to_jsonschema(s) for s in schema["anyOf"]]
+    preserve = schema.get("x-kubernetes-preserve-unknown-fields")
+    if (
+        schema.get("type") == "object"
+        and "properties" in schema
+        and "additionalProperties" not in schema
+        and not preserve
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def _cel_value(schema: dict[str, Any], value: Any) -> Any:
+    """Numbers of `type: number` fields are doubles in Kubernetes CEL, even when written as 1."""
+    if schema.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, dict):
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        return {
+            k: _cel_value(props.get(k, extra if isinstance(extra, dict) else {}), v) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_cel_value(schema.get("items", {}), v) for v in value]
+    return value
+
+
+def cel_errors(schema: dict[str, Any], value: Any, old: Any, path: str) -> Iterator[str]:
+    env = celpy.Environment()
+    for rule in schema.get("x-kubernetes-validations", []):
+        transition = "oldSelf" in rule["rule"]
+        if transition and old is None:
+            continue  # transition rules run on updates only
+        activation = {"self": celpy.json_to_cel(_cel_value(schema, value))}
+        if transition:
+            activation["oldSelf"] = celpy.json_to_cel(_cel_value(schema, old))
+        try:
+            ok = env.program(env.compile(rule["rule"])).evaluate(activation)
+        except celpy.CELEvalError as err:
+            ok, detail = False, f" ({err.args[0]})"
+        else:
+            detail = ""
+        if not ok:
+            yield f"{path or '<root>'}: Invalid value: {rule.get('message', 'failed rule: ' + rule['rule'])}{detail}"
+    if isinstance(value, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if name in value:
+                prior = old.get(name) if isinstance(old, dict) else None
+                yield from cel_errors(sub, value[name], prior, f"{path}.{name}".lstrip("."))
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            yield from cel_errors(schema["items"], item, None, f"{path}[{i}]")
+
+
+def admission_errors(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+    """Every reason the API server would refuse `obj` (an update of `old`); [] when admitted."""
+    obj = apply_defaults(SCHEMA, copy.deepcopy(obj))
+    old = apply_defaults(SCHEMA, copy.deepcopy(old)) if old is not None else None
+    validator = jsonschema.Draft7Validator(to_jsonschema(SCHEMA))
+    errors = [
+        f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(obj)
+    ]
+    if errors:  # the API server stops at schema errors; CEL never sees a malformed object
+        return errors
+    return list(cel_errors(SCHEMA, obj, old, ""))
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+# ---- the CRD itself -----------------------------------------------------------------------------------
+def test_crd_is_a_valid_custom_resource_definition() -> None:
+    kubernetes_validate.validate(load_crd(), "1.37.0", strict=True)
+
+
+def test_crd_names() -> None:
+    spec = CRD["spec"]
+    assert (spec["group"], VERSION["name"], spec["names"]["kind"]) == (
+        defaults.API_GROUP,
+        defaults.API_VERSION,
+        defaults.KIND,
+    )
+    assert spec["names"]["plural"] == "trainingsessions"
+    assert spec["names"]["shortNames"] == ["ts"]
+    assert VERSION["subresources"] == {"status": {}}
+
+
+def walk(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    for name, sub in schema.get("properties", {}).items():
+        yield f"{path}.{name}", sub
+        yield from walk(sub, f"{path}.{name}")
+    if "items" in schema:
+        yield f"{path}[]", schema["items"]
+        yield from walk(schema["items"], f"{path}[]")
+
+
+def test_every_field_has_a_description_for_kubectl_explain() -> None:
+    # Items of a list of scalars are described by the list.
+    fields = [
+        (p, s)
+        for p, s in walk(SCHEMA)
+        if p != ".metadata" and not (p.endswith("[]") and s.get("type") != "object")
+    ]
+    missing = [p for p, sub in fields if not sub.get("description")]
+    assert missing == []
+
+
+def test_schema_is_structural_every_node_has_a_type() -> None:
+    untyped = [
+        p for p, sub in walk(SCHEMA) if "type" not in sub and not sub.get("x-kubernetes-int-or-string")
+    ]
+    assert untyped == []
+
+
+def test_printer_columns() -> None:
+    columns = {c["name"]: (c["jsonPath"], c.get("priority", 0)) for c in VERSION["additionalPrinterColumns"]}
+    assert {n: c for n, c in columns.items() if c[1] == 0} == {
+        "Phase": (".status.phase", 0),
+        "Step": (".status.step", 0),
+        "Loss": (".status.loss", 0),
+        "Last Checkpoint": (".status.lastCheckpoint.time", 0),
+        "Age": (".metadata.creationTimestamp", 0),
+    }
+    assert {
+        c[1] for n, c in columns.items() if n not in {"Phase", "Step", "Loss", "Last Checkpoint", "Age"}
+    } == {1}
+
+
+def prop(path: str) -> dict[str, Any]:
+    node = SCHEMA
+    for name in path.split("."):
+        node = node["properties"][name]
+    return node
+
+
+@pytest.mark.parametrize(
+    ("path", "values"),
+    [
+        ("spec.training.optimizer", config.OPTIMIZERS),
+        ("spec.training.scaleType", config.SCALE_TYPES),
+        ("spec.training.rounding", config.ROUNDINGS),
+        ("spec.training.prefixCache", config.PREFIX_CACHE_POLICIES),
+        ("spec.gpu.sharing", spec_module.GPU_SHARING),
+        ("spec.model.restore", spec_module.RESTORE_POLICIES),
+        ("spec.images.pullPolicy", spec_module.PULL_POLICIES),
+        ("status.phase", PHASES),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_enums_match_the_code(path: str, values: tuple[str, ...]) -> None:
+    assert tuple(prop(path)["enum"]) == tuple(values)
+
+
+def test_training_fields_are_exactly_the_ones_the_operator_maps() -> None:
+    assert set(prop("spec.training")["properties"]) == set(spec_module.TRAINING_FIELDS)
+    assert set(prop("spec.training.protection")["properties"]) == set(spec_module.PROTECTION_FIELDS)
+
+
+def test_crd_defaults_equal_the_operators_defaults() -> None:
+    raw = {"model": {"path": "/models/m"}}
+    defaulted = apply_defaults(SCHEMA, {"metadata": {"name": "m"}, "spec": copy.deepcopy(raw)})["spec"]
+    assert defaulted["training"]["rank"] == 64 and defaulted["training"]["optimizer"] == "apollo"
+    assert parse_spec(defaulted) == parse_spec(raw)
+
+
+BOUNDS = [
+    (f"spec.training.{camel}", snake)
+    for camel, snake in spec_module.TRAINING_FIELDS.items()
+    if "maximum" in prop(f"spec.training.{camel}") or "minimum" in prop(f"spec.training.{camel}")
+] + [(f"spec.checkpoint.{c}", s) for c, s in spec_module.CHECKPOINT_CONFIG_FIELDS.items()]
+
+
+@pytest.mark.parametrize(("path", "field"), BOUNDS, ids=[b[0] for b in BOUNDS])
+def test_crd_bounds_agree_with_the_workers_validation(path: str, field: str) -> None:
+    node = prop(path)
+    integer = node["type"] == "integer"
+    for edge in ("minimum", "maximum"):
+        if edge in node:
+            validate_changes({field: node[edge]})  # the CRD's edge is accepted by the worker
+            beyond = node[edge] + (1 if edge == "maximum" else -1) * (
+                1 if integer else max(abs(node[edge]) * 0.5, 0.01)
+            )
+            assert admission_errors(
+                {"metadata": {"name": "b"}, "spec": {"model": {"path": "/m"}, **nest(path, beyond)}}
+            )
+            with pytest.raises(ConfigError):
+                validate_changes({field: beyond})
+
+
+def nest(path: str, value: Any) -> dict[str, Any]:
+    *parents, leaf = path.split(".")[1:]
+    root: dict[str, Any] = {}
+    node = root
+    for name in parents:
+        node = node.setdefault(name, {})
+    node[leaf] = value
+    return root
+
+
+# ---- examples and fixtures ----------------------------------------------------------------------------
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_is_admitted_and_runnable(path: Path) -> None:
+    sessions = [d for d in documents(path) if d["kind"] == defaults.KIND]
+    assert sessions, "every example holds a TrainingSession"
+    for doc in documents(path):
+        if doc["kind"] == defaults.KIND:
+            assert admission_errors(doc) == []
+            parse_spec(apply_defaults(SCHEMA, copy.deepcopy(doc))["spec"])
+            parse_spec(doc["spec"])
+        else:
+            kubernetes_validate.validate(doc, "1.37.0", strict=True)
+
+
+def test_there_is_an_example_of_each_kind() -> None:
+    assert {"minimal", "full", "dra", "device-plugin"} <= {p.stem for p in EXAMPLES}
+
+
+def fixture_case(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any], str]:
+    docs = documents(path)
+    old, new = (docs[0], docs[1]) if len(docs) == 2 else (None, docs[0])
+    return old, new, new["metadata"]["annotations"][EXPECT]
+
+
+@pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
+def test_invalid_fixture_is_rejected_with_its_message(path: Path) -> None:
+    old, new, expected = fixture_case(path)
+    if old is not None:
+        assert admission_errors(old) == [], "the stored object of an update fixture must be valid"
+    errors = admission_errors(new, old)
+    assert any(expected in e for e in errors), f"expected {expected!r} in {errors}"
+
+
+def cel_messages() -> set[str]:
+    return {
+        rule["message"] for _, sub in walk(SCHEMA) for rule in sub.get("x-kubernetes-validations", [])
+    } | {rule["message"] for rule in SCHEMA.get("x-kubernetes-validations", [])}
+
+
+def test_every_cel_rule_has_a_fixture_that_trips_it() -> None:
+    expected = {fixture_case(p)[2] for p in INVALID}
+    untested = [m for m in cel_messages() if not any(e in m for e in expected)]
+    assert untested == []
+
+
+# ---- the same fixtures against a real API server ------------------------------------------------------
+def kubectl() -> str:
+    found = shutil.which(
+        "kubectl", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
+    if not found:
+        pytest.skip("kubectl is not installed (scripts/install_tools.py installs it)")
+    return found
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(
+    not os.environ.get("KUBECONFIG"), reason="needs a real cluster: set KUBECONFIG (kind or k3d)"
+)
+@pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
+def test_invalid_fixture_is_rejected_by_a_real_api_server(path: Path) -> None:
+    old, new, expected = fixture_case(path)
+    subprocess.run(
+        [kubectl(), "apply", "--server-side=false", "-f", str(CRD_PATH)], check=True, capture_output=True
+    )
+    if old is not None:
+        subprocess.run(
+            [kubectl(), "apply", "-f", "-"],
+            input=yaml.safe_dump(old),
+            text=True,
+            check=True,
+            capture_output=True,
+        )
+    try:
+        result = subprocess.run(
+            [kubectl(), "apply", "--dry-run=server", "-f", "-"],
+            input=yaml.safe_dump(new),
+            text=True,
+            capture_output=True,
+        )
+        assert result.returncode != 0, "the API server admitted an invalid TrainingSession"
+        if expected in cel_messages() or any(expected in m for m in cel_messages()):
+            assert expected in result.stderr  # our own CEL messages read the same everywhere
+    finally:
+        if old is not None:
+            subprocess.run(
+                [kubectl(), "delete", "-f", "-", "--wait=false"],
+                input=yaml.safe_dump(old),
+                text=True,
+                capture_output=True,
+            )
