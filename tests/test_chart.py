@@ -258,6 +258,29 @@ def test_operator_watches_what_rbac_allows(values: str, expected: list[str]) -> 
     assert container["args"][: len(expected)] == expected
 
 
+@pytest.mark.parametrize("values", VALUES_FILES)
+def test_operator_accepts_the_rendered_command_line(values: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hogwild operator`'s real argument parser reads the Deployment's args and env as the pod would."""
+    from hogwild.operator import main
+
+    docs = rendered(values)
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    for item in container["env"]:
+        if "value" in item:
+            monkeypatch.setenv(item["name"], item["value"])
+    args = main.parse_args(container["args"])
+    options = main.options_from_args(args)
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert options.image_defaults.vllm == env["HOGWILD_VLLM_IMAGE"]
+    assert options.image_defaults.trainer == env["HOGWILD_TRAINER_IMAGE"]
+    assert options.metrics_port == container["ports"][0]["containerPort"]
+    peering = [d for d in docs if d["apiVersion"] == "kopf.dev/v1"]
+    assert args.standalone == (not peering)
+    assert all(d["metadata"]["name"] == args.peering for d in peering)
+    roles = of_kind(docs, "Role")
+    assert sorted(args.namespace) == sorted(role["metadata"]["namespace"] for role in roles)
+
+
 IMAGE_CASES = [
     pytest.param(
         "default",
@@ -339,11 +362,9 @@ def test_servicemonitor_scrapes_the_operator_service_and_keeps_its_labels() -> N
 
 def test_podmonitor_scrapes_vllm_and_worker_ports_and_labels_the_session() -> None:
     monitor = one(rendered("monitoring"), "PodMonitor")
-    selector = monitor["spec"]["selector"]
-    assert selector["matchLabels"] == {"app.kubernetes.io/name": "hogwild"}
-    assert {"key": "app.kubernetes.io/component", "operator": "NotIn", "values": ["operator"]} in selector[
-        "matchExpressions"
-    ]
+    assert monitor["spec"]["selector"] == {
+        "matchLabels": {"app.kubernetes.io/name": "hogwild", "app.kubernetes.io/component": "session"}
+    }
     endpoints = monitor["spec"]["podMetricsEndpoints"]
     assert [endpoint["port"] for endpoint in endpoints] == ["http", "metrics"]
     for endpoint in endpoints:
@@ -354,11 +375,37 @@ def test_podmonitor_scrapes_vllm_and_worker_ports_and_labels_the_session() -> No
         } in endpoint["relabelings"]
 
 
+SESSION_SPECS = [
+    pytest.param({"model": {"path": "/models/qwen"}}, id="device-plugin"),
+    pytest.param({"model": {"path": "/models/tiny"}, "gpu": {"count": 0}}, id="cpu"),
+    pytest.param(
+        {"model": {"path": "/m"}, "gpu": {"sharing": "DRA", "claim": {"resourceClaimName": "gpu-0"}}},
+        id="dra",
+    ),
+]
+
+
+@pytest.mark.parametrize("spec", SESSION_SPECS)
+def test_podmonitor_selects_the_pods_the_operator_builds(spec: dict[str, Any]) -> None:
+    """The operator's real pod builder makes the pods; the PodMonitor must find them and their ports."""
+    from hogwild.operator import builders
+    from hogwild.operator.spec import parse_spec
+
+    session = builders.SessionRef(name="qwen-chat", namespace="ml", uid="u-1")
+    pod = builders.build_pod(session, parse_spec(spec))
+    monitor = one(rendered("monitoring"), "PodMonitor")["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert pod["metadata"]["labels"]["app.kubernetes.io/instance"] == session.name  # becomes `session`
+    containers = pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+    ports = {port["name"] for container in containers for port in container.get("ports", [])}
+    assert {endpoint["port"] for endpoint in monitor["podMetricsEndpoints"]} <= ports
+
+
 def test_operator_pods_are_not_selected_by_the_session_podmonitor() -> None:
     docs = rendered("monitoring")
-    expressions = one(docs, "PodMonitor")["spec"]["selector"]["matchExpressions"]
+    selector = one(docs, "PodMonitor")["spec"]["selector"]["matchLabels"]
     labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
-    assert any(labels.get(e["key"]) in e["values"] for e in expressions if e["operator"] == "NotIn")
+    assert not selector.items() <= labels.items()
 
 
 @pytest.mark.parametrize(
