@@ -23,36 +23,50 @@ from hogwild.auth import CurveKeys
 from hogwild.protocol import PROTOCOL_VERSION, ProtocolError, decode_reply, new_id
 
 
+class PendingCall:
+    """A request sent now whose reply is collected later (`result`): e.g. a long train while status polls."""
+
+    def __init__(self, address: str, frame: bytes, curve: CurveKeys | None = None) -> None:
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            self.socket.curve_publickey = curve.public
+            self.socket.curve_secretkey = curve.secret
+            self.socket.curve_serverkey = curve.peer_public
+        self.socket.connect(address)
+        self.socket.send_multipart([b"", frame])
+
+    def raw_result(self, timeout_s: float) -> bytes | None:
+        """The reply frame, or None when nothing came back within `timeout_s`."""
+        try:
+            if not self.socket.poll(int(timeout_s * 1000)):
+                return None
+            return self.socket.recv_multipart()[-1]
+        finally:
+            self.socket.close(linger=0)
+
+    def result(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        reply = self.raw_result(timeout_s)
+        if reply is None:
+            raise ProtocolError("timeout", f"no reply within {timeout_s} s")
+        return decode_reply(reply)
+
+
+def request_frame(kind: str, **fields: Any) -> bytes:
+    return json.dumps({"v": PROTOCOL_VERSION, "type": kind, "id": new_id(), **fields}).encode()
+
+
 def call_raw(address: str, frame: bytes, timeout_s: float, curve: CurveKeys | None = None) -> bytes | None:
     """Send one raw frame; the reply frame, or None when nothing came back within `timeout_s`."""
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        if curve is not None:
-            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = (
-                curve.public,
-                curve.secret,
-                curve.peer_public,
-            )
-        sock.connect(address)
-        sock.send_multipart([b"", frame])
-        if not sock.poll(int(timeout_s * 1000)):
-            return None
-        return sock.recv_multipart()[-1]
-    finally:
-        sock.close(linger=0)
+    return PendingCall(address, frame, curve).raw_result(timeout_s)
 
 
 def call(
     address: str, kind: str, timeout_s: float = 60.0, curve: CurveKeys | None = None, **fields: Any
 ) -> dict[str, Any]:
     """One request; the reply's fields. Raises ProtocolError (remote error, or "timeout")."""
-    frame = json.dumps({"v": PROTOCOL_VERSION, "type": kind, "id": new_id(), **fields}).encode()
-    reply = call_raw(address, frame, timeout_s, curve)
-    if reply is None:
-        raise ProtocolError("timeout", f"no reply to {kind} from {address} within {timeout_s} s")
-    return decode_reply(reply)
+    return PendingCall(address, request_frame(kind, **fields), curve).result(timeout_s)
 
 
 class WorkerProcess:
@@ -86,6 +100,10 @@ class WorkerProcess:
 
     def call(self, kind: str, timeout_s: float = 60.0, **fields: Any) -> dict[str, Any]:
         return call(self.address, kind, timeout_s, **fields)
+
+    def post(self, kind: str, **fields: Any) -> PendingCall:
+        """Send a request without waiting for its reply."""
+        return PendingCall(self.address, request_frame(kind, **fields))
 
     def wait_until(self, predicate: Any, timeout_s: float = 60.0, poll_s: float = 0.05) -> dict[str, Any]:
         """Poll `status` until `predicate(status)` holds; return that status. Raises TimeoutError."""
