@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import itertools
 import secrets
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import attrs
 import kmock
 from kmock._internal import dicts as kmock_dicts
+from kopf.testing import KopfRunner
 
 from hogwild import defaults
+from hogwild.operator.handlers import Operator
 
 # (resource, kind, namespaced, subresources)
 RESOURCES: tuple[tuple[str, str, bool, set[str]], ...] = (
@@ -160,6 +163,23 @@ def objects_of(emulator: Emulator, plural: str) -> list[Mapping[str, Any]]:
         for (res, _, _), obj in list(emulator.objects.items())
         if res.plural == plural and not obj.deleted
     ]
+
+
+@contextlib.asynccontextmanager
+async def running(operator: Operator, *args: str, timeout_s: float = 60.0) -> AsyncIterator[KopfRunner]:
+    """Run `operator` with KopfRunner (`kopf run ARGS`) in its own thread while the caller's loop goes on.
+
+    Entering and leaving happen in a worker thread, so that the caller's loop (where an emulator may be
+    serving the operator's requests) keeps running while kopf starts and stops.
+    """
+    runner = KopfRunner(
+        ["run", *args], registry=operator.registry, settings=operator.settings, timeout=timeout_s
+    )
+    await asyncio.to_thread(runner.__enter__)
+    try:
+        yield runner
+    finally:
+        await asyncio.to_thread(runner.__exit__, None, None, None)
 
 
 async def serve(port: int) -> None:

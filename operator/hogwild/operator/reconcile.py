@@ -248,6 +248,10 @@ class Controller:
     def _target(
         self, body: Mapping[str, Any], session: builders.SessionRef, pod: status.PodFacts
     ) -> Target | None:
+        """Where the worker listens, or None while it cannot (trainer not running, keys not read yet).
+
+        With the address override (tests, debugging) the pod's state is not consulted: the worker is elsewhere.
+        """
         keys = self._keys.get(session.uid)
         annotations = body["metadata"].get("annotations") or {}
         override = (
@@ -255,10 +259,13 @@ class Controller:
             if self.options.allow_address_override
             else None
         )
-        if keys is None or not pod.trainer_running or not (override or pod.ip):
+        if keys is None:
             return None
-        address = override or builders.worker_address(pod.ip or "")
-        return Target(session.namespace, session.name, address, keys)
+        if override:
+            return Target(session.namespace, session.name, override, keys)
+        if pod.trainer_running and pod.ip:
+            return Target(session.namespace, session.name, builders.worker_address(pod.ip), keys)
+        return None
 
     async def _observe_worker(
         self,

@@ -1,0 +1,390 @@
+"""The operator end to end: kopf's KopfRunner against the kmock emulator, through the flows a user drives.
+
+create, hot update (relayed to a real `hogwild worker` over ZMQ+CURVE), restart-requiring update (checkpoint
+first, then a new pod), operator restart (no duplicates), delete with the finalizer (final checkpoint, with a
+timeout), an invalid spec, peering (two operators never both act), and the operator's /metrics.
+
+Each flow takes a `cluster`: the emulator, or a real cluster when KUBECONFIG is set (`e2e`; the operator
+then runs in-process with kopf's kubeconfig login, and only flows that need no running pod images assert
+on pod phases). The worker address is redirected with the `hogwild.dev/worker-address` annotation, which
+only an operator started with allow_address_override honours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kmock
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from hogwild.operator import builders
+from hogwild.operator.emulator import Emulator, running
+from hogwild.operator.handlers import Operator, build_operator
+from hogwild.operator.options import OperatorOptions
+from operator_helpers import (
+    EmulatorCluster,
+    FakeWorker,
+    KubectlCluster,
+    curve_keys,
+    eventually,
+    kubectl_path,
+    session_manifest,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD = ROOT / "crds" / "hogwild.dev_trainingsessions.yaml"
+FAST = OperatorOptions(
+    status_interval_s=0.3,
+    status_timeout_s=1.0,
+    configure_timeout_s=5.0,
+    restart_poll_s=0.2,
+    allow_address_override=True,
+    metrics_port=None,
+)
+pytestmark = pytest.mark.timeout(180)
+Cluster = EmulatorCluster | KubectlCluster
+
+
+@pytest.fixture(params=["emulator", pytest.param("real", marks=pytest.mark.e2e)])
+async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+    if request.param == "real":
+        if not os.environ.get("KUBECONFIG"):
+            pytest.skip("needs a real cluster: set KUBECONFIG (kind or k3d); the emulator variant ran")
+        kubectl = kubectl_path()
+        if kubectl is None:
+            pytest.skip("kubectl is not installed (scripts/install_tools.py installs it)")
+        real = KubectlCluster(kubectl)
+        await real.setup(CRD)
+        try:
+            yield real
+        finally:
+            await real.teardown()
+        return
+    async with Emulator() as emulator, kmock.Server(emulator) as server:
+        yield EmulatorCluster(emulator, str(server.url))
+
+
+@contextlib.asynccontextmanager
+async def operator(cluster: Cluster, *extra: str, **overrides: Any) -> AsyncIterator[Operator]:
+    options = dataclasses.replace(FAST, api_server=cluster.api_server, **overrides)
+    op = build_operator(options)
+    args = [*extra] if extra else cluster.operator_args
+    async with running(op, *args):
+        if isinstance(cluster, EmulatorCluster):  # objects made before kopf watches would be missed
+            await eventually(lambda: _true(cluster.emulator.watching("trainingsessions")), "kopf watching")
+        yield op
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def status_of(cluster: Cluster, name: str) -> dict[str, Any]:
+    found = await cluster.get("TrainingSession", name)
+    return dict((found or {}).get("status") or {})
+
+
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
+
+
+async def wait_status(
+    cluster: Cluster, name: str, what: str, check: Any, timeout_s: float = 30.0
+) -> dict[str, Any]:
+    async def probe() -> dict[str, Any] | None:
+        status = await status_of(cluster, name)
+        return status if check(status) else None
+
+    return dict(await eventually(probe, what, timeout_s))
+
+
+async def secret_keys(cluster: Cluster, name: str) -> dict[str, bytes]:
+    secret = await eventually(lambda: cluster.get("Secret", f"{name}-curve"), "the CURVE Secret")
+    return curve_keys(secret)
+
+
+async def point_at(cluster: Cluster, name: str, address: str) -> None:
+    await cluster.patch(
+        "TrainingSession", name, {"metadata": {"annotations": {builders.WORKER_ADDRESS_ANNOTATION: address}}}
+    )
+
+
+# ---- create -------------------------------------------------------------------------------------------
+async def test_create_makes_the_pod_and_its_neighbours(cluster: Cluster) -> None:
+    async with operator(cluster):
+        await cluster.create(session_manifest("chat", cluster.namespace))
+        pod = await eventually(lambda: cluster.get("Pod", "chat"), "the pod")
+        for kind, name in [
+            ("Service", "chat"),
+            ("ConfigMap", "chat-config"),
+            ("PersistentVolumeClaim", "chat-checkpoints"),
+            ("Secret", "chat-token"),
+            ("Secret", "chat-curve"),
+        ]:
+            child = await eventually(lambda k=kind, n=name: cluster.get(k, n), f"{kind} {name}")
+            assert child["metadata"]["ownerReferences"][0]["name"] == "chat", kind
+        assert pod["spec"]["shareProcessNamespace"] is True
+        session = await cluster.get("TrainingSession", "chat")
+        assert session is not None and "hogwild.dev/finalizer" in session["metadata"]["finalizers"]
+        status = await wait_status(
+            cluster, "chat", "status written", lambda s: s.get("observedGeneration") == 1
+        )
+        assert status["podName"] == "chat"
+        assert status["phase"] in {"Pending", "Starting", "Degraded"}
+
+
+async def test_create_then_pod_running_without_a_worker_is_serving(cluster: Cluster) -> None:
+    if cluster.real:
+        pytest.skip("needs the emulator's stand-in kubelet (a real pod needs real images and a model)")
+    async with operator(cluster):
+        await cluster.create(session_manifest("chat", cluster.namespace))
+        await eventually(lambda: cluster.get("Pod", "chat"), "the pod")
+        await cluster.mark_running("chat", vllm_ready=False)
+        await wait_status(
+            cluster, "chat", "Starting while vLLM loads", lambda s: s.get("phase") == "Starting"
+        )
+        await cluster.mark_running("chat", vllm_ready=True)
+        status = await wait_status(cluster, "chat", "Serving", lambda s: s.get("phase") == "Serving")
+        assert condition(status, "WorkerConnected")["reason"] == "Unreachable"
+        assert "step" not in status, "no worker reply, so no training figures"
+        reasons = [e["reason"] for e in await cluster.events("chat")]
+        assert {"Pending", "Starting", "Serving"} <= set(reasons)
+
+
+async def test_invalid_spec_that_bypassed_admission_fails_with_its_reason(cluster: Cluster) -> None:
+    if cluster.real:
+        pytest.skip("a real API server refuses this spec at admission (see test_crd_admission)")
+    async with operator(cluster):
+        await cluster.create(session_manifest("big", cluster.namespace, gpu={"count": 2}))
+        status = await wait_status(cluster, "big", "Failed", lambda s: s.get("phase") == "Failed")
+        assert "one GPU per session" in status["message"]
+        assert await cluster.get("Pod", "big") is None
+        events = await eventually(lambda: cluster.events("big"), "an event")
+        assert [e["type"] for e in events if e["reason"] == "Failed"] == ["Warning"]
+
+
+# ---- hot update through a real worker -----------------------------------------------------------------
+async def test_hot_update_is_relayed_to_the_real_worker_without_a_restart(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    worker_kit = pytest.importorskip(
+        "hogwild.testing.worker_process", reason="the training worker is missing"
+    )
+    exporter_kit = pytest.importorskip("hogwild.testing.exporter", reason="the stand-in exporter is missing")
+    from hogwild.testing.tiny_model import cached
+
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    async with operator(cluster):
+        await cluster.create(session_manifest("chat", cluster.namespace))
+        keys = await secret_keys(cluster, "chat")
+        curve_dir = tmp_path / "curve"
+        curve_dir.mkdir()
+        for name in builders.WORKER_CURVE_FILES:  # what the trainer's mount holds: no client.secret
+            (curve_dir / name).write_bytes(keys[name])
+        run_dir, checkpoint_dir = tmp_path / "run", tmp_path / "checkpoints"
+        run_dir.mkdir()
+        exporter = exporter_kit.ExporterProcess(cached(), run_dir, env=env)
+        worker = worker_kit.WorkerProcess(run_dir, checkpoint_dir, curve_dir=curve_dir, env=env)
+        try:
+            ready = worker.wait_connected(timeout_s=120)
+            await point_at(cluster, "chat", ready["control_endpoint"])
+            await cluster.mark_running("chat")
+            pod_uid = (await cluster.get("Pod", "chat") or {})["metadata"]["uid"]
+            await wait_status(
+                cluster,
+                "chat",
+                "Training, spec confirmed",
+                lambda s: condition(s, "SpecApplied").get("status") == "True",
+            )
+
+            await cluster.patch(
+                "TrainingSession", "chat", {"spec": {"training": {"lr": 3e-4, "paused": True}}}
+            )
+
+            status = await wait_status(
+                cluster,
+                "chat",
+                "generation 2 confirmed by the worker",
+                lambda s: (
+                    s.get("observedGeneration") == 2 and condition(s, "SpecApplied").get("status") == "True"
+                ),
+            )
+            reported = worker.call("status")["config"]
+            assert (reported["lr"], reported["paused"]) == (3e-4, True)
+            assert (await cluster.get("Pod", "chat") or {})["metadata"]["uid"] == pod_uid, "no restart"
+            config_map = await cluster.get("ConfigMap", "chat-config")
+            assert '"lr":0.0003' in (config_map or {})["data"][builders.CONFIG_KEY], (
+                "a restarted trainer starts with it"
+            )
+            if not cluster.real:
+                assert status["phase"] == "Paused"
+                assert condition(status, "WorkerConnected")["status"] == "True"
+            assert "Configured" in [e["reason"] for e in await cluster.events("chat")]
+        finally:
+            worker.close()
+            exporter.close()
+
+
+# ---- restart-requiring update -------------------------------------------------------------------------
+async def test_restart_change_checkpoints_then_replaces_the_pod(cluster: Cluster) -> None:
+    async with operator(cluster):
+        await cluster.create(session_manifest("chat", cluster.namespace))
+        old_pod = await eventually(lambda: cluster.get("Pod", "chat"), "the pod")
+        seen_at_checkpoint: list[str | None] = []
+
+        def pod_alive(reason: str) -> None:  # runs in the fake worker's thread, at the checkpoint request
+            pod = cluster.get_now("Pod", "chat")
+            seen_at_checkpoint.append(
+                reason if pod and pod["metadata"]["uid"] == old_pod["metadata"]["uid"] else None
+            )
+
+        worker = FakeWorker(await secret_keys(cluster, "chat"), on_checkpoint=pod_alive)
+        try:
+            await point_at(cluster, "chat", worker.address)
+            await cluster.mark_running("chat")
+            await wait_status(
+                cluster,
+                "chat",
+                "worker confirmed",
+                lambda s: condition(s, "SpecApplied").get("status") == "True",
+            )
+
+            await cluster.patch(
+                "TrainingSession", "chat", {"spec": {"images": {"vllm": "reg/hogwild-vllm:2"}}}
+            )
+
+            async def new_pod() -> dict[str, Any] | None:
+                pod = await cluster.get("Pod", "chat")
+                return pod if pod and pod["metadata"]["uid"] != old_pod["metadata"]["uid"] else None
+
+            pod = await eventually(new_pod, "the replacement pod")
+            assert seen_at_checkpoint == ["pre-restart"], "checkpoint requested while the old pod still ran"
+            assert pod["spec"]["initContainers"][0]["image"] == "reg/hogwild-vllm:2"
+            reasons = [e["reason"] for e in await cluster.events("chat")]
+            assert {"Checkpointed", "Restarting"} <= set(reasons)
+            await cluster.mark_running("chat")
+            await wait_status(
+                cluster,
+                "chat",
+                "generation 2 applied on the new pod",
+                lambda s: (
+                    s.get("observedGeneration") == 2 and condition(s, "SpecApplied").get("status") == "True"
+                ),
+            )
+        finally:
+            worker.close()
+
+
+# ---- operator restart ---------------------------------------------------------------------------------
+async def test_operator_restart_makes_no_duplicates_and_keeps_the_keys(cluster: Cluster) -> None:
+    async with operator(cluster):
+        await cluster.create(session_manifest("chat", cluster.namespace))
+        await eventually(lambda: cluster.get("Service", "chat"), "the service")
+        before = {
+            kind: await eventually(lambda k=kind, n=name: cluster.get(k, n), name) for kind, name in CHILDREN
+        }
+    posts = cluster.emulator.count("create", "pods") if isinstance(cluster, EmulatorCluster) else None
+    async with operator(cluster):
+        await wait_status(cluster, "chat", "resumed", lambda s: bool(s.get("phase")))
+        after = {kind: await cluster.get(kind, name) for kind, name in CHILDREN}
+        for kind, _ in CHILDREN:
+            assert (after[kind] or {})["metadata"]["uid"] == before[kind]["metadata"]["uid"], kind
+        assert after["Secret"]["data"] == before["Secret"]["data"], "the CURVE keys were not regenerated"
+        if isinstance(cluster, EmulatorCluster):
+            assert cluster.emulator.count("create", "pods") == posts == 1
+
+
+CHILDREN = [("Pod", "chat"), ("Service", "chat"), ("ConfigMap", "chat-config"), ("Secret", "chat-curve")]
+
+
+# ---- delete -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("answers", "event"),
+    [(True, ("Normal", "Checkpointed")), (False, ("Warning", "CheckpointFailed"))],
+    ids=["answered", "timed-out"],
+)
+async def test_delete_asks_for_a_final_checkpoint_then_lets_go(
+    cluster: Cluster, answers: bool, event: tuple[str, str]
+) -> None:
+    async with operator(cluster):
+        manifest = session_manifest("chat", cluster.namespace, checkpoint={"timeoutSeconds": 1})
+        await cluster.create(manifest)
+        await eventually(lambda: cluster.get("Pod", "chat"), "the pod")
+        worker = FakeWorker(await secret_keys(cluster, "chat"), answer_checkpoints=answers)
+        try:
+            await point_at(cluster, "chat", worker.address)
+            await cluster.mark_running("chat")
+            await eventually(lambda: _true("status" in worker.kinds()), "the worker asked for its status")
+
+            await cluster.delete("TrainingSession", "chat")
+
+            await eventually(lambda: _absent(cluster, "TrainingSession", "chat"), "the session gone")
+            assert ("checkpoint", {"reason": "delete"}) in worker.requests
+            if isinstance(
+                cluster, EmulatorCluster
+            ):  # no garbage collector there: the operator removed the pod
+                assert await cluster.get("Pod", "chat") is None
+                events = [(e["type"], e["reason"]) for e in await cluster.events("chat")]
+                assert event in events
+        finally:
+            worker.close()
+
+
+async def _absent(cluster: Cluster, kind: str, name: str) -> bool:
+    return await cluster.get(kind, name) is None
+
+
+# ---- peering ------------------------------------------------------------------------------------------
+async def test_peering_lets_only_the_highest_priority_operator_act(cluster: Cluster) -> None:
+    if not isinstance(cluster, EmulatorCluster):
+        pytest.skip("peering needs the kopf peering CRD installed; the emulator variant covers it")
+    await cluster._call("POST", "/apis/kopf.dev/v1/clusterkopfpeerings", {
+        "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "hogwild"},
+    })  # fmt: skip
+    peering = ["-A", "--peering", "hogwild"]
+    async with operator(cluster, *peering, "--priority", "10"):
+        async with operator(cluster, *peering, "--priority", "100"):
+            await cluster.create(session_manifest("one", cluster.namespace))
+            await eventually(lambda: cluster.get("Pod", "one"), "the first pod")
+            await wait_status(cluster, "one", "status", lambda s: s.get("observedGeneration") == 1)
+            assert cluster.emulator.count("create", "pods") == 1
+            assert cluster.emulator.count("create", "secrets") == 2, (
+                "one token and one CURVE Secret, made once"
+            )
+        # The active operator left (and cleared its peering entry): the paused one takes over.
+        await cluster.create(session_manifest("two", cluster.namespace))
+        await eventually(lambda: cluster.get("Pod", "two"), "the second pod, made by the remaining operator")
+        assert cluster.emulator.count("create", "pods") == 2
+
+
+# ---- operator health ----------------------------------------------------------------------------------
+async def test_operator_serves_metrics_and_health(cluster: Cluster, unused_tcp_port: int) -> None:
+    async with operator(cluster, metrics_port=unused_tcp_port):
+        await cluster.create(session_manifest("chat", cluster.namespace))
+        await wait_status(cluster, "chat", "status", lambda s: bool(s.get("phase")))
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{unused_tcp_port}/healthz") as response:
+                assert response.status == 200
+            async with http.get(f"http://127.0.0.1:{unused_tcp_port}/metrics") as response:
+                text = await response.text()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float | None:
+        wanted = tuple(sorted({"namespace": cluster.namespace, "session": "chat", **labels}.items()))
+        return samples.get((name, wanted))
+
+    assert (value("hogwild_operator_reconcile_total", trigger="create") or 0) >= 1
+    assert (value("hogwild_operator_reconcile_duration_seconds_count") or 0) >= 1
+    assert value("hogwild_operator_session_phase", phase="Pending") == 1.0
+    assert value("hogwild_operator_session_phase", phase="Training") == 0.0
