@@ -1,0 +1,439 @@
+"""GPU benchmark of in-place training beside serving, in parts that each fit one 10-minute GPU command.
+
+    python bench/gpu_bench.py --part map,optim,train --shape 7b --out DIR
+    python bench/gpu_bench.py --part interference --shape 1.5b --out DIR
+    python bench/gpu_bench.py --part check --out DIR
+    python bench/gpu_bench.py --table            # re-render bench/RESULTS.md's table from the results file
+
+A serving process (`gpu_server.py`) holds random Qwen2-shaped bf16 weights in vLLM's layout and exports them
+with the exporter's own code; this process (map, optim, train) or a training process (`gpu_trainer.py`,
+interference) maps them with the worker's real code over CUDA IPC. Each part merges its figures into the
+shape's object in `bench/results/gpu.json` (`--results-out` writes the merged file elsewhere, e.g. under
+$OUT on the GPU machine) and prints them.
+
+- map: time of `hogwild.worker.model.map_model` (handles -> tensors -> HF module over views) and the bytes
+  this process allocates while doing it (goal: no copy, under 0.5 s at 7B).
+- optim: one optimizer step over the model's parameters with random gradients: our APOLLO (rank 64) against
+  torch AdamW foreach and fused; median step time (CUDA events) and state bytes.
+- train: `Trainer.step` (forward, backward, clip, APOLLO step, in place) at 16,384 tokens per step; tokens/s
+  and MFU = 6 * params * tokens/s over the measured bf16 matmul peak. Variants: eager; compiled decoder
+  layers; one 16k micro-batch with activation checkpointing.
+- interference: serving capacity alone and beside full-speed training; then a steady load at half the
+  capacity, alone and beside training under each serving-protection candidate: the trade-off curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
+
+from gpu_common import (
+    MODEL_NAMES,
+    RESULTS_JSON,
+    Child,
+    cuda_times_ms,
+    device_info,
+    load_results,
+    matmul_peak_tflops,
+    median,
+    merge_results,
+    now_s,
+)
+
+TRAIN_TOKENS_PER_STEP = 16384
+# (name, protection settings, micro-batch, sequence length, accumulation). Every row trains 16,384 tokens a
+# step; "granularity: step" waits only before a whole step (Trainer's own yield), "layer" at every layer.
+CANDIDATES: list[tuple[str, dict[str, Any], int, int, int]] = [
+    ("off", {}, 2, 2048, 4),
+    ("duty-0.5", {"max_duty_cycle": 0.5}, 2, 2048, 4),
+    ("duty-0.25", {"max_duty_cycle": 0.25}, 2, 2048, 4),
+    ("yield-step", {"yield_when_busy": True, "granularity": "step"}, 2, 2048, 4),
+    ("yield-layer-4k", {"yield_when_busy": True}, 2, 2048, 4),
+    ("yield-layer-2k", {"yield_when_busy": True}, 1, 2048, 8),
+    ("yield-layer-1k", {"yield_when_busy": True}, 1, 1024, 16),
+]
+DEFAULT_CANDIDATE = "yield-layer-2k"
+
+
+class Context:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.shape: str = args.shape
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        shm = Path("/dev/shm")
+        self.run_dir = Path(tempfile.mkdtemp(prefix="hogwild-bench-", dir=shm if shm.is_dir() else None))
+        self.server: Child | None = None
+        self.mapped: Any = None
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def start_server(self) -> Child:
+        if self.server is None:
+            argv = [
+                str(Path(__file__).parent / "gpu_server.py"),
+                "--shape",
+                self.shape,
+                "--run-dir",
+                str(self.run_dir),
+            ]
+            self.server = Child(argv, self.out / "server.log")
+            log(f"server ready: {self.server.ready}")
+        return self.server
+
+    def close(self) -> None:
+        self.mapped = None
+        if self.server is not None:
+            self.server.close()
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- map -------------------------------------------------------------------------------------------------
+def part_map(ctx: Context) -> dict[str, Any]:
+    from transformers.models.qwen2 import modeling_qwen2  # noqa: F401 - imported before timing, as a worker does
+
+    from hogwild.handles import read_manifest
+    from hogwild.worker.model import map_model
+
+    ctx.start_server()
+    manifest = read_manifest(ctx.run_dir)
+    assert manifest is not None
+    if torch.cuda.is_available():
+        torch.zeros(1, device="cuda")  # the CUDA context exists before the clock starts
+    sync()
+    allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    free_before = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
+    started = time.perf_counter()
+    mapped = map_model(manifest)
+    sync()
+    map_s = time.perf_counter() - started
+    copy_bytes = (torch.cuda.memory_allocated() - allocated) if torch.cuda.is_available() else 0
+    device_bytes = (free_before - torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else 0
+    ranges = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in mapped.exported.values()]
+    params = list(mapped.module.named_parameters(remove_duplicate=False))
+    aliased = sum(
+        any(lo <= p.data_ptr() and p.data_ptr() + p.numel() * p.element_size() <= hi for lo, hi in ranges)
+        for _, p in params
+    )
+    ctx.mapped = mapped
+    figures = {
+        "map_s": map_s,
+        "worker_weight_copy_bytes": copy_bytes,
+        "worker_device_bytes_during_map": device_bytes,
+        "weight_bytes": mapped.weight_bytes,
+        "params": sum(p.numel() for p in mapped.module.parameters()),
+        "aliased_parameters": f"{aliased}/{len(params)}",
+        "server_build_s": ctx.server.ready["build_s"] if ctx.server else None,
+        "export_s": ctx.server.ready["export_s"] if ctx.server else None,
+    }
+    log(f"map: {figures}")
+    return figures
+
+
+def mapped_model(ctx: Context) -> Any:
+    if ctx.mapped is None:
+        part_map(ctx)
+    return ctx.mapped
+
+
+# ---- optim -----------------------------------------------------------------------------------------------
+def part_optim(ctx: Context) -> dict[str, Any]:
+    from hogwild.config import config_from_dict
+    from hogwild.optim import factory
+
+    mapped = mapped_model(ctx)
+    named = [(n, p) for n, p in mapped.module.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    for p in params:
+        p.grad = torch.randn_like(p).mul_(1e-3)
+    makers: dict[str, Callable[[], torch.optim.Optimizer]] = {
+        "apollo": lambda: factory.build_optimizer(
+            factory.param_groups(named), config_from_dict({"optimizer": "apollo", "lr": 1e-6})
+        ),
+        "adamw_fused": lambda: torch.optim.AdamW(params, lr=1e-6, fused=True),
+        "adamw_foreach": lambda: torch.optim.AdamW(params, lr=1e-6, foreach=True),
+    }
+    figures: dict[str, Any] = {}
+    for name, make in makers.items():
+        free_memory()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+        try:
+            optimizer = make()
+            times = cuda_times_ms(optimizer.step, reps=10, warmup=3)
+        except torch.OutOfMemoryError as err:
+            figures[f"{name}_step_s"] = None
+            figures[f"{name}_error"] = f"out of memory: {err}"[:300]
+            log(f"optim {name}: out of memory")
+            continue
+        figures[f"{name}_step_s"] = median(times) / 1e3
+        figures[f"{name}_step_s_spread"] = [min(times) / 1e3, max(times) / 1e3]
+        figures[f"{name}_state_bytes"] = factory.state_bytes(optimizer)
+        if torch.cuda.is_available():
+            figures[f"{name}_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
+        log(
+            f"optim {name}: median {median(times):.2f} ms, state {figures[f'{name}_state_bytes'] / 2**30:.3f} GiB"
+        )
+        del optimizer
+    for p in params:
+        p.grad = None
+    free_memory()
+    figures["adamw_state_bytes"] = figures.get("adamw_fused_state_bytes") or figures.get(
+        "adamw_foreach_state_bytes"
+    )
+    if figures.get("adamw_state_bytes"):
+        figures["apollo_state_fraction_of_adamw"] = (
+            figures["apollo_state_bytes"] / figures["adamw_state_bytes"]
+        )
+    return figures
+
+
+# ---- train -----------------------------------------------------------------------------------------------
+def part_train(ctx: Context) -> dict[str, Any]:
+    from gpu_trainer import build_trainer, token_batch
+    from hogwild.worker.protection import decoder_layers
+
+    mapped = mapped_model(ctx)
+    module = mapped.module
+    n_params = sum(p.numel() for p in module.parameters())
+    peak = matmul_peak_tflops() if torch.cuda.is_available() else matmul_peak_tflops(size=512, reps=3)
+    log(f"bf16 matmul peak: {peak:.0f} TFLOP/s")
+    vocab = int(module.config.vocab_size)
+    small = ctx.shape == "tiny"
+    # (name, micro-batch, seq, accumulation, checkpointing, compiled). Eager runs first: compiling is one-way.
+    variants = [
+        ("eager", 2, 2048, 4, False, False),
+        ("checkpointing-16k", 8, 2048, 1, True, False),
+        ("compiled", 2, 2048, 4, False, True),
+    ]
+    figures: dict[str, Any] = {"matmul_peak_tflops": peak, "train_tokens_per_step": TRAIN_TOKENS_PER_STEP}
+    best: tuple[float, str] = (0.0, "")
+    for name, micro, seq, accumulation, checkpointing, compiled in variants:
+        if small:
+            micro, seq = 1, 64
+        free_memory()
+        if checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if compiled:
+            for layer in decoder_layers(module):
+                layer.compile()
+        trainer = build_trainer(mapped, optimizer="apollo", lr=1e-6, clip_grad_norm=1.0)
+        batch = token_batch(micro, seq, accumulation, vocab, mapped.device)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            started = time.perf_counter()
+            for _ in range(2):
+                trainer.step(batch)
+            warmup_s = time.perf_counter() - started
+            seconds = [trainer.step(batch).seconds for _ in range(4)]
+        except torch.OutOfMemoryError as err:
+            figures[f"train_{name}_error"] = f"out of memory: {err}"[:300]
+            log(f"train {name}: out of memory")
+            seconds = []
+        finally:
+            if checkpointing:
+                module.gradient_checkpointing_disable()
+        if seconds:
+            step_s = median(seconds)
+            tokens_per_s = batch.tokens / step_s
+            mfu = 6 * n_params * tokens_per_s / (peak * 1e12)
+            figures[f"train_{name}"] = {
+                "tokens_per_step": batch.tokens, "micro_batch": [micro, seq], "accumulation": accumulation,
+                "step_s": step_s, "tokens_per_s": tokens_per_s, "mfu": mfu, "warmup_s": warmup_s,
+                "peak_allocated_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            }  # fmt: skip
+            log(
+                f"train {name}: {tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%}, step {step_s:.3f} s (warmup {warmup_s:.1f} s)"
+            )
+            best = max(best, (tokens_per_s, name))
+        del trainer
+    if best[1]:
+        figures["train_tokens_per_s"] = best[0]
+        figures["mfu"] = 6 * n_params * best[0] / (peak * 1e12)
+        figures["train_variant"] = best[1]
+        figures["train_tokens_per_s_eager"] = (figures.get("train_eager") or {}).get("tokens_per_s")
+    return figures
+
+
+# ---- interference ----------------------------------------------------------------------------------------
+def part_interference(ctx: Context) -> dict[str, Any]:
+    args = ctx.args
+    server = ctx.start_server()
+    trainer = Child(
+        [str(Path(__file__).parent / "gpu_trainer.py"), "--run-dir", str(ctx.run_dir)],
+        ctx.out / "trainer.log",
+    )
+    log(f"trainer ready: {trainer.ready}")
+    window_s, idle_s = args.window_s, args.idle_s
+    small = ctx.shape == "tiny"
+    try:
+        figures: dict[str, Any] = {}
+        capacity = server.call("load", mode="saturate", seconds=window_s)
+        log(f"serving alone, saturated: {capacity}")
+        name, protection, micro, seq, accumulation = CANDIDATES[0]
+        trainer.call(
+            "start",
+            micro_batch=1 if small else micro,
+            seq=64 if small else seq,
+            accumulation=accumulation,
+            protection=protection,
+        )
+        saturated = server.call("load", mode="saturate", seconds=window_s)
+        rate = trainer.call("rate", begin=saturated["begin"], end=saturated["end"])
+        trainer.call("stop")
+        log(f"serving saturated beside full-speed training: {saturated}; training {rate}")
+        half = capacity["steps_per_s"] / 2
+        alone = server.call("load", mode=args.arrivals, rate=half, seconds=window_s)
+        log(f"serving alone at half capacity ({half:.1f} steps/s): {alone}")
+        figures.update({
+            "serve_tokens_per_s_alone": capacity["tokens_per_s"],
+            "serve_tokens_per_s_training": saturated["tokens_per_s"],
+            "serve_p50_ms_saturated_alone": capacity["p50_ms"],
+            "serve_p99_ms_saturated_alone": capacity["p99_ms"],
+            "serve_p50_ms_saturated_training": saturated["p50_ms"],
+            "serve_p99_ms_saturated_training": saturated["p99_ms"],
+            "train_tokens_per_s_beside_saturated_server": rate["tokens_per_s"],
+            "serve_half_load_steps_per_s": half,
+            "serve_step_tokens": server.ready["step_tokens"],
+            "serve_arrivals": args.arrivals,
+            "serve_p50_ms_alone": alone["p50_ms"],
+            "serve_p99_ms_alone": alone["p99_ms"],
+        })  # fmt: skip
+        curve = []
+        wanted = args.candidates.split(",") if args.candidates else [c[0] for c in CANDIDATES]
+        for name, protection, micro, seq, accumulation in CANDIDATES:
+            if name not in wanted:
+                continue
+            if small:
+                micro, seq = 1, 64
+            trainer.call(
+                "start", micro_batch=micro, seq=seq, accumulation=accumulation, protection=protection
+            )
+            begin = now_s()
+            time.sleep(idle_s)
+            idle = trainer.call("rate", begin=begin, end=now_s())
+            loaded = server.call("load", mode=args.arrivals, rate=half, seconds=window_s)
+            busy = trainer.call("rate", begin=loaded["begin"], end=loaded["end"])
+            stopped = trainer.call("stop")
+            row = {
+                "name": name, "protection": protection, "micro_batch": [micro, seq], "accumulation": accumulation,
+                "serve_p50_ms": loaded["p50_ms"], "serve_p99_ms": loaded["p99_ms"], "serve_max_ms": loaded["max_ms"],
+                "p99_ratio": loaded["p99_ms"] / alone["p99_ms"],
+                "train_tokens_per_s_idle_server": idle["tokens_per_s"], "train_tokens_per_s_loaded_server": busy["tokens_per_s"],
+                "kept_fraction": busy["tokens_per_s"] / idle["tokens_per_s"] if idle["tokens_per_s"] else None,
+                "train_steps_loaded": busy["steps"], "serve_steps": loaded["steps"], "gate": stopped,
+            }  # fmt: skip
+            log(f"candidate {name}: {json.dumps(row)}")
+            curve.append(row)
+        figures["protection_curve"] = curve
+        default = next((row for row in curve if row["name"] == DEFAULT_CANDIDATE), None)
+        if default is not None:
+            figures.update({
+                "protection_default": DEFAULT_CANDIDATE,
+                "serve_p99_ms_training": default["serve_p99_ms"],
+                "train_tokens_per_s_idle_server": default["train_tokens_per_s_idle_server"],
+                "train_tokens_per_s_loaded_server": default["train_tokens_per_s_loaded_server"],
+            })  # fmt: skip
+        off = next((row for row in curve if row["name"] == "off"), None)
+        if off is not None:
+            figures["serve_p99_ms_training_unprotected"] = off["serve_p99_ms"]
+        return figures
+    finally:
+        trainer.close()
+
+
+def part_check(ctx: Context) -> dict[str, Any]:
+    from gpu_check import run_checks
+
+    results = run_checks(ctx.device, compile_layers=torch.cuda.is_available())
+    for name, result in results.items():
+        log(f"check {name}: {result}")
+    return {"checks": results, "checks_ok": all(r.get("ok") for r in results.values())}
+
+
+PARTS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "check": part_check,
+    "map": part_map,
+    "optim": part_optim,
+    "train": part_train,
+    "interference": part_interference,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--part", default="", help=f"comma-separated: {', '.join(PARTS)}")
+    parser.add_argument("--shape", default="1.5b", choices=sorted(MODEL_NAMES))
+    parser.add_argument("--out", default=os.environ.get("OUT") or "bench/out")
+    parser.add_argument("--results", type=Path, default=RESULTS_JSON, help="results file to merge into")
+    parser.add_argument("--results-out", type=Path, default=None, help="where to write the merged file")
+    parser.add_argument("--window-s", type=float, default=10.0, help="serving load window (interference)")
+    parser.add_argument("--idle-s", type=float, default=6.0, help="training window with the server idle")
+    parser.add_argument("--arrivals", default="periodic", choices=("periodic", "poisson"))
+    parser.add_argument(
+        "--candidates", default="", help="comma-separated protection candidates (default: all)"
+    )
+    parser.add_argument("--table", action="store_true", help="re-render the table in bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    if args.table:
+        from gpu_table import write_table
+
+        write_table(load_results(args.results))
+        return 0
+    results_out = args.results_out or args.results
+    ctx = Context(args)
+    try:
+        for part in [p for p in args.part.split(",") if p]:
+            started = time.perf_counter()
+            figures = PARTS[part](ctx)
+            info = device_info()
+            command = "python bench/gpu_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+            figures.update({
+                "device": info["device"], "date": info["date"], "torch": info["torch"], "model": MODEL_NAMES[ctx.shape],
+                f"run_{part}": {**info, "command": command, "seconds": time.perf_counter() - started},
+            })  # fmt: skip
+            source = results_out if results_out.exists() else args.results
+            merge_results(source, results_out, "correctness" if part == "check" else ctx.shape, figures)
+            log(f"part {part} done in {time.perf_counter() - started:.0f} s; merged into {results_out}")
+    finally:
+        ctx.close()
+        with contextlib.suppress(OSError):
+            for path in ctx.run_dir.iterdir():
+                path.unlink()
+            ctx.run_dir.rmdir()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The benchmark's training process: the real worker mapping and training step, beside the serving process.
+
+    python bench/gpu_trainer.py --run-dir DIR
+
+It maps the weights the serving process exported (`hogwild.worker.model.map_model`: CUDA IPC, HF module
+over views), trains them in place with `hogwild.worker.trainer.Trainer` (APOLLO by default), and protects
+serving with `hogwild.worker.protection` (preemption points at layer boundaries, reading the server's load
+hint). Commands: `start` (train in a loop on a thread until `stop`; micro-batch shape, duty cycle and
+protection settings), `configure` (hot change of the protection while it trains), `rate` (tokens per second
+over a window of the shared monotonic clock), `stop`, `exit`. The duty cycle rests after each step as
+`Trainer.train` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpu_common import now_s, serve_commands
+
+
+def token_batch(
+    micro_batch: int, seq: int, accumulation: int, vocab: int, device: torch.device, seed: int = 0
+) -> Any:
+    """One optimizer step's worth of random tokens (`accumulation` micro-batches), already on the device."""
+    from hogwild.worker.batches import MicroBatch, StepBatch
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    micro = []
+    for _ in range(accumulation):
+        ids = torch.randint(0, vocab, (micro_batch, seq), device=device, generator=generator)
+        micro.append(MicroBatch(ids, ids, torch.ones_like(ids)))
+    tokens = micro_batch * seq * accumulation
+    return StepBatch(tuple(micro), tokens, (seq - 1) * micro_batch * accumulation, 0)
+
+
+def build_trainer(mapped: Any, **config: Any) -> Any:
+    from hogwild.config import config_from_dict
+    from hogwild.worker.trainer import Trainer
+
+    trainer = Trainer(config_from_dict(config))
+    trainer.attach(mapped.module, None, int(mapped.module.config.vocab_size))
+    return trainer
+
+
+class TrainLoop:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from hogwild.handles import read_manifest
+        from hogwild.sharing import wait_for_manifest
+        from hogwild.worker.model import map_model
+        from hogwild.worker.protection import HINT_NAME, HintFileProbe, ServingGate, install_preemption_points
+
+        if torch.cuda.is_available():
+            torch.cuda.init()
+        wait_for_manifest(args.run_dir, 300)
+        manifest = read_manifest(args.run_dir)
+        assert manifest is not None
+        started = time.perf_counter()
+        self.mapped = map_model(manifest)
+        self.map_s = time.perf_counter() - started
+        self.trainer = build_trainer(self.mapped, optimizer=args.optimizer, lr=1e-6, clip_grad_norm=1.0)
+        self.gate = ServingGate(HintFileProbe(Path(args.run_dir) / HINT_NAME))
+        self.remove_points = install_preemption_points(self.mapped.module, self.gate.point)
+        self.vocab = int(self.mapped.module.config.vocab_size)
+        self.device = self.mapped.device
+        self.thread: threading.Thread | None = None
+        self.stop_event = threading.Event()
+        self.completions: list[tuple[float, int]] = []
+        self.duty = 1.0
+        self.error: str | None = None
+
+    def ready(self) -> dict[str, Any]:
+        return {"map_s": self.map_s, "params": sum(p.numel() for p in self.mapped.module.parameters())}
+
+    def _protection(self, protection: dict[str, Any] | None) -> None:
+        """Bench-only key `granularity`: "layer" (the gate's preemption points) or "step" (Trainer's own yield)."""
+        from hogwild.config import ServingProtection, validate_changes
+
+        values = dict(protection or {})
+        granularity = values.pop("granularity", "layer")
+        settings = validate_changes({"protection": values})["protection"]
+        self.trainer.configure({"protection": values})
+        if granularity == "step":
+            self.trainer.serving_busy = self.gate.busy
+            self.gate.update(ServingProtection(yield_when_busy=False))
+        else:
+            self.trainer.serving_busy = None
+            self.gate.update(settings)
+        self.duty = settings.max_duty_cycle
+
+    def start(
+        self,
+        micro_batch: int,
+        seq: int,
+        accumulation: int,
+        protection: dict[str, Any] | None = None,
+        warmup_steps: int = 1,
+    ) -> dict[str, Any]:
+        self.stop()
+        self._protection(protection)
+        batch = token_batch(micro_batch, seq, accumulation, self.vocab, self.device)
+        self.completions = []
+        self.error = None
+        self.stop_event = threading.Event()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(batch, warmup_steps, ready), daemon=True)
+        self.thread.start()
+        ready.wait(600)
+        return {"started": True, "tokens_per_step": batch.tokens, "error": self.error}
+
+    def _run(self, batch: Any, warmup_steps: int, ready: threading.Event) -> None:
+        from hogwild.worker.trainer import duty_cycle_sleep_s
+
+        try:
+            for _ in range(warmup_steps):
+                self.trainer.step(batch)
+            ready.set()
+            while not self.stop_event.is_set():
+                stats = self.trainer.step(batch)
+                self.completions.append((now_s(), stats.tokens))
+                rest = duty_cycle_sleep_s(stats.seconds, self.duty)
+                if rest > 0:
+                    self.stop_event.wait(rest)
+        except Exception as err:  # reported through `rate` / `stop`
+            import traceback
+
+            traceback.print_exc()
+            self.error = f"{type(err).__name__}: {err}"
+        finally:
+            ready.set()
+
+    def configure(self, protection: dict[str, Any]) -> dict[str, Any]:
+        self._protection(protection)
+        return {"configured": True}
+
+    def rate(self, begin: float, end: float) -> dict[str, Any]:
+        inside = [(t, n) for t, n in self.completions if begin <= t <= end]
+        if len(inside) >= 2:
+            tokens = sum(n for _, n in inside[1:])
+            tokens_per_s = tokens / (inside[-1][0] - inside[0][0])
+        else:
+            tokens_per_s = sum(n for _, n in inside) / (end - begin)
+        return {"tokens_per_s": tokens_per_s, "steps": len(inside), "error": self.error}
+
+    def stop(self) -> dict[str, Any]:
+        if self.thread is not None:
+            self.stop_event.set()
+            self.thread.join(600)
+            self.thread = None
+        stats = self.gate.stats
+        out = {
+            "steps": len(self.completions),
+            "error": self.error,
+            "gate_points": stats.points,
+            "gate_waits": stats.waits,
+            "gate_waited_s": stats.waited_s,
+            "gate_gave_up": stats.gave_up,
+            "peak_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
+        }
+        self.gate.stats = type(stats)()
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--optimizer", default="apollo")
+    args = parser.parse_args(argv)
+    loop = TrainLoop(args)
+    serve_commands(
+        {"start": loop.start, "stop": loop.stop, "rate": loop.rate, "configure": loop.configure}, loop.ready()
+    )
+    loop.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Serving protection: the trainer computes only while the server is idle, and yields within a step.
+
+Why here and not in the GPU: without MPS, kernels of two processes never overlap; the GPU time-slices between
+the contexts, and stream priorities do not cross them (FACTS.md, "Training beside serving"). A trainer that
+keeps the GPU busy makes every serving step wait for its share of time slices, and sleeping between whole
+steps (a duty cycle) only makes fewer serving steps slow, not the slow ones faster. What works is not to have
+training work queued when a serving step arrives:
+
+- The server publishes how many requests it has in flight in a small shared file (`LoadHint`, written by the
+  server side at arrival and completion; a memory-backed file in the pod's shared run dir), or the worker
+  polls vLLM's `/metrics` (`MetricsProbe`: running + waiting requests; coarser).
+- `ServingGate.point()` is a preemption point. `install_preemption_points` puts one before every decoder
+  layer's forward and backward and around the output head, so training work is cut into chunks of one layer
+  of one micro-batch (milliseconds). At each point the trainer first waits until the chunk before the last
+  one has finished on the GPU (so at most about two chunks are ever queued), then, while the server reports
+  requests in flight, it launches nothing, up to `max_wait_s` per point (so a server that is never idle slows
+  training to a trickle but cannot stop it).
+
+Settings come from `hogwild.config.ServingProtection` and apply hot (`ServingGate.update`). With
+`yield_when_busy` off, a point costs one Python call and does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import struct
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from hogwild.config import ServingProtection
+
+log = logging.getLogger("hogwild.worker")
+
+HINT_NAME = "serving-load"
+# Layout of the hint file: magic, version, requests in flight, update counter, wall time of the update.
+_HINT = struct.Struct("<4sIqqd")
+_HINT_MAGIC = b"HWSL"
+_HINT_VERSION = 1
+HINT_BYTES = 64
+# A hint that says "busy" but has not changed for this long comes from a writer that died mid-request.
+HINT_STALE_S = 10.0
+POLL_S = 0.0002
+
+
+class LoadProbe(Protocol):
+    """Whether the server has requests in flight right now."""
+
+    def busy(self) -> bool: ...
+
+
+class LoadHint:
+    """The writer side: the server sets the number of requests it has in flight (arrived, not finished).
+
+    One writer per file. Readers map the same file (`HintFileProbe`); a plain aligned 8-byte store is what
+    they read, so no lock is needed.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(_HINT.pack(_HINT_MAGIC, _HINT_VERSION, 0, 0, time.time()).ljust(HINT_BYTES, b"\0"))
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "r+b")  # noqa: SIM115 - kept open for the mapping's lifetime
+        self._map = mmap.mmap(self._file.fileno(), HINT_BYTES)
+        self._updates = 0
+        self.active = 0
+
+    def set(self, active: int) -> None:
+        self.active = active
+        self._updates += 1
+        self._map[: _HINT.size] = _HINT.pack(_HINT_MAGIC, _HINT_VERSION, active, self._updates, time.time())
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._map.close()
+            self._file.close()
+
+
+def read_hint(buffer: bytes) -> tuple[int, float] | None:
+    """(requests in flight, wall time of the update) from a hint file's bytes, or None if it is not one."""
+    if len(buffer) < _HINT.size:
+        return None
+    magic, version, active, _, updated = _HINT.unpack_from(buffer)
+    if magic != _HINT_MAGIC or version != _HINT_VERSION:
+        return None
+    return int(active), float(updated)
+
+
+class HintFileProbe:
+    """Reads a `LoadHint` file. A missing, foreign or stale file reads as idle: training is never stuck."""
+
+    def __init__(self, path: str | os.PathLike[str], stale_s: float = HINT_STALE_S) -> None:
+        self.path = Path(path)
+        self.stale_s = stale_s
+        self._map: mmap.mmap | None = None
+        self._next_open = 0.0
+
+    def _mapping(self) -> mmap.mmap | None:
+        if self._map is None and time.monotonic() >= self._next_open:
+            self._next_open = time.monotonic() + 1.0
+            try:
+                with open(self.path, "rb") as f:
+                    self._map = mmap.mmap(f.fileno(), HINT_BYTES, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                self._map = None
+        return self._map
+
+    def busy(self) -> bool:
+        mapping = self._mapping()
+        if mapping is None:
+            return False
+        hint = read_hint(mapping[: _HINT.size])
+        if hint is None:
+            return False
+        active, updated = hint
+        return active > 0 and time.time() - updated < self.stale_s
+
+
+def parse_vllm_load(metrics_text: str) -> int:
+    """Requests running + waiting, summed over every series of vLLM's two gauges (Prometheus text)."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
+            with contextlib.suppress(ValueError, IndexError):
+                total += float(line.rsplit(None, 1)[1])
+    return int(total)
+
+
+class MetricsProbe:
+    """Polls vLLM's `/metrics` on a thread; `busy()` reads the last answer (coarser than the hint file)."""
+
+    def __init__(self, url: str, interval_s: float = 0.02, timeout_s: float = 0.5) -> None:
+        self.url, self.interval_s, self.timeout_s = url, interval_s, timeout_s
+        self.active = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="serving-load-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                with urllib.request.urlopen(self.url, timeout=self.timeout_s) as response:
+                    self.active = parse_vllm_load(response.read().decode())
+            except OSError:
+                self.active = 0  # vLLM unreachable: nothing to protect
+
+    def busy(self) -> bool:
+        return self.active > 0
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+@dataclass
+class GateStats:
+    points: int = 0
+    waits: int = 0
+    waited_s: float = 0.0
+    gave_up: int = 0  # waits that ended at max_wait_s with the server still busy
+
+
+class ServingGate:
+    """Preemption points for the training step; see the module docstring."""
+
+    def __init__(self, probe: LoadProbe | None, settings: ServingProtection | None = None) -> None:
+        self.probe = probe
+        self.settings = settings or ServingProtection()
+        self.stats = GateStats()
+        self._previous: torch.cuda.Event | None = None
+
+    def update(self, settings: ServingProtection) -> None:
+        """Hot change: the next point uses the new settings."""
+        self.settings = settings
+
+    def busy(self) -> bool:
+        return self.probe is not None and self.probe.busy()
+
+    def point(self) -> None:
+        if not self.settings.yield_when_busy or self.probe is None:
+            return
+        self.stats.points += 1
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # Bound the queued work: let the GPU run at most the chunk launched since the previous point
+            # (and the one launched next), so a serving step that arrives waits for at most ~2 chunks.
+            event = torch.cuda.Event()
+            event.record()
+            if self._previous is not None:
+                self._previous.synchronize()
+            self._previous = event
+        if not self.probe.busy():
+            return
+        started = time.monotonic()
+        deadline = started + self.settings.max_wait_s
+        while self.probe.busy():
+            if time.monotonic() >= deadline:
+                self.stats.gave_up += 1
+                break
+            time.sleep(POLL_S)
+        self.stats.waits += 1
+        self.stats.waited_s += time.monotonic() - started
+
+
+def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of an HF causal LM (`model.layers`), else the longest ModuleList."""
+    inner = getattr(module, "model", None)
+    layers = getattr(inner, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList):
+        return list(layers)
+    lists = [list(m) for m in module.modules() if isinstance(m, torch.nn.ModuleList)]
+    return max(lists, key=len) if lists else []
+
+
+def _first_grad_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output if output.requires_grad else None
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            found = _first_grad_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def install_preemption_points(module: torch.nn.Module, point: Callable[[], None]) -> Callable[[], None]:
+    """Call `point` before each decoder layer's forward and backward, and the output head's. Returns undo."""
+    blocks: list[torch.nn.Module] = decoder_layers(module)
+    head = getattr(module, "lm_head", None)
+    if isinstance(head, torch.nn.Module):
+        blocks.append(head)
+
+    def before_forward(_module: torch.nn.Module, _args: Any) -> None:
+        point()
+
+    def after_forward(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+        tensor = _first_grad_tensor(output)
+        if tensor is not None and torch.is_grad_enabled():
+            # Runs when the gradient of this block's output is ready: just before the block's backward.
+            tensor.register_hook(_backward_point(point))
+
+    handles: list[Any] = []
+    for block in blocks:
+        handles.append(block.register_forward_pre_hook(before_forward))
+        handles.append(block.register_forward_hook(after_forward))
+
+    def remove() -> None:
+        for handle in handles:
+            handle.remove()
+
+    return remove
+
+
+def _backward_point(point: Callable[[], None]) -> Callable[[torch.Tensor], None]:
+    def hook(_grad: torch.Tensor) -> None:
+        point()
+
+    return hook
+
+
+def default_probe(run_dir: str | os.PathLike[str], metrics_url: str | None = None) -> LoadProbe:
+    """The hint file in the run dir when the server side writes one, else vLLM's metrics when a URL is given."""
+    hint = Path(run_dir) / HINT_NAME
+    if hint.exists() or not metrics_url:
+        return HintFileProbe(hint)
+    return MetricsProbe(metrics_url)
+
+
+def close_probe(probe: object) -> None:
+    close = getattr(probe, "close", None)
+    if callable(close):
+        close()
+
+
+def describe(settings: ServingProtection) -> str:
+    parts: Iterable[str] = (
+        f"duty={settings.max_duty_cycle:g}",
+        f"yield={'on' if settings.yield_when_busy else 'off'}",
+        f"max_wait={settings.max_wait_s:g}s",
+    )
+    return " ".join(parts)
