@@ -42,8 +42,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--metrics-port", type=int, default=defaults.OPERATOR_HTTP_PORT, help="0 turns it off"
     )
-    parser.add_argument("--vllm-image", default=env.get("HOGWILD_VLLM_IMAGE", DEFAULT_VLLM_IMAGE))
-    parser.add_argument("--trainer-image", default=env.get("HOGWILD_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE))
+    parser.add_argument("--vllm-image", default=env.get("HOGWILD_VLLM_IMAGE") or DEFAULT_VLLM_IMAGE)
+    parser.add_argument("--trainer-image", default=env.get("HOGWILD_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE)
     parser.add_argument("--log-format", choices=("full", "plain", "json"), default="full")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(list(argv))
