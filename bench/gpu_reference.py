@@ -16,6 +16,7 @@ from torch import Tensor
 
 # The bands of METHOD.md: fp32 arithmetic lands far under 1e-3, bf16 operands between 1e-3 and 1e-2.
 FP32_MAX = 1e-3
+_TINY = 1e-300
 BF16_MAX = 1e-2
 
 
@@ -64,12 +65,13 @@ def reference_apollo(weight: Tensor, grads: Sequence[Tensor], seed: int, s: Apol
         exp_avg = beta1 * exp_avg + (1 - beta1) * r
         exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * r * r
         r_tilde = (exp_avg / (1 - beta1**t)) / ((exp_avg_sq / (1 - beta2**t)).sqrt() + s.eps)
-        # Step 4: channel-wise (or tensor-wise) scaling factors.
+        # Step 4: channel-wise (or tensor-wise) scaling factors. A channel whose gradient is zero (an
+        # embedding row of a token not in the batch) gets no update whatever its factor: take 0, not 0/0.
         if s.scale_type == "channel":
             dim = 0 if m <= n else 1
-            factor = r_tilde.norm(dim=dim, keepdim=True) / r.norm(dim=dim, keepdim=True)
+            factor = r_tilde.norm(dim=dim, keepdim=True) / r.norm(dim=dim, keepdim=True).clamp_min(_TINY)
         else:
-            factor = r_tilde.norm() / r.norm()
+            factor = r_tilde.norm() / r.norm().clamp_min(_TINY)
         # Steps 5-6: scaled gradient, norm-growth limiter.
         g_tilde = s.scale * g * factor
         norm = float(g_tilde.norm())
