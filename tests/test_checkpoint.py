@@ -229,7 +229,7 @@ def test_kill_9_mid_checkpoint_leaves_the_previous_one_whole(pod: Pod, fault: st
     worker.call("train", samples=[FACT], steps=1)
     pending = worker.post("checkpoint")
     assert worker.proc.wait(60) == -9  # the worker SIGKILLed itself while writing this checkpoint
-    assert pending.raw_result(timeout_s=0) is None
+    assert pending.raw_result(wait_s=0) is None
     newest = checkpoint.newest_complete(pod.checkpoint_dir)
     assert newest is not None and str(newest.path) == first["path"]
     assert any(p.name.startswith(".tmp-") for p in pod.checkpoint_dir.iterdir())  # the torn write is there...

@@ -37,19 +37,19 @@ class PendingCall:
         self.socket.connect(address)
         self.socket.send_multipart([b"", frame])
 
-    def raw_result(self, timeout_s: float) -> bytes | None:
-        """The reply frame, or None when nothing came back within `timeout_s`."""
+    def raw_result(self, wait_s: float) -> bytes | None:
+        """The reply frame, or None when nothing came back within `wait_s`."""
         try:
-            if not self.socket.poll(int(timeout_s * 1000)):
+            if not self.socket.poll(int(wait_s * 1000)):
                 return None
             return self.socket.recv_multipart()[-1]
         finally:
             self.socket.close(linger=0)
 
-    def result(self, timeout_s: float = 60.0) -> dict[str, Any]:
-        reply = self.raw_result(timeout_s)
+    def result(self, wait_s: float = 60.0) -> dict[str, Any]:
+        reply = self.raw_result(wait_s)
         if reply is None:
-            raise ProtocolError("timeout", f"no reply within {timeout_s} s")
+            raise ProtocolError("timeout", f"no reply within {wait_s} s")
         return decode_reply(reply)
 
 
@@ -57,16 +57,16 @@ def request_frame(kind: str, **fields: Any) -> bytes:
     return json.dumps({"v": PROTOCOL_VERSION, "type": kind, "id": new_id(), **fields}).encode()
 
 
-def call_raw(address: str, frame: bytes, timeout_s: float, curve: CurveKeys | None = None) -> bytes | None:
-    """Send one raw frame; the reply frame, or None when nothing came back within `timeout_s`."""
-    return PendingCall(address, frame, curve).raw_result(timeout_s)
+def call_raw(address: str, frame: bytes, wait_s: float, curve: CurveKeys | None = None) -> bytes | None:
+    """Send one raw frame; the reply frame, or None when nothing came back within `wait_s`."""
+    return PendingCall(address, frame, curve).raw_result(wait_s)
 
 
 def call(
-    address: str, kind: str, timeout_s: float = 60.0, curve: CurveKeys | None = None, **fields: Any
+    address: str, kind: str, wait_s: float = 60.0, curve: CurveKeys | None = None, **fields: Any
 ) -> dict[str, Any]:
     """One request; the reply's fields. Raises ProtocolError (remote error, or "timeout")."""
-    return PendingCall(address, request_frame(kind, **fields), curve).result(timeout_s)
+    return PendingCall(address, request_frame(kind, **fields), curve).result(wait_s)
 
 
 class WorkerProcess:
@@ -98,8 +98,9 @@ class WorkerProcess:
             cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
 
-    def call(self, kind: str, timeout_s: float = 60.0, **fields: Any) -> dict[str, Any]:
-        return call(self.address, kind, timeout_s, **fields)
+    def call(self, kind: str, wait_s: float = 60.0, **fields: Any) -> dict[str, Any]:
+        """One request; `wait_s` is how long this client waits (a train's own `timeout_s` is a field)."""
+        return call(self.address, kind, wait_s, **fields)
 
     def post(self, kind: str, **fields: Any) -> PendingCall:
         """Send a request without waiting for its reply."""
@@ -113,7 +114,7 @@ class WorkerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the worker exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                last = self.call("status", timeout_s=5.0)
+                last = self.call("status", wait_s=5.0)
             except ProtocolError as err:
                 last = err.message
             if isinstance(last, dict) and predicate(last):

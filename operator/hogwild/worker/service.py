@@ -61,6 +61,7 @@ class WorkerService:
         self._train_thread: threading.Thread | None = None
         self._maintenance_thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._training = self._writing = False
         removed = checkpoint.sweep_temporary(settings.checkpoint_dir)
         if removed:
             log.info(
@@ -92,13 +93,15 @@ class WorkerService:
         else:  # decode_request only returns the types above
             raise ProtocolError("unknown_type", f"no handler for {request.type}")
 
+    # Flags, not Thread.is_alive(): they drop BEFORE the reply goes out, so a client that got its reply
+    # never sees the job still running.
     @property
     def busy(self) -> bool:
-        return self._train_thread is not None and self._train_thread.is_alive()
+        return self._training
 
     @property
     def writing(self) -> bool:
-        return self._maintenance_thread is not None and self._maintenance_thread.is_alive()
+        return self._writing
 
     def _run(self, name: str, job: Callable[[], dict[str, Any]], done: Done) -> threading.Thread:
         def target() -> None:
@@ -130,15 +133,23 @@ class WorkerService:
                 result=result.code if isinstance(result, ProtocolError) else "ok"
             ).inc()
             self.metrics.busy.set(0)
+            self._training = False
             done(result)
 
         self.metrics.busy.set(1)
+        self._training = True
         self._train_thread = self._run("train", lambda: self.train(request), finished)
 
     def _start_maintenance(self, job: Callable[[], dict[str, Any]], done: Done) -> None:
         if self.writing:
             raise ProtocolError("busy", "a checkpoint or restore is already running")
-        self._maintenance_thread = self._run("checkpoint", job, done)
+
+        def finished(result: dict[str, Any] | ProtocolError) -> None:
+            self._writing = False
+            done(result)
+
+        self._writing = True
+        self._maintenance_thread = self._run("checkpoint", job, finished)
 
     # ---- requests ----------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -387,9 +398,15 @@ class WorkerService:
         self.metrics.optimizer_state_bytes.set(self.trainer.optimizer_state_bytes)
         log.info(
             "weights mapped",
-            extra={"event": "mapped", "nonce": manifest.exporter.nonce, "backend": manifest.backend, "bytes": mapped.weight_bytes,
-                   "seconds": round(time.monotonic() - started, 3), "restored": restored},
-        )  # fmt: skip
+            extra={
+                "event": "mapped",
+                "nonce": manifest.exporter.nonce,
+                "backend": manifest.backend,
+                "bytes": mapped.weight_bytes,
+                "seconds": round(time.monotonic() - started, 3),
+                "restored": restored,
+            },
+        )
 
     def _restore_optimizer_state(self) -> str | None:
         """Resume from the newest checkpoint's optimizer state and counters (the weights are vLLM's)."""
