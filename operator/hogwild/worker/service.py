@@ -5,10 +5,7 @@ configure) answer at once; train runs on its own thread and checkpoint/restore o
 answering while they run. Each job replies through `done` when it finishes. One train at a time (a second
 gets `busy`), and one checkpoint or restore at a time.
 
-"Trained since the last checkpoint" is a marker file in the run dir named after the exporter's nonce: it
-survives a worker restart (the run dir outlives the container) but not a vLLM restart (vLLM then serves the
-newest checkpoint, so nothing is unsaved). A restarted worker thus knows whether vLLM's weights hold training
-that no checkpoint has, and the SIGTERM checkpoint is skipped when nothing would be lost.
+What "trained since the last checkpoint" means, and what a checkpoint holds: hogwild.worker.persistence.
 """
 
 from __future__ import annotations
@@ -32,7 +29,7 @@ from hogwild.protocol import (
     StatusRequest,
     TrainRequest,
 )
-from hogwild.worker import status
+from hogwild.worker import persistence, status
 from hogwild.worker.metrics import WorkerMetrics
 from hogwild.worker.model import MappedModel, load_tokenizer, map_model
 from hogwild.worker.trainer import StepStats, Trainer
@@ -218,21 +215,6 @@ class WorkerService:
         )
         return reply
 
-    def _meta(self, reason: str) -> dict[str, Any]:
-        assert self.mapped is not None
-        model_path = self.mapped.manifest.model_path
-        served_meta = checkpoint.read_meta(Path(model_path))
-        c = self.trainer.counters
-        return {
-            "reason": reason,
-            "tokens": c.tokens_trained,
-            "loss": c.loss,
-            "skipped_steps": c.skipped_steps,
-            "model_path": model_path,
-            "base_model": (served_meta or {}).get("base_model", model_path),
-            "exporter_nonce": self.mapped.manifest.exporter.nonce,
-        }
-
     def checkpoint(self, reason: str) -> dict[str, Any]:
         with self.trainer.lock:  # no step runs while the weights are copied out
             mapped = self.mapped
@@ -240,16 +222,7 @@ class WorkerService:
                 raise ProtocolError(
                     "not_connected", "the served weights are not mapped; nothing to checkpoint"
                 )
-            written = checkpoint.write(
-                self.settings.checkpoint_dir,
-                step=self.trainer.counters.step,
-                weights=mapped.checkpoint_tensors(),
-                optimizer_state=self.trainer.state_dict(),
-                model_dir=mapped.manifest.model_path,
-                meta=self._meta(reason),
-                hf_config=mapped.module.config,
-                tokenizer=self.trainer.tokenizer,
-            )
+            written = persistence.save(self.settings.checkpoint_dir, self.trainer, mapped, reason)
             self._set_trained(False)
         removed = checkpoint.prune(self.settings.checkpoint_dir, self.trainer.config.checkpoint_keep)
         self.last_checkpoint = written.checkpoint
@@ -287,10 +260,8 @@ class WorkerService:
                     "not_connected", "the served weights are not mapped; nothing to restore into"
                 )
             try:
-                if request.weights:
-                    checkpoint.load_weights_into(found, mapped.checkpoint_tensors())
-                loaded = request.optimizer and self.trainer.load_state_dict(
-                    checkpoint.load_optimizer_state(found)
+                loaded = persistence.load(
+                    found, self.trainer, mapped, weights=request.weights, optimizer=request.optimizer
                 )
             except checkpoint.CheckpointError as err:
                 raise ProtocolError("invalid", str(err)) from None
@@ -307,24 +278,20 @@ class WorkerService:
         return reply
 
     # ---- trained-since-checkpoint marker ------------------------------------------------------------------
-    def _marker(self) -> Path | None:
+    def _marker(self) -> persistence.TrainedMarker | None:
         if self.mapped is None:
             return None
-        return self.settings.run_dir / f".hogwild-trained-{self.mapped.manifest.exporter.nonce}"
+        return persistence.TrainedMarker(self.settings.run_dir, self.mapped.manifest.exporter.nonce)
 
     @property
     def trained_since_checkpoint(self) -> bool:
         marker = self._marker()
-        return marker is not None and marker.exists()
+        return marker is not None and marker.set
 
     def _set_trained(self, trained: bool) -> None:
         marker = self._marker()
-        if marker is None or marker.exists() == trained:
-            return
-        if trained:
-            marker.touch()
-        else:
-            marker.unlink(missing_ok=True)
+        if marker is not None:
+            marker.update(trained)
 
     def _on_step(self, stats: StepStats) -> None:
         self.metrics.observe_step(stats)

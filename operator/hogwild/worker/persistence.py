@@ -1,0 +1,78 @@
+"""The worker's side of checkpoints: what it saves, what it restores, and whether anything is unsaved.
+
+`hogwild.checkpoint` fixes the layout and does the file I/O; this module decides what goes in (the served
+weights under HF names, the trainer's state, where the weights came from) and what comes back out. Callers
+hold the trainer's lock, so no step changes the weights halfway through.
+
+"Trained since the last checkpoint" is a marker file in the run dir named after the exporter's nonce: it
+survives a worker restart (the run dir outlives the container) but not a vLLM restart (vLLM then serves the
+newest checkpoint, so nothing is unsaved). A restarted worker thus knows whether vLLM's weights hold training
+that no checkpoint has, and the SIGTERM checkpoint is skipped when nothing would be lost.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hogwild import checkpoint
+from hogwild.worker.model import MappedModel
+from hogwild.worker.trainer import Trainer
+
+
+def checkpoint_meta(trainer: Trainer, mapped: MappedModel, reason: str) -> dict[str, Any]:
+    """meta.json fields beyond the layout's own; `base_model` follows a chain of checkpoints to its root."""
+    model_path = mapped.manifest.model_path
+    served_meta = checkpoint.read_meta(Path(model_path)) or {}
+    c = trainer.counters
+    return {
+        "reason": reason,
+        "tokens": c.tokens_trained,
+        "loss": c.loss,
+        "skipped_steps": c.skipped_steps,
+        "model_path": model_path,
+        "base_model": served_meta.get("base_model", model_path),
+        "exporter_nonce": mapped.manifest.exporter.nonce,
+    }
+
+
+def save(root: Path, trainer: Trainer, mapped: MappedModel, reason: str) -> checkpoint.Written:
+    return checkpoint.write(
+        root,
+        step=trainer.counters.step,
+        weights=mapped.checkpoint_tensors(),
+        optimizer_state=trainer.state_dict(),
+        model_dir=mapped.manifest.model_path,
+        meta=checkpoint_meta(trainer, mapped, reason),
+        hf_config=mapped.module.config,
+        tokenizer=trainer.tokenizer,
+    )
+
+
+def load(
+    found: checkpoint.Checkpoint, trainer: Trainer, mapped: MappedModel, *, weights: bool, optimizer: bool
+) -> bool:
+    """Copy the weights into the served tensors and/or load the optimizer state. Returns whether the state
+    was loaded (it is not when it was made for other parameters or another optimizer shape)."""
+    if weights:
+        checkpoint.load_weights_into(found, mapped.checkpoint_tensors())
+    return optimizer and trainer.load_state_dict(checkpoint.load_optimizer_state(found))
+
+
+class TrainedMarker:
+    """Whether the served weights (of one exporter) hold training that no checkpoint has."""
+
+    def __init__(self, run_dir: Path, nonce: str) -> None:
+        self.path = run_dir / f".hogwild-trained-{nonce}"
+
+    @property
+    def set(self) -> bool:
+        return self.path.exists()
+
+    def update(self, trained: bool) -> None:
+        if trained == self.path.exists():
+            return
+        if trained:
+            self.path.touch()
+        else:
+            self.path.unlink(missing_ok=True)
