@@ -5,14 +5,17 @@ Real: the functions themselves; no processes, no files.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from hogwild.checkpoint import Checkpoint
 from hogwild.config import TrainingConfig
 from hogwild.faults import parse_faults
 from hogwild.handles import ExporterIdentity, Manifest
 from hogwild.worker import status
+from hogwild.worker.persistence import resume_point
 from hogwild.worker.status import DISCONNECT, MAP, NOTHING
 
 
@@ -99,3 +102,24 @@ def test_the_status_reply_carries_the_fields_clients_rely_on() -> None:
 )
 def test_fault_specs(spec: str, parsed: dict[str, int]) -> None:
     assert parse_faults(spec) == parsed
+
+
+def ckpt(step: int, time: float, nonce: str) -> Checkpoint:
+    return Checkpoint(Path(f"/ckpt/step-{step:08d}"), step, time, {"exporter_nonce": nonce})
+
+
+CHECKPOINTS = [ckpt(5, 10.0, "old"), ckpt(9, 20.0, "old"), ckpt(7, 30.0, "now"), ckpt(8, 25.0, "now")]
+
+
+@pytest.mark.parametrize(
+    ("checkpoints", "model_path", "resumed"),
+    [
+        pytest.param([], "/models/base", None, id="nothing-saved"),
+        pytest.param(CHECKPOINTS, "/ckpt/step-00000009", 7, id="newest-written-from-these-weights"),
+        pytest.param(CHECKPOINTS[:2], "/ckpt/step-00000005", 5, id="the-one-vllm-loaded"),
+        pytest.param(CHECKPOINTS[:2], "/models/base", None, id="vllm-serves-another-model"),
+    ],
+)
+def test_resume_point(checkpoints: list[Checkpoint], model_path: str, resumed: int | None) -> None:
+    found = resume_point(checkpoints, "now", model_path)
+    assert (found.step if found else None) == resumed

@@ -26,11 +26,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from hogwild.faults import fault_point
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "hogwild-checkpoint"
 VERSION = 1
@@ -223,6 +224,8 @@ def write(
     tmp = root_path / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    import torch  # here, not at the top: choosing a checkpoint (`hogwild vllm`) must not pay for torch
+
     write_weights(tmp, weights, max_shard_bytes)
     fault_point("checkpoint.after_weights")
     torch.save(dict(optimizer_state), tmp / OPTIMIZER_NAME)
@@ -304,6 +307,8 @@ def load_weights_into(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor
     missing = sorted(set(targets) - set(located))
     if missing:
         raise CheckpointError(f"{checkpoint.path} lacks {len(missing)} weights, e.g. {missing[:3]}")
+    import torch
+
     copied = 0
     with torch.no_grad():
         for path in files:
@@ -316,6 +321,8 @@ def load_weights_into(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor
 
 
 def load_optimizer_state(checkpoint: Checkpoint) -> dict[str, Any]:
+    import torch
+
     path = checkpoint.path / OPTIMIZER_NAME
     try:
         return dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -12,6 +12,7 @@ that no checkpoint has, and the SIGTERM checkpoint is skipped when nothing would
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,23 @@ def load(
     if weights:
         checkpoint.load_weights_into(found, mapped.checkpoint_tensors())
     return optimizer and trainer.load_state_dict(checkpoint.load_optimizer_state(found))
+
+
+def resume_point(
+    checkpoints: Sequence[checkpoint.Checkpoint], nonce: str, model_path: str
+) -> checkpoint.Checkpoint | None:
+    """The checkpoint whose optimizer state belongs to the weights vLLM serves now. Pure (paths compared as
+    given, resolved by the caller).
+
+    - the newest one written from these very weights (same exporter nonce): their latest saved state;
+    - else the one vLLM loaded them from (its model path), if it is one of ours;
+    - else none: vLLM serves a model no checkpoint here was made from (e.g. the base model on purpose), so
+      the optimizer starts fresh.
+    """
+    mine = [c for c in checkpoints if c.meta.get("exporter_nonce") == nonce]
+    if mine:
+        return max(mine, key=lambda c: (c.time, c.step))
+    return next((c for c in checkpoints if str(c.path) == model_path), None)
 
 
 class TrainedMarker:

@@ -376,19 +376,30 @@ class WorkerService:
         )
 
     def _restore_optimizer_state(self) -> str | None:
-        """Resume from the newest checkpoint's optimizer state and counters (the weights are vLLM's)."""
-        newest = checkpoint.newest_complete(self.settings.checkpoint_dir)
-        if newest is None:
+        """Resume the optimizer state and counters that belong to the served weights (see resume_point)."""
+        assert self.mapped is not None
+        manifest = self.mapped.manifest
+        served = str(Path(manifest.model_path).resolve())
+        found = persistence.resume_point(
+            [
+                checkpoint.Checkpoint(c.path.resolve(), c.step, c.time, c.meta)
+                for c in checkpoint.list_complete(self.settings.checkpoint_dir)
+            ],
+            manifest.exporter.nonce,
+            served,
+        )
+        if found is None:
             self.trainer.reset()  # these weights hold no saved training
             return None
         try:
-            self.trainer.load_state_dict(checkpoint.load_optimizer_state(newest))
+            self.trainer.load_state_dict(checkpoint.load_optimizer_state(found))
         except Exception:
             log.exception(
-                "could not read the optimizer state of %s", newest.path, extra={"event": "restore_failed"}
+                "could not read the optimizer state of %s", found.path, extra={"event": "restore_failed"}
             )
+            self.trainer.reset()
             return None
-        return str(newest.path)
+        return str(found.path)
 
     # ---- shutdown ------------------------------------------------------------------------------------------
     def shutdown(self, join_timeout_s: float = 600.0) -> None:
