@@ -349,6 +349,27 @@ def test_parameters_without_gradients_are_left_alone() -> None:
     assert unused not in optimizer.state and torch.equal(unused, before)
 
 
+def test_a_step_without_one_gradient_keeps_its_moments_apart() -> None:
+    # Same-shape weights share moment buffers; one that misses a step leaves with moments of its own.
+    weights = [torch.nn.Parameter(torch.randn(16, 24)) for _ in range(3)]
+    optimizer = Apollo(weights, rank=4)
+    run_steps(optimizer, weights, 1, 2)
+    idle = weights[1]
+    kept = {k: v.clone() for k, v in optimizer.state[idle].items() if isinstance(v, Tensor)}
+    idle_before = idle.detach().clone()
+    generator = torch.Generator().manual_seed(9)
+    idle.grad = None
+    for weight in (weights[0], weights[2]):
+        weight.grad = torch.randn(16, 24, generator=generator)
+    optimizer.step()
+    assert torch.equal(idle, idle_before)
+    assert all(torch.equal(optimizer.state[idle][k], v) for k, v in kept.items())
+    storage = optimizer.state[idle]["exp_avg"].untyped_storage().data_ptr()
+    assert storage != optimizer.state[weights[0]]["exp_avg"].untyped_storage().data_ptr()
+    run_steps(optimizer, weights, 4, 5)  # and all three step together again
+    assert optimizer.state[idle]["step"] == 4 and optimizer.state[weights[0]]["step"] == 5
+
+
 def test_closure_loss_is_returned() -> None:
     weight = torch.nn.Parameter(torch.randn(8, 12))
     optimizer = Apollo([weight], rank=2)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -108,39 +109,53 @@ def projection_matrix(
     return matrix.mul_(1.0 / math.sqrt(rank))
 
 
-def _adam_normalized(
-    exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[int], group: dict[str, Any]
-) -> list[Tensor]:
-    """Bias-corrected M^ / (sqrt(V^) + eps) for a list of moments, a few foreach kernels in all."""
+def _per_param(values: list[float], like: Tensor) -> Tensor | float:
+    """One number per bucket member, broadcastable against a (k, ...) tensor; a float when all agree."""
+    if all(value == values[0] for value in values):
+        return values[0]
+    return torch.tensor(values, dtype=torch.float32).view(-1, *[1] * (like.dim() - 1)).to(like.device)
+
+
+def _adam_normalized(bucket: _Bucket, values: Tensor, steps: list[int], group: dict[str, Any]) -> Tensor:
+    """AdamW moments of `values` (k, ...) into the bucket; returns bias-corrected M^ / (sqrt(V^) + eps)."""
     beta1, beta2 = group["betas"]
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
-    torch._foreach_add_(denom, group["eps"])
-    normalized = list(torch._foreach_div(exp_avgs, denom))
-    torch._foreach_div_(normalized, [1 - beta1**t for t in steps])
-    return normalized
+    bucket.exp_avg.lerp_(values, 1 - beta1)
+    bucket.exp_avg_sq.mul_(beta2).addcmul_(values, values, value=1 - beta2)
+    denom = (
+        bucket.exp_avg_sq.div(_per_param([1 - beta2**t for t in steps], values)).sqrt_().add_(group["eps"])
+    )
+    return torch.div(bucket.exp_avg, denom).div_(_per_param([1 - beta1**t for t in steps], values))
 
 
-def _update_moments(
-    exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], values: list[Tensor], group: dict[str, Any]
-) -> None:
-    beta1, beta2 = group["betas"]
-    torch._foreach_lerp_(exp_avgs, values, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, values, values, value=1 - beta2)
+@dataclass
+class _Bucket:
+    """Parameters of one shape whose moments live in shared (k, ...) buffers, so each step op is one kernel.
+
+    Each parameter's state holds views of the buffers (`exp_avg` is `bucket.exp_avg[i]`): the state dict
+    stays per parameter, and loading one replaces the views, which `intact` notices.
+    """
+
+    params: list[Tensor]
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    update_norm: Tensor | None
+    views: list[Tensor]  # the `exp_avg` view each parameter's state holds
+
+    def intact(self, state: Mapping[Tensor, dict[str, Any]]) -> bool:
+        return all(state[p]["exp_avg"] is view for p, view in zip(self.params, self.views, strict=True))
 
 
-def _buckets(params: list[Tensor]) -> list[list[Tensor]]:
-    """Parameters grouped by (shape, dtype, gradient dtype, device), in order, at most _CHUNK a bucket."""
+def _same_shape_groups(params: list[Tensor]) -> list[list[Tensor]]:
+    """Parameters grouped by (shape, dtype, gradient dtype, device), in order, at most _CHUNK a group."""
     groups: dict[tuple[Any, ...], list[Tensor]] = {}
     for param in params:
         key = (tuple(param.shape), param.dtype, param.grad.dtype, param.device)  # type: ignore[union-attr]
         groups.setdefault(key, []).append(param)
-    return [bucket[i : i + _CHUNK] for bucket in groups.values() for i in range(0, len(bucket), _CHUNK)]
+    return [group[i : i + _CHUNK] for group in groups.values() for i in range(0, len(group), _CHUNK)]
 
 
 def _scaling_factors(
-    grads: list[Tensor], r: Tensor, r_tilde: Tensor, states: list[dict[str, Any]], group: dict[str, Any]
+    grads: list[Tensor], r: Tensor, r_tilde: Tensor, bucket: _Bucket, group: dict[str, Any]
 ) -> Tensor:
     """Steps 4-6 for a bucket: lr * scale * limiter * s, shaped (k, 1, n), (k, m, 1) or (k, 1, 1)."""
     k, scale = len(grads), group["scale"]
@@ -161,14 +176,13 @@ def _scaling_factors(
         grad_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
         update_norm = ratio.view(k) * grad_norms * scale
     # Step 5 is the scale; step 6, the norm-growth limiter, compares with the previous step's update.
-    limit = group["norm_growth_limit"]
-    previous = [state["update_norm"] for state in states]
+    limit, previous = group["norm_growth_limit"], bucket.update_norm
+    assert previous is not None
     if limit is not None:
-        before = torch.stack(previous)
-        factor = torch.where(before > 0, (limit * before / update_norm).clamp(max=1.0), 1.0)
+        factor = torch.where(previous > 0, (limit * previous / update_norm).clamp(max=1.0), 1.0)
         update_norm = update_norm * factor
         ratio = ratio * factor.view(k, 1, 1)
-    torch._foreach_copy_(previous, list(update_norm.unbind(0)))
+    previous.copy_(update_norm)
     return ratio.mul_(group["lr"] * scale)
 
 
@@ -216,6 +230,7 @@ class Apollo(Optimizer):
         super().__init__(params, defaults)
         # Per parameter: (seed, refresh period, rank, dtype) -> the projection matrix of that period.
         self._projections: dict[Tensor, tuple[tuple[int, int, int, torch.dtype], Tensor]] = {}
+        self._bucket_cache: dict[tuple[int, ...], _Bucket] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -246,10 +261,10 @@ class Apollo(Optimizer):
                 self._ensure_state(param, group, index, low_rank)
                 self.state[param]["step"] += 1
                 (projected if low_rank else full).append(param)
-            for bucket in _buckets(projected):
-                self._apollo_update(bucket, group)
-            for bucket in _buckets(full):
-                self._adamw_update(bucket, group)
+            for same_shape in _same_shape_groups(projected):
+                self._apollo_update(same_shape, group)
+            for same_shape in _same_shape_groups(full):
+                self._adamw_update(same_shape, group)
         return loss
 
     def _ensure_state(self, param: Tensor, group: dict[str, Any], index: int, low_rank: bool) -> None:
@@ -273,19 +288,47 @@ class Apollo(Optimizer):
         if group["rounding"] == "kahan" and param.dtype in (torch.bfloat16, torch.float16):
             state["compensation"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
+    def _bucket(self, params: list[Tensor]) -> _Bucket:
+        """The bucket of these parameters, built anew (moving their moments into shared buffers) if needed."""
+        key = tuple(id(p) for p in params)
+        bucket = self._bucket_cache.get(key)
+        if bucket is not None and bucket.intact(self.state):
+            return bucket
+        states = [self.state[p] for p in params]
+        projected = "update_norm" in states[0]
+        bucket = _Bucket(
+            params=list(params),
+            exp_avg=torch.stack([s["exp_avg"] for s in states]),
+            exp_avg_sq=torch.stack([s["exp_avg_sq"] for s in states]),
+            update_norm=torch.stack([s["update_norm"] for s in states]) if projected else None,
+            views=[],
+        )
+        for i, state in enumerate(states):
+            state["exp_avg"], state["exp_avg_sq"] = bucket.exp_avg[i], bucket.exp_avg_sq[i]
+            if bucket.update_norm is not None:
+                state["update_norm"] = bucket.update_norm[i]
+            bucket.views.append(state["exp_avg"])
+        # Buckets that shared a member are gone; their other members get moments of their own.
+        for other in [k for k in self._bucket_cache if set(k) & set(key)]:
+            old = self._bucket_cache.pop(other)
+            for param, view in zip(old.params, old.views, strict=True):
+                if id(param) not in key and self.state[param].get("exp_avg") is view:
+                    for name in ("exp_avg", "exp_avg_sq", "update_norm"):
+                        if name in self.state[param]:
+                            self.state[param][name] = self.state[param][name].clone()
+        self._bucket_cache[key] = bucket
+        return bucket
+
     def _apollo_update(self, params: list[Tensor], group: dict[str, Any]) -> None:
         """Steps 1-7 for parameters of one shape, batched: a few kernels per bucket, three per parameter."""
+        bucket = self._bucket(params)
         states = [self.state[p] for p in params]
         grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
         # Steps 1-2: project each gradient onto its random rank-r space.
         r = self._project(params, grads, states, group)
-        exp_avgs = [state["exp_avg"] for state in states]
-        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
         # Step 3: AdamW moments and the Adam-normalized update, in the projected space.
-        _update_moments(exp_avgs, exp_avg_sqs, list(r.unbind(0)), group)
-        steps = [state["step"] for state in states]
-        r_tilde = torch.stack(_adam_normalized(exp_avgs, exp_avg_sqs, steps, group))
-        coefs = _scaling_factors(grads, r, r_tilde, states, group)
+        r_tilde = _adam_normalized(bucket, r, [s["step"] for s in states], group)
+        coefs = _scaling_factors(grads, r, r_tilde, bucket, group)
         # Step 7: W <- W (1 - lr wd) - G diag(lr * scale * limiter * s).
         apply_updates_(
             params,
@@ -293,8 +336,8 @@ class Apollo(Optimizer):
             coefs,
             decay=1.0 - group["lr"] * group["weight_decay"],
             rounding=group["rounding"],
-            keys=[noise_keys(state["seed"], state["step"]) for state in states],
-            compensations=[state.get("compensation") for state in states],
+            keys=[noise_keys(s["seed"], s["step"]) for s in states],
+            compensations=[s.get("compensation") for s in states],
         )
 
     def _project(
@@ -302,16 +345,12 @@ class Apollo(Optimizer):
     ) -> Tensor:
         """R for each gradient, stacked: (k, r, n) when m <= n, else (k, m, r); fp32."""
         m, n = grads[0].shape
-        rank = group["rank"]
-        shape = (len(grads), rank, n) if m <= n else (len(grads), m, rank)
-        projected = torch.empty(shape, dtype=grads[0].dtype, device=grads[0].device)
-        for out, param, grad, state in zip(projected, params, grads, states, strict=True):
-            matrix = self._projection(param, state, group, grad.dtype)
-            if m <= n:
-                torch.mm(matrix, grad, out=out)
-            else:
-                torch.mm(grad, matrix, out=out)
-        return projected.float()
+        wide = m <= n
+        projected = [
+            self._projection(p, s, group, g.dtype) @ g if wide else g @ self._projection(p, s, group, g.dtype)
+            for p, g, s in zip(params, grads, states, strict=True)
+        ]
+        return torch.stack(projected).float()
 
     def _projection(
         self, param: Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype
@@ -332,20 +371,18 @@ class Apollo(Optimizer):
         return matrix
 
     def _adamw_update(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        bucket = self._bucket(params)
         states = [self.state[p] for p in params]
-        grads = [p.grad.float() for p in params]  # type: ignore[union-attr]
-        exp_avgs = [state["exp_avg"] for state in states]
-        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
-        _update_moments(exp_avgs, exp_avg_sqs, grads, group)
-        normalized = _adam_normalized(exp_avgs, exp_avg_sqs, [state["step"] for state in states], group)
+        grads = torch.stack([p.grad for p in params]).float()  # type: ignore[misc]
+        normalized = _adam_normalized(bucket, grads, [s["step"] for s in states], group)
         apply_updates_(
             params,
             normalized,
             group["lr"],
             decay=1.0 - group["lr"] * group["weight_decay"],
             rounding=group["rounding"],
-            keys=[noise_keys(state["seed"], state["step"]) for state in states],
-            compensations=[state.get("compensation") for state in states],
+            keys=[noise_keys(s["seed"], s["step"]) for s in states],
+            compensations=[s.get("compensation") for s in states],
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -356,6 +393,7 @@ class Apollo(Optimizer):
         """
         super().load_state_dict(state_dict)
         self._projections.clear()
+        self._bucket_cache.clear()
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, param in zip(saved_ids, params, strict=True):

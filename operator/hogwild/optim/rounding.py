@@ -15,6 +15,8 @@ without saving any generator, and the eager path and the fused Triton kernel dra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -31,7 +33,8 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 # never overflow and the Triton kernel's uint32 arithmetic sees them as 32-bit values.
 _MIX1 = 0x7FEB352D
 _MIX2 = 0x2C1B3C6D
-_BLOCK = 2048
+_BLOCK_M, _BLOCK_N = 8, 256
+_NO_COEF, _COLUMN_COEFS, _ROW_COEFS, _ONE_COEF = 0, 1, 2, 3
 
 
 def splitmix64(value: int) -> int:
@@ -121,16 +124,17 @@ def apply_update_(
 
 
 def apply_updates_(
-    params: list[Tensor],
-    directions: list[Tensor],
+    params: Sequence[Tensor],
+    directions: Sequence[Tensor] | Tensor,
     coefs: Tensor | float,
     *,
     decay: float,
     rounding: str,
-    keys: list[tuple[int, int]],
-    compensations: list[Tensor | None],
+    keys: Sequence[tuple[int, int]],
+    compensations: Sequence[Tensor | None],
 ) -> None:
-    """`apply_update_` for a list of parameters of one shape: `coefs[i]` (or the float) goes with `params[i]`.
+    """`apply_update_` for parameters of one shape: `directions[i]` and `coefs[i]` (or the float) go with
+    `params[i]`; `directions` may be one stacked (k, ...) tensor.
 
     On CUDA with Triton, bf16 stochastic rounding is one kernel launch for the whole list: it reads each
     parameter and direction once and writes the parameter once, with the same random bits as the eager path.
@@ -138,11 +142,9 @@ def apply_updates_(
     if params and _fusable(params, directions, coefs, rounding):
         _fused_updates_(params, directions, coefs, decay, keys)
         return
-    for i, (param, direction, key, compensation) in enumerate(
-        zip(params, directions, keys, compensations, strict=True)
-    ):
+    for i, (param, key, compensation) in enumerate(zip(params, keys, compensations, strict=True)):
         coef = coefs[i] if isinstance(coefs, Tensor) else coefs
-        _eager_update_(param, direction, coef, decay, rounding, key, compensation)
+        _eager_update_(param, directions[i], coef, decay, rounding, key, compensation)
 
 
 def _eager_update_(
@@ -172,53 +174,82 @@ def _eager_update_(
         param.copy_(value)
 
 
-def _fusable(params: list[Tensor], directions: list[Tensor], coefs: Tensor | float, rounding: str) -> bool:
-    first, direction = params[0], directions[0]
+def _fusable(
+    params: Sequence[Tensor], directions: Sequence[Tensor] | Tensor, coefs: Tensor | float, rounding: str
+) -> bool:
+    first = params[0]
     if triton is None or rounding != "stochastic" or not first.is_cuda:
-        return False
-    if direction.dtype not in (torch.bfloat16, torch.float32):
         return False
     if isinstance(coefs, Tensor) and (coefs.dtype != torch.float32 or not coefs.is_contiguous()):
         return False
-    return all(
+    if not all(
         p.dtype == torch.bfloat16
         and p.is_contiguous()
         and p.shape == first.shape
         and p.device == first.device
         for p in params
-    ) and all(d.dtype == direction.dtype and d.is_contiguous() and d.shape == first.shape for d in directions)
+    ):
+        return False
+    if isinstance(directions, Tensor):
+        stacked_ok = directions.is_contiguous() and directions.shape[1:] == first.shape
+        return stacked_ok and directions.dtype in (torch.bfloat16, torch.float32)
+    dtype = directions[0].dtype
+    return dtype in (torch.bfloat16, torch.float32) and all(
+        d.dtype == dtype and d.is_contiguous() and d.shape == first.shape for d in directions
+    )
+
+
+def _matrix_shape(shape: torch.Size) -> tuple[int, int]:
+    """A contiguous tensor as (rows, cols): 2-D as is, 1-D as one row, more dimensions flattened behind."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, shape[0]
+    cols = 1
+    for size in shape[1:]:
+        cols *= size
+    return shape[0], cols
 
 
 def _fused_updates_(
-    params: list[Tensor],
-    directions: list[Tensor],
+    params: Sequence[Tensor],
+    directions: Sequence[Tensor] | Tensor,
     coefs: Tensor | float,
     decay: float,
-    keys: list[tuple[int, int]],
+    keys: Sequence[tuple[int, int]],
 ) -> None:
-    """Launch `_update_kernel` once over the list: program (block, i) updates one block of `params[i]`."""
+    """Launch `_update_kernel` once over the list: program (row tile, column tile, i) updates `params[i]`."""
     first = params[0]
-    numel = first.numel()
-    if numel == 0:
+    if first.numel() == 0:
         return
+    rows, cols = _matrix_shape(first.shape)
+    if isinstance(directions, Tensor):
+        step = directions.stride(0) * directions.element_size()
+        d_ptrs = [directions.data_ptr() + i * step for i in range(len(params))]
+        d_bf16 = directions.dtype == torch.bfloat16
+    else:
+        d_ptrs = [d.data_ptr() for d in directions]
+        d_bf16 = directions[0].dtype == torch.bfloat16
     # One row per tensor: parameter address, direction address, the two noise keys. Pinned, so that the
     # copy to the GPU does not wait for the GPU to drain.
-    rows = [
-        [p.data_ptr(), d.data_ptr(), k[0], k[1]] for p, d, k in zip(params, directions, keys, strict=True)
-    ]
-    table = torch.tensor(rows, dtype=torch.int64).pin_memory().to(first.device, non_blocking=True)
+    table_rows = [[p.data_ptr(), d, k[0], k[1]] for p, d, k in zip(params, d_ptrs, keys, strict=True)]
+    table = torch.tensor(table_rows, dtype=torch.int64).pin_memory().to(first.device, non_blocking=True)
+    scalar, coef_arg, coef_kind = 1.0, table, _NO_COEF
     if isinstance(coefs, Tensor):
-        # Factor index = (flat index // inner) % size: a (1, n) row of factors changes every element, an
-        # (m, 1) column every n elements, a single factor never.
-        size = coefs[0].numel()
-        inner = 1 if size == 1 or coefs.shape[1] == 1 else first.shape[-1]
-        coef_arg, scalar, has_coef = coefs, 1.0, True
+        coef_arg = coefs
+        per_tensor = coefs.shape[1:]
+        if per_tensor.numel() == 1:
+            coef_kind = _ONE_COEF
+        elif per_tensor[-1] == cols and per_tensor.numel() == cols:
+            coef_kind = _COLUMN_COEFS  # a (1, n) row: one factor per column
+        else:
+            coef_kind = _ROW_COEFS  # an (m, 1) column: one factor per row
     else:
-        inner, size, coef_arg, scalar, has_coef = 1, 1, table, float(coefs), False
-    grid = (triton.cdiv(numel, _BLOCK), len(params))
+        scalar = float(coefs)
+    grid = (triton.cdiv(rows, _BLOCK_M), triton.cdiv(cols, _BLOCK_N), len(params))
     _update_kernel[grid](
-        table, coef_arg, numel, float(decay), scalar, inner, size,
-        HAS_COEF=has_coef, D_BF16=directions[0].dtype == torch.bfloat16, BLOCK=_BLOCK,
+        table, coef_arg, rows, cols, float(decay), scalar,
+        COEF=coef_kind, D_BF16=d_bf16, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
     )  # fmt: skip
 
 
@@ -226,12 +257,14 @@ if triton is not None:
 
     @triton.jit
     def _update_kernel(  # type: ignore[no-untyped-def]
-        table_ptr, c_ptr, numel, decay, scalar, inner, size,
-        HAS_COEF: tl.constexpr, D_BF16: tl.constexpr, BLOCK: tl.constexpr,
+        table_ptr, c_ptr, rows, cols, decay, scalar,
+        COEF: tl.constexpr, D_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
-        t = tl.program_id(1)
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
+        t = tl.program_id(2)
+        row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (row < rows)[:, None] & (col < cols)[None, :]
+        offs = row.to(tl.int64)[:, None] * cols + col[None, :]
         p_ptr = tl.load(table_ptr + 4 * t).to(tl.pointer_type(tl.bfloat16))
         if D_BF16:
             d_ptr = tl.load(table_ptr + 4 * t + 1).to(tl.pointer_type(tl.bfloat16))
@@ -241,8 +274,12 @@ if triton is not None:
         key_add = tl.load(table_ptr + 4 * t + 3).to(tl.uint32)
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
         d = tl.load(d_ptr + offs, mask=mask).to(tl.float32)
-        if HAS_COEF:  # noqa: SIM108 - Triton resolves this constexpr branch at compile time
-            c = tl.load(c_ptr + t.to(tl.int64) * size + (offs // inner) % size, mask=mask)
+        if COEF == 1:  # one factor per column
+            c = tl.load(c_ptr + t.to(tl.int64) * cols + col, mask=col < cols)[None, :]
+        elif COEF == 2:  # one factor per row
+            c = tl.load(c_ptr + t.to(tl.int64) * rows + row, mask=row < rows)[:, None]
+        elif COEF == 3:  # one factor for the tensor
+            c = tl.load(c_ptr + t)
         else:
             c = scalar
         x = p * decay - d * c
