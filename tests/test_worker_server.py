@@ -74,7 +74,7 @@ def test_train_replies_with_step_loss_and_tokens(worker: WorkerProcess) -> None:
     assert (status["step"], status["loss"], status["busy"]) == (reply["step"], reply["loss"], False)
 
 
-def test_status_answers_while_a_train_runs_and_a_second_train_is_busy(worker: WorkerProcess) -> None:
+def test_status_and_checkpoint_answer_while_a_train_runs_and_a_second_train_is_busy(worker: WorkerProcess) -> None:
     start = worker.call("status")["step"]
     running = worker.post("train", **LONG_TRAIN)
     try:
@@ -83,6 +83,8 @@ def test_status_answers_while_a_train_runs_and_a_second_train_is_busy(worker: Wo
         busy = error_of(worker, "train", samples=[FACT])
         assert (busy.code, busy.status) == ("busy", 409)
         assert error_of(worker, "restore").code == "busy"
+        saved = worker.call("checkpoint")  # between two steps: the train goes on after it
+        assert saved["step"] > start and worker.call("status")["busy"] is True
         assert worker.call("configure", changes={"paused": True})["config"]["paused"] is True
         reply = running.result()
         assert reply["stopped"] == "paused" and start < reply["step"] < start + LONG_TRAIN["steps"]

@@ -216,7 +216,7 @@ class WorkerService:
         return reply
 
     def checkpoint(self, reason: str) -> dict[str, Any]:
-        with self.trainer.lock:  # no step runs while the weights are copied out
+        with self.trainer.exclusive():  # no step runs while the weights are copied out
             mapped = self.mapped
             if mapped is None:
                 raise ProtocolError(
@@ -253,7 +253,7 @@ class WorkerService:
                 else f"no complete checkpoint of step {request.step}"
             )
             raise ProtocolError("not_found", f"{which} in {self.settings.checkpoint_dir}")
-        with self.trainer.lock:
+        with self.trainer.exclusive():
             mapped = self.mapped
             if mapped is None:
                 raise ProtocolError(
@@ -336,7 +336,7 @@ class WorkerService:
             self._map(manifest)
 
     def _disconnect(self, why: str) -> None:
-        with self.trainer.lock:
+        with self.trainer.exclusive():
             self.trainer.detach()
             self.mapped = None
         self.metrics.connected.set(0)
@@ -344,7 +344,7 @@ class WorkerService:
 
     def _map(self, manifest: handles.Manifest) -> None:
         started = time.monotonic()
-        with self.trainer.lock:  # waits for a running step; the next one trains the new mapping
+        with self.trainer.exclusive():  # waits for a running step; the next one trains the new mapping
             self.trainer.detach()
             self.mapped = None
             try:

@@ -13,11 +13,12 @@ bit what they were, and the skip is counted. Hyperparameter changes apply betwee
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +139,10 @@ class Trainer:
         self.counters = Counters()
         self.lock = threading.RLock()  # weights + optimizer; see the module docstring
         self._config_lock = threading.Lock()
+        # A lock is not fair: a train loop re-takes it between steps before a waiting checkpoint wakes up.
+        # `exclusive()` registers the waiter, and a step does not start while one waits.
+        self._turn = threading.Condition()
+        self._waiters = 0
         self._on_step = on_step
         self._pending_hot: dict[str, Any] = {}
         self._pending_reset = False
@@ -149,6 +154,19 @@ class Trainer:
         # TODO(serving protection): a hook that says whether vLLM has requests running or waiting (from its
         # /metrics); with protection.yield_when_busy the step waits up to max_wait_s while it says yes.
         self.serving_busy: Callable[[], bool] | None = None
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the weights still (checkpoint, restore, re-map): waits for the running step, then goes first."""
+        with self._turn:
+            self._waiters += 1
+        try:
+            with self.lock:
+                yield
+        finally:
+            with self._turn:
+                self._waiters -= 1
+                self._turn.notify_all()
 
     # ---- attaching a model -----------------------------------------------------------------------------
     def attach(self, module: Any, tokenizer: Any, vocab_size: int) -> None:
@@ -243,10 +261,10 @@ class Trainer:
         stride = max(1, math.ceil(sum(p.numel() for p in params) / UPDATE_NORM_SAMPLE_ELEMENTS))
         before = [p[::stride].float() for p in params]
         self.optimizer.step()
-        squared = sum(
-            float((p[::stride].float() - b).pow(2).sum()) for p, b in zip(params, before, strict=True)
+        squared = torch.stack(
+            [(p[::stride].float() - b).pow(2).sum() for p, b in zip(params, before, strict=True)]
         )
-        return math.sqrt(squared * stride)
+        return math.sqrt(float(squared.sum()) * stride)  # one device sync, not one per parameter
 
     def _yield_to_serving(self) -> None:
         protection = self.config.protection
@@ -259,6 +277,8 @@ class Trainer:
     def step(self, batch: StepBatch) -> StepStats:
         """One optimizer step on the shared weights (or a counted skip when the loss/gradient is not finite)."""
         self._yield_to_serving()
+        with self._turn:
+            self._turn.wait_for(lambda: self._waiters == 0)
         with self.lock:
             if self.module is None:
                 raise ProtocolError("not_connected", "the weights are not mapped (the exporter is gone)")
