@@ -89,6 +89,7 @@ class Context:
                 self.shape,
                 "--run-dir",
                 str(self.run_dir),
+                *([] if self.args.cuda_graph else ["--no-cuda-graph"]),
             ]
             self.server = Child(argv, self.out / "server.log")
             log(f"server ready: {self.server.ready}")
@@ -194,6 +195,8 @@ def part_optim(ctx: Context) -> dict[str, Any]:
             figures[f"{name}_error"] = f"out of memory: {err}"[:300]
             log(f"optim {name}: out of memory")
             continue
+        if name == "apollo" and ctx.args.profile and torch.cuda.is_available():
+            profile_step(optimizer.step, ctx.out / "apollo-profile.txt")
         figures[f"{name}_step_s"] = median(times) / 1e3
         figures[f"{name}_step_s_spread"] = [min(times) / 1e3, max(times) / 1e3]
         figures[f"{name}_state_bytes"] = factory.state_bytes(optimizer)
@@ -214,6 +217,19 @@ def part_optim(ctx: Context) -> dict[str, Any]:
             figures["apollo_state_bytes"] / figures["adamw_state_bytes"]
         )
     return figures
+
+
+def profile_step(step: Callable[[], Any], path: Path) -> None:
+    """The step's CUDA kernels by total time (a table in `path`, the top in the log)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        sync()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    path.write_text(table)
+    log("apollo profile (3 steps):\n" + "\n".join(table.splitlines()[:25]))
 
 
 # ---- train -----------------------------------------------------------------------------------------------
@@ -324,6 +340,7 @@ def part_interference(ctx: Context) -> dict[str, Any]:
             "train_tokens_per_s_beside_saturated_server": rate["tokens_per_s"],
             "serve_half_load_steps_per_s": half,
             "serve_step_tokens": server.ready["step_tokens"],
+            "serve_cuda_graph": server.ready.get("cuda_graph"),
             "serve_arrivals": args.arrivals,
             "serve_p50_ms_alone": alone["p50_ms"],
             "serve_p99_ms_alone": alone["p99_ms"],
@@ -404,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--candidates", default="", help="comma-separated protection candidates (default: all)"
     )
+    parser.add_argument(
+        "--no-cuda-graph", dest="cuda_graph", action="store_false", help="eager serving steps"
+    )
+    parser.add_argument("--profile", action="store_true", help="optim: profile the APOLLO step's kernels")
     parser.add_argument("--table", action="store_true", help="re-render the table in bench/RESULTS.md")
     args = parser.parse_args(argv)
     if args.table:

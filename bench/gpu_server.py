@@ -50,13 +50,39 @@ class Server:
         vocab = int(self.hf_config["vocab_size"])
         self.inputs = torch.randint(0, vocab, (args.serve_batch, args.serve_seq), device=self.device)
         self.step_tokens = args.serve_batch * args.serve_seq
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if args.cuda_graph and self.device.startswith("cuda"):
+            try:
+                self.graph = self._capture()
+            except RuntimeError as err:  # eager steps then; `ready` says which
+                print(f"CUDA graph capture failed, serving eagerly: {err}", file=sys.stderr)
+                torch.cuda.synchronize()
         for _ in range(3):
             self.step()
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """One serving step as a CUDA graph, as vLLM runs its steps: GPU-bound, no launch gaps. The graph
+        holds the weights' raw pointers, so in-place training is seen (FACTS.md, "vLLM's GPU path")."""
+        from hogwild.testing.vllm_layout import fused_forward
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fused_forward(self.params, self.hf_config, self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = fused_forward(self.params, self.hf_config, self.inputs)
+        return graph
 
     def step(self) -> None:
         from hogwild.testing.vllm_layout import fused_forward
 
-        fused_forward(self.params, self.hf_config, self.inputs)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            fused_forward(self.params, self.hf_config, self.inputs)
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
 
@@ -68,6 +94,7 @@ class Server:
             "weight_bytes": weight_bytes,
             "step_tokens": self.step_tokens,
             "backend": self.manifest.backend,
+            "cuda_graph": self.graph is not None,
         }
 
     def load(self, mode: str, seconds: float, rate: float = 0.0, seed: int = 0) -> dict[str, Any]:
@@ -149,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-batch", type=int, default=4)
     parser.add_argument("--serve-seq", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-cuda-graph", dest="cuda_graph", action="store_false", help="eager serving steps"
+    )
     args = parser.parse_args(argv)
     server = Server(args)
     serve_commands({"load": server.load, "memory": server.memory}, server.ready())
