@@ -74,7 +74,9 @@ def test_train_replies_with_step_loss_and_tokens(worker: WorkerProcess) -> None:
     assert (status["step"], status["loss"], status["busy"]) == (reply["step"], reply["loss"], False)
 
 
-def test_status_and_checkpoint_answer_while_a_train_runs_and_a_second_train_is_busy(worker: WorkerProcess) -> None:
+def test_status_and_checkpoint_answer_while_a_train_runs_and_a_second_train_is_busy(
+    worker: WorkerProcess,
+) -> None:
     start = worker.call("status")["step"]
     running = worker.post("train", **LONG_TRAIN)
     try:
@@ -207,6 +209,26 @@ def test_another_client_key_gets_no_answer(worker: WorkerProcess, curve_dir: Pat
 def test_plaintext_on_the_tcp_port_gets_no_answer(worker: WorkerProcess) -> None:
     frame = b'{"v": 1, "type": "status", "id": "plain"}'
     assert call_raw(tcp_address(worker), frame, wait_s=2) is None
+
+
+# ---- serving protection ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("in_flight", "waited"), [(1, True), (0, False)], ids=["server-busy", "server-idle"])
+def test_training_yields_while_the_server_has_requests_in_flight(
+    pod: Pod, in_flight: int, waited: bool
+) -> None:
+    from hogwild.worker.protection import HINT_NAME, LoadHint
+
+    hint = LoadHint(pod.run_dir / HINT_NAME)  # what vLLM's side keeps current
+    hint.set(in_flight)
+    try:
+        worker = pod.worker(config={"protection": {"yield_when_busy": True, "max_wait_s": 0.01}})
+        worker.wait_connected()
+        worker.call("train", samples=[FACT], steps=2)
+        stats = worker.call("status")["protection"]
+    finally:
+        hint.close()
+    assert stats["points"] > 0
+    assert (stats["waits"] > 0, stats["gave_up"] > 0) == (waited, waited)
 
 
 # ---- the watcher -----------------------------------------------------------------------------------------

@@ -78,6 +78,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", default="{}", help="initial hyperparameters, JSON (hogwild.config names)")
     parser.add_argument("--device", default="auto", help="auto (the exporter's), cpu or cuda")
+    parser.add_argument(
+        "--vllm-metrics-url",
+        default=env.get("HOGWILD_VLLM_METRICS_URL"),
+        help="vLLM's /metrics, read for serving protection when vLLM writes no load hint in the run dir",
+    )
     parser.add_argument("--log-level", default=env.get("HOGWILD_LOG_LEVEL", "INFO"))
     return parser.parse_args(argv)
 
@@ -101,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     metrics = WorkerMetrics()
     metrics_port, _ = metrics.serve(args.metrics_port, args.metrics_host)
-    settings = WorkerSettings(run_dir, checkpoint_dir, None if args.device == "auto" else args.device)
+    device = None if args.device == "auto" else args.device
+    settings = WorkerSettings(run_dir, checkpoint_dir, device, args.vllm_metrics_url)
     service = WorkerService(settings, config, metrics)
     ipc_path = run_dir / defaults.WORKER_SOCKET_NAME
     ipc_path.unlink(missing_ok=True)  # a socket file left by a killed worker

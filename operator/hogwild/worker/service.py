@@ -10,6 +10,7 @@ What "trained since the last checkpoint" means, and what a checkpoint holds: hog
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ from hogwild.protocol import (
     StatusRequest,
     TrainRequest,
 )
-from hogwild.worker import persistence, status
+from hogwild.worker import persistence, protection, status
 from hogwild.worker.metrics import WorkerMetrics
 from hogwild.worker.model import MappedModel, load_tokenizer, map_model
 from hogwild.worker.trainer import StepStats, Trainer
@@ -44,6 +45,7 @@ class WorkerSettings:
     run_dir: Path
     checkpoint_dir: Path
     device: str | None = None
+    vllm_metrics_url: str | None = None  # serving load, when vLLM's side writes no load hint
 
 
 class WorkerService:
@@ -51,6 +53,9 @@ class WorkerService:
         self.settings = settings
         self.metrics = metrics
         self.trainer = Trainer(config, on_step=self._on_step)
+        # Serving protection: preemption points in every step, which wait while vLLM has requests in flight.
+        probe = protection.default_probe(settings.run_dir, settings.vllm_metrics_url)
+        self.gate = protection.ServingGate(probe, config.protection)
         self.mapped: MappedModel | None = None
         self.endpoints: dict[str, Any] = {}
         self.mapping_error: str | None = None
@@ -170,6 +175,7 @@ class WorkerService:
                 trained_since_checkpoint=self.trained_since_checkpoint,
                 mapping_error=self.mapping_error,
                 endpoints=self.endpoints,
+                protection=dataclasses.asdict(self.gate.stats),
             )
         )
 
@@ -179,6 +185,7 @@ class WorkerService:
         except ConfigError as err:
             raise ProtocolError("invalid", str(err)) from None
         self.metrics.paused.set(int(self.trainer.config.paused))
+        self.gate.update(self.trainer.config.protection)
         log.info(
             "configured",
             extra={"event": "configured", "applied": reply["applied"], "state_reset": reply["state_reset"]},
@@ -356,6 +363,7 @@ class WorkerService:
                 self.metrics.connected.set(0)
                 log.exception("mapping the weights failed", extra={"event": "map_failed"})
                 return
+            protection.install_preemption_points(mapped.module, self.gate.point)
             self.trainer.attach(mapped.module, tokenizer, int(mapped.module.config.vocab_size))
             self.mapped, self.mapping_error, self._failed_map = mapped, None, None
             restored = self._restore_optimizer_state()
@@ -413,3 +421,4 @@ class WorkerService:
                 self.checkpoint("shutdown")
             except Exception:
                 log.exception("final checkpoint failed", extra={"event": "checkpoint_failed"})
+        protection.close_probe(self.gate.probe)

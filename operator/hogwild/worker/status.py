@@ -57,6 +57,7 @@ class StatusInputs:
     trained_since_checkpoint: bool
     mapping_error: str | None
     endpoints: dict[str, Any]
+    protection: dict[str, Any] | None = None  # what serving protection did (points, waits, waited_s, ...)
 
 
 def status_reply(s: StatusInputs) -> dict[str, Any]:
@@ -87,5 +88,6 @@ def status_reply(s: StatusInputs) -> dict[str, Any]:
         "device": s.device,
         "trained_since_checkpoint": s.trained_since_checkpoint,
         "mapping_error": s.mapping_error,
+        "protection": s.protection,
         **s.endpoints,
     }

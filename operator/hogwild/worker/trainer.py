@@ -151,8 +151,9 @@ class Trainer:
         self.vocab_size = 0
         self.named_params: list[tuple[str, torch.Tensor]] = []
         self.optimizer: torch.optim.Optimizer | None = None
-        # TODO(serving protection): a hook that says whether vLLM has requests running or waiting (from its
-        # /metrics); with protection.yield_when_busy the step waits up to max_wait_s while it says yes.
+        # Step-level serving protection: with protection.yield_when_busy a step waits (up to max_wait_s) while
+        # this says vLLM is busy. The worker service installs finer, layer-level points instead
+        # (hogwild.worker.protection); this hook is for callers that want whole steps to yield.
         self.serving_busy: Callable[[], bool] | None = None
 
     @contextlib.contextmanager
