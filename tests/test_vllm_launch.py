@@ -7,15 +7,21 @@ from pathlib import Path
 
 import pytest
 
+from hogwild import checkpoint
 from hogwild.vllm_plugin.launch import build_command, newest_checkpoint
 from hogwild.vllm_plugin.safety import unsafe_settings
 
 
-def make_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
-    path = root / f"step-{step:08d}"
+def make_checkpoint(root: Path, step: int, complete: bool = True, written_at: float | None = None) -> Path:
+    path = root / checkpoint.checkpoint_name(step)
     path.mkdir(parents=True)
     if complete:
-        (path / "meta.json").write_text(json.dumps({"step": step}))
+        meta = {
+            "format": checkpoint.FORMAT,
+            "step": step,
+            "time": float(step if written_at is None else written_at),
+        }
+        (path / checkpoint.META_NAME).write_text(json.dumps(meta))
     return path
 
 
@@ -26,6 +32,13 @@ CHECKPOINT_CASES = {
     "incomplete newest ignored": ([(3, True), (9, False)], 3),
     "only incomplete": ([(9, False)], None),
 }
+
+
+def test_after_a_rollback_the_newest_written_wins(tmp_path: Path) -> None:
+    """Restored to step 3 and trained on: the new step-5 is newer than an older step-9 from before."""
+    make_checkpoint(tmp_path, 9, written_at=100.0)
+    newer = make_checkpoint(tmp_path, 5, written_at=200.0)
+    assert newest_checkpoint(tmp_path) == newer
 
 
 @pytest.mark.parametrize(("made", "expected"), CHECKPOINT_CASES.values(), ids=CHECKPOINT_CASES.keys())

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hogwild import defaults
+from hogwild import checkpoint, defaults
 from hogwild.vllm_plugin import compat
 from hogwild.vllm_plugin.safety import unsafe_settings
 
@@ -34,12 +34,9 @@ class LaunchPlan:
 
 
 def newest_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest `step-<8 digits>` directory that holds a meta.json (written last, so it is complete)."""
-    root = Path(checkpoint_dir)
-    if not root.is_dir():
-        return None
-    complete = [p for p in root.glob("step-*") if p.name[5:].isdigit() and (p / "meta.json").is_file()]
-    return max(complete, key=lambda p: int(p.name[5:]), default=None)
+    """The checkpoint the worker would resume from (hogwild.checkpoint decides: complete, newest written)."""
+    newest = checkpoint.newest_complete(checkpoint_dir)
+    return newest.path if newest else None
 
 
 def _allowlist(existing: str | None) -> str:
