@@ -65,6 +65,10 @@ CANDIDATES: list[tuple[str, dict[str, Any], int, int, int]] = [
     ("yield-layer-4k", {"yield_when_busy": True}, 2, 2048, 4),
     ("yield-layer-2k", {"yield_when_busy": True}, 1, 2048, 8),
     ("yield-layer-1k", {"yield_when_busy": True}, 1, 1024, 16),
+    ("yield-linear-4k", {"yield_when_busy": True, "granularity": "linear"}, 2, 2048, 4),
+    ("yield-linear-4k-tail", {"yield_when_busy": True, "granularity": "linear", "tail": True}, 2, 2048, 4),
+    ("yield-linear-2k-tail", {"yield_when_busy": True, "granularity": "linear", "tail": True}, 1, 2048, 8),
+    ("yield-layer-1k-tail", {"yield_when_busy": True, "tail": True}, 1, 1024, 16),
 ]
 DEFAULT_CANDIDATE = "yield-layer-2k"
 

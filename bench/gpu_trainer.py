@@ -17,6 +17,7 @@ import argparse
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,55 @@ def build_trainer(mapped: Any, **config: Any) -> Any:
     return trainer
 
 
+def preemptible_tail(trainer: Any, point: Callable[[], None], chunk: int = 32) -> Callable[[], None]:
+    """Preemption points inside the step's tail (gradient clip, optimizer step). Returns an undo.
+
+    Bench-only emulation of an API proposed to the trainer and optimizer owners: without it, the clip and
+    the APOLLO step run as one unpreemptible piece of GPU work after the last backward point (~30 ms at
+    1.5B, ~60 ms at 7B). Here a point comes before every `chunk` parameters of the clip and before each of
+    APOLLO's same-shape buckets, by wrapping the instance's methods; the arithmetic is the same.
+    """
+    optimizer = trainer.optimizer
+    wrapped: list[str] = []
+    for name in ("_apollo_update", "_adamw_update"):
+        original = getattr(optimizer, name, None)
+        if original is None:
+            continue
+
+        def with_point(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+            point()
+            return _original(*args, **kwargs)
+
+        setattr(optimizer, name, with_point)
+        wrapped.append(name)
+
+    def grad_norm_and_clip() -> float:
+        grads = [p.grad for _, p in trainer.named_params if p.grad is not None]
+        if not grads:
+            return 0.0
+        squares = []
+        for start in range(0, len(grads), chunk):
+            point()
+            norms = torch._foreach_norm(grads[start : start + chunk], 2.0)
+            squares.append(torch.linalg.vector_norm(torch.stack(norms)) ** 2)
+        norm = torch.stack(squares).sum().sqrt()
+        if trainer.config.clip_grad_norm > 0 and torch.isfinite(norm):
+            coef = (trainer.config.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            for start in range(0, len(grads), chunk):
+                point()
+                torch._foreach_mul_(grads[start : start + chunk], coef)
+        return float(norm)
+
+    trainer._grad_norm_and_clip = grad_norm_and_clip
+
+    def undo() -> None:
+        for name in wrapped:
+            delattr(optimizer, name)
+        del trainer._grad_norm_and_clip
+
+    return undo
+
+
 class TrainLoop:
     def __init__(self, args: argparse.Namespace) -> None:
         from hogwild.handles import read_manifest
@@ -67,7 +117,9 @@ class TrainLoop:
         self.map_s = time.perf_counter() - started
         self.trainer = build_trainer(self.mapped, optimizer=args.optimizer, lr=1e-6, clip_grad_norm=1.0)
         self.gate = ServingGate(HintFileProbe(Path(args.run_dir) / HINT_NAME))
-        self.remove_points = install_preemption_points(self.mapped.module, self.gate.point)
+        self.granularity = "layer"
+        self.remove_points = install_preemption_points(self.mapped.module, self.gate.point, self.granularity)
+        self.remove_tail: Callable[[], None] | None = None
         self.vocab = int(self.mapped.module.config.vocab_size)
         self.device = self.mapped.device
         self.thread: threading.Thread | None = None
@@ -80,11 +132,14 @@ class TrainLoop:
         return {"map_s": self.map_s, "params": sum(p.numel() for p in self.mapped.module.parameters())}
 
     def _protection(self, protection: dict[str, Any] | None) -> None:
-        """Bench-only key `granularity`: "layer" (the gate's preemption points) or "step" (Trainer's own yield)."""
+        """Bench-only keys: `granularity` "layer" | "linear" (the gate's preemption points) or "step"
+        (Trainer's own yield before a step); `tail` (points inside the clip and the optimizer step)."""
         from hogwild.config import ServingProtection, validate_changes
+        from hogwild.worker.protection import install_preemption_points
 
         values = dict(protection or {})
         granularity = values.pop("granularity", "layer")
+        tail = bool(values.pop("tail", False))
         settings = validate_changes({"protection": values})["protection"]
         self.trainer.configure({"protection": values})
         if granularity == "step":
@@ -93,6 +148,17 @@ class TrainLoop:
         else:
             self.trainer.serving_busy = None
             self.gate.update(settings)
+            if granularity != self.granularity:
+                self.remove_points()
+                self.remove_points = install_preemption_points(
+                    self.mapped.module, self.gate.point, granularity
+                )
+                self.granularity = granularity
+        if self.remove_tail is not None:
+            self.remove_tail()
+            self.remove_tail = None
+        if tail:
+            self.remove_tail = preemptible_tail(self.trainer, self.gate.point)
         self.duty = settings.max_duty_cycle
 
     def start(

@@ -96,7 +96,14 @@ def test_settings_change_while_training() -> None:
     assert gate.stats.waits == 1
 
 
-def test_points_come_before_each_layer_forward_and_backward() -> None:
+@pytest.mark.parametrize(
+    ("granularity", "blocks"),
+    [
+        pytest.param("layer", 3 + 1, id="layers-and-head"),
+        pytest.param("linear", 3 + 3 * 7 + 1, id="every-projection-too"),
+    ],
+)
+def test_points_come_before_each_block_forward_and_backward(granularity: str, blocks: int) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
@@ -105,10 +112,10 @@ def test_points_come_before_each_layer_forward_and_backward() -> None:
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config)
     calls: list[str] = []
-    remove = install_preemption_points(model, lambda: calls.append("point"))
+    remove = install_preemption_points(model, lambda: calls.append("point"), granularity)
     ids = torch.randint(0, 100, (1, 8))
     model(input_ids=ids).logits.sum().backward()
-    assert len(calls) == 2 * (3 + 1)  # 3 layers and the head, forward and backward
+    assert len(calls) == 2 * blocks  # forward and backward
     remove()
     model(input_ids=ids).logits.sum().backward()
-    assert len(calls) == 8
+    assert len(calls) == 2 * blocks

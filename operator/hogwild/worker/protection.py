@@ -233,12 +233,35 @@ def _first_grad_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
-def install_preemption_points(module: torch.nn.Module, point: Callable[[], None]) -> Callable[[], None]:
-    """Call `point` before each decoder layer's forward and backward, and the output head's. Returns undo."""
-    blocks: list[torch.nn.Module] = decoder_layers(module)
+GRANULARITIES = ("layer", "linear")
+
+
+def preemption_blocks(module: torch.nn.Module, granularity: str = "linear") -> list[torch.nn.Module]:
+    """Where the points go: each decoder layer (and, with "linear", each linear layer inside it), then the head.
+
+    A chunk of training work is what runs between two points: one decoder layer of one micro-batch, or one
+    projection of it (at 7B and 4k tokens, ~2.6 ms forward for a layer, ~0.8 ms for one MLP projection).
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    blocks: list[torch.nn.Module] = []
+    for layer in decoder_layers(module):
+        blocks.append(layer)
+        if granularity == "linear":
+            blocks.extend(m for m in layer.modules() if isinstance(m, torch.nn.Linear))
     head = getattr(module, "lm_head", None)
     if isinstance(head, torch.nn.Module):
         blocks.append(head)
+    return blocks
+
+
+def install_preemption_points(
+    module: torch.nn.Module, point: Callable[[], None], granularity: str = "linear"
+) -> Callable[[], None]:
+    """Call `point` before each block's forward and before its backward (see `preemption_blocks`).
+
+    Returns a function that removes them again.
+    """
 
     def before_forward(_module: torch.nn.Module, _args: Any) -> None:
         point()
@@ -250,7 +273,7 @@ def install_preemption_points(module: torch.nn.Module, point: Callable[[], None]
             tensor.register_hook(_backward_point(point))
 
     handles: list[Any] = []
-    for block in blocks:
+    for block in preemption_blocks(module, granularity):
         handles.append(block.register_forward_pre_hook(before_forward))
         handles.append(block.register_forward_hook(after_forward))
 
