@@ -23,7 +23,7 @@ from hogwild.optim.factory import (
     param_groups,
     state_bytes,
 )
-from hogwild.optim.rounding import ROUNDINGS, apply_update_, stochastic_round_bf16_
+from hogwild.optim.rounding import ROUNDINGS, apply_update_, apply_updates_, stochastic_round_bf16_
 
 __all__ = [
     "APOLLO_MINI_SCALE",
@@ -36,6 +36,7 @@ __all__ = [
     "OptimizerSettings",
     "apply_hot_update",
     "apply_update_",
+    "apply_updates_",
     "build_optimizer",
     "group_hyperparameters",
     "param_groups",

@@ -17,7 +17,12 @@ For a 2-D weight W (m x n with m <= n; otherwise the projection acts on the othe
 The moments persist across projection refreshes, as in the paper's algorithm. Parameters that are not 2-D
 (norms, biases), weights whose smaller side is not larger than the rank, and groups with `low_rank=False`
 (e.g. embeddings) get plain AdamW inside the same optimizer. Updates to bf16 weights go through
-`rounding.apply_update_` (stochastic rounding by default), always in place.
+`rounding.apply_updates_` (stochastic rounding by default), always in place.
+
+Speed: a model has a few dozen parameters of each shape, so the step works per shape ("bucket"), not per
+parameter: the moments of a bucket live in shared (k, ...) buffers (each parameter's state holds views), and
+a step is a few kernels per bucket plus a projection matmul and a gradient norm per parameter. The projection
+of the current period is kept in memory (r x min(m, n) in the gradient's dtype, not in the state dict).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from hogwild.optim.rounding import ROUNDINGS, apply_updates_, derive_seed, noise
 SCALE_TYPES = ("channel", "tensor")
 APOLLO_MINI_SCALE = math.sqrt(128.0)
 _TINY = torch.finfo(torch.float32).tiny
-_CHUNK = 32  # parameters whose transient projected tensors live at once
+_CHUNK = 32  # most parameters in one bucket (bounds the transient projected tensors)
 
 
 def _number(name: str, value: Any, low: float, *, low_open: bool = False) -> None:
@@ -66,17 +71,12 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
-def _limit(value: Any) -> None:
-    if value is not None:
-        _number("norm_growth_limit", value, 1.0)
-
-
-def _flag(value: Any) -> None:
+def _flag(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"low_rank must be true or false, got {value!r}")
+        raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
-_CHECKS: dict[str, Callable[[Any], None]] = {
+_CHECKS: dict[str, Callable[[Any], object]] = {
     "lr": lambda v: _number("lr", v, 0.0),
     "betas": _betas,
     "eps": lambda v: _number("eps", v, 0.0, low_open=True),
@@ -85,10 +85,10 @@ _CHECKS: dict[str, Callable[[Any], None]] = {
     "scale_type": lambda v: _choice("scale_type", v, SCALE_TYPES),
     "update_proj_gap": lambda v: _integer("update_proj_gap", v, 1),
     "scale": lambda v: _number("scale", v, 0.0, low_open=True),
-    "norm_growth_limit": _limit,
+    "norm_growth_limit": lambda v: None if v is None else _number("norm_growth_limit", v, 1.0),
     "rounding": lambda v: _choice("rounding", v, ROUNDINGS),
     "seed": lambda v: _integer("seed", v, 0),
-    "low_rank": _flag,
+    "low_rank": lambda v: _flag("low_rank", v),
 }
 
 

@@ -2,7 +2,8 @@
 
 bf16 keeps 8 significant bits: an update smaller than about 2^-9 of a weight rounds back to the same weight,
 so fine-tuning at a small learning rate silently does nothing (FACTS.md, "Precision"). Two cures, both
-writing into the parameter's own storage with `copy_`, because vLLM reads that exact memory:
+writing into the parameter's own storage (`copy_`, or the fused kernel's stores), because vLLM reads that
+exact memory:
 
 - stochastic rounding (default): round up with probability equal to the distance from the lower bf16
   neighbour, so the stored value equals the fp32 value in expectation and small updates accumulate.
