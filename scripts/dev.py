@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -31,7 +32,17 @@ def log(message: str) -> None:
 
 
 def venv_dir() -> Path:
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:12]
+    """Keyed by what decides the venv's contents: pyproject's [build-system] and [project] tables (a change
+    to tool settings such as ruff's must not rebuild a 3 GB venv)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: key on the whole file
+        key = text
+    else:
+        pyproject = tomllib.loads(text)
+        key = json.dumps({k: pyproject.get(k) for k in ("build-system", "project")}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return CACHE / f"venv-{digest}"
 
 
