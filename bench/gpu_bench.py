@@ -57,18 +57,23 @@ from gpu_common import (
 TRAIN_TOKENS_PER_STEP = 16384
 # (name, protection settings, micro-batch, sequence length, accumulation). Every row trains 16,384 tokens a
 # step; "granularity: step" waits only before a whole step (Trainer's own yield), "layer" at every layer.
+_YIELD = {"yield_when_busy": True}
+_FINE = {**_YIELD, "granularity": "linear", "tail": True, "chunked_head": True}
 CANDIDATES: list[tuple[str, dict[str, Any], int, int, int]] = [
     ("off", {}, 2, 2048, 4),
     ("duty-0.5", {"max_duty_cycle": 0.5}, 2, 2048, 4),
     ("duty-0.25", {"max_duty_cycle": 0.25}, 2, 2048, 4),
-    ("yield-step", {"yield_when_busy": True, "granularity": "step"}, 2, 2048, 4),
-    ("yield-layer-4k", {"yield_when_busy": True}, 2, 2048, 4),
-    ("yield-layer-2k", {"yield_when_busy": True}, 1, 2048, 8),
-    ("yield-layer-1k", {"yield_when_busy": True}, 1, 1024, 16),
-    ("yield-linear-4k", {"yield_when_busy": True, "granularity": "linear"}, 2, 2048, 4),
-    ("yield-linear-4k-tail", {"yield_when_busy": True, "granularity": "linear", "tail": True}, 2, 2048, 4),
-    ("yield-linear-2k-tail", {"yield_when_busy": True, "granularity": "linear", "tail": True}, 1, 2048, 8),
-    ("yield-layer-1k-tail", {"yield_when_busy": True, "tail": True}, 1, 1024, 16),
+    ("yield-step", {**_YIELD, "granularity": "step"}, 2, 2048, 4),
+    ("yield-layer-4k", _YIELD, 2, 2048, 4),
+    ("yield-layer-2k", _YIELD, 1, 2048, 8),
+    ("yield-layer-1k", _YIELD, 1, 1024, 16),
+    ("yield-linear-4k", {**_YIELD, "granularity": "linear"}, 2, 2048, 4),
+    ("yield-linear-4k-tail", {**_YIELD, "granularity": "linear", "tail": True}, 2, 2048, 4),
+    ("yield-linear-2k-tail", {**_YIELD, "granularity": "linear", "tail": True}, 1, 2048, 8),
+    ("yield-layer-1k-tail", {**_YIELD, "tail": True}, 1, 1024, 16),
+    ("yield-fine-4k", _FINE, 2, 2048, 4),
+    ("yield-fine-2k", _FINE, 1, 2048, 8),
+    ("yield-fine-1k", _FINE, 1, 1024, 16),
 ]
 DEFAULT_CANDIDATE = "yield-layer-2k"
 
@@ -375,6 +380,8 @@ def part_interference(ctx: Context) -> dict[str, Any]:
             }  # fmt: skip
             log(f"candidate {name}: {json.dumps(row)}")
             curve.append(row)
+            with open(ctx.out / f"interference-{ctx.shape}.jsonl", "a") as f:  # survives a killed part
+                f.write(json.dumps({"base": figures, "row": row}) + "\n")
         figures["protection_curve"] = curve
         default = next((row for row in curve if row["name"] == DEFAULT_CANDIDATE), None)
         if default is not None:

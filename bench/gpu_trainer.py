@@ -59,6 +59,8 @@ def preemptible_tail(trainer: Any, point: Callable[[], None], chunk: int = 32) -
     1.5B, ~60 ms at 7B). Here a point comes before every `chunk` parameters of the clip and before each of
     APOLLO's same-shape buckets, by wrapping the instance's methods; the arithmetic is the same.
     """
+    from hogwild.worker.protection import preemptible_clip
+
     optimizer = trainer.optimizer
     wrapped: list[str] = []
     for name in ("_apollo_update", "_adamw_update"):
@@ -72,30 +74,41 @@ def preemptible_tail(trainer: Any, point: Callable[[], None], chunk: int = 32) -
 
         setattr(optimizer, name, with_point)
         wrapped.append(name)
-
-    def grad_norm_and_clip() -> float:
-        grads = [p.grad for _, p in trainer.named_params if p.grad is not None]
-        if not grads:
-            return 0.0
-        squares = []
-        for start in range(0, len(grads), chunk):
-            point()
-            norms = torch._foreach_norm(grads[start : start + chunk], 2.0)
-            squares.append(torch.linalg.vector_norm(torch.stack(norms)) ** 2)
-        norm = torch.stack(squares).sum().sqrt()
-        if trainer.config.clip_grad_norm > 0 and torch.isfinite(norm):
-            coef = (trainer.config.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-            for start in range(0, len(grads), chunk):
-                point()
-                torch._foreach_mul_(grads[start : start + chunk], coef)
-        return float(norm)
-
-    trainer._grad_norm_and_clip = grad_norm_and_clip
+    trainer._grad_norm_and_clip = lambda: preemptible_clip(
+        [p for _, p in trainer.named_params], trainer.config.clip_grad_norm, point, chunk
+    )
 
     def undo() -> None:
         for name in wrapped:
             delattr(optimizer, name)
         del trainer._grad_norm_and_clip
+
+    return undo
+
+
+def chunked_head(trainer: Any, point: Callable[[], None], rows: int = 1024) -> Callable[[], None]:
+    """The output head and the loss in chunks of `rows` tokens, a preemption point before each. Returns an undo.
+
+    Bench-only emulation of a proposed Trainer change. `Trainer.backward` computes [tokens, vocab] logits,
+    their fp32 copy and the cross-entropy as one piece of GPU work (~10 ms at 1.5B and 4k tokens): longer
+    than the serving step can absorb. Here the body runs once, the head and the loss run per chunk of rows
+    on a detached copy of the last hidden state, and the body's backward takes the summed gradient: the
+    same loss and gradients (summed in another order), and no full fp32 logits in memory.
+    """
+    from hogwild.worker.protection import chunked_head_backward
+
+    def backward(batch: Any) -> float:
+        device = trainer.named_params[0][1].device
+        total = torch.zeros((), device=device)
+        for micro in batch.micro_batches:
+            ids, labels, mask = (t.to(device) for t in (micro.input_ids, micro.labels, micro.attention_mask))
+            total += chunked_head_backward(trainer.module, ids, labels, mask, batch.targets, point, rows)
+        return float(total)
+
+    trainer.backward = backward
+
+    def undo() -> None:
+        del trainer.backward
 
     return undo
 
@@ -120,6 +133,7 @@ class TrainLoop:
         self.granularity = "layer"
         self.remove_points = install_preemption_points(self.mapped.module, self.gate.point, self.granularity)
         self.remove_tail: Callable[[], None] | None = None
+        self.remove_head: Callable[[], None] | None = None
         self.vocab = int(self.mapped.module.config.vocab_size)
         self.device = self.mapped.device
         self.thread: threading.Thread | None = None
@@ -133,13 +147,15 @@ class TrainLoop:
 
     def _protection(self, protection: dict[str, Any] | None) -> None:
         """Bench-only keys: `granularity` "layer" | "linear" (the gate's preemption points) or "step"
-        (Trainer's own yield before a step); `tail` (points inside the clip and the optimizer step)."""
+        (Trainer's own yield before a step); `tail` (points inside the clip and the optimizer step);
+        `chunked_head` (the output head and the loss in preemptible chunks)."""
         from hogwild.config import ServingProtection, validate_changes
         from hogwild.worker.protection import install_preemption_points
 
         values = dict(protection or {})
         granularity = values.pop("granularity", "layer")
         tail = bool(values.pop("tail", False))
+        head = bool(values.pop("chunked_head", False))
         settings = validate_changes({"protection": values})["protection"]
         self.trainer.configure({"protection": values})
         if granularity == "step":
@@ -159,6 +175,11 @@ class TrainLoop:
             self.remove_tail = None
         if tail:
             self.remove_tail = preemptible_tail(self.trainer, self.gate.point)
+        if self.remove_head is not None:
+            self.remove_head()
+            self.remove_head = None
+        if head:
+            self.remove_head = chunked_head(self.trainer, self.gate.point)
         self.duty = settings.max_duty_cycle
 
     def start(

@@ -119,3 +119,57 @@ def test_points_come_before_each_block_forward_and_backward(granularity: str, bl
     remove()
     model(input_ids=ids).logits.sum().backward()
     assert len(calls) == 2 * blocks
+
+
+def _tiny_lm(tied: bool) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=300, tie_word_embeddings=tied,
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float64).train()
+
+
+@pytest.mark.parametrize("tied", [pytest.param(True, id="tied"), pytest.param(False, id="untied")])
+def test_the_chunked_head_gives_the_whole_head_gradients(tied: bool) -> None:
+    import torch.nn.functional as F
+
+    from hogwild.worker.protection import chunked_head_backward
+
+    model = _tiny_lm(tied)
+    ids = torch.randint(0, 300, (2, 150))
+    labels = ids.clone()
+    labels[0, :40] = -100
+    targets = int((labels[:, 1:] != -100).sum())
+    logits = model(input_ids=ids).logits
+    whole = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum") / targets
+    whole.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    points: list[int] = []
+    loss = chunked_head_backward(
+        model, ids, labels, torch.ones_like(ids), targets, lambda: points.append(1), rows=64
+    )
+    assert float(loss) == pytest.approx(float(whole.detach()), rel=1e-12)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-10, atol=1e-12)
+    assert len(points) == 5  # ceil(2 * 149 / 64) chunks
+
+
+def test_the_preemptible_clip_matches_torch() -> None:
+    from hogwild.worker.protection import preemptible_clip
+
+    params = [torch.nn.Parameter(torch.randn(7, 5, dtype=torch.float64)) for _ in range(10)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    expected_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(expected_params, params, strict=True):
+        p.grad = q.grad.clone()
+    norm = torch.nn.utils.clip_grad_norm_(expected_params, 1.0)
+    points: list[int] = []
+    assert preemptible_clip(params, 1.0, lambda: points.append(1), chunk=3) == pytest.approx(float(norm))
+    for p, q in zip(params, expected_params, strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert len(points) == 2 * 4

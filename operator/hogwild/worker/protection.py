@@ -284,6 +284,68 @@ def install_preemption_points(
     return remove
 
 
+def preemptible_clip(
+    params: Iterable[torch.Tensor], max_norm: float, point: Callable[[], None], chunk: int = 32
+) -> float:
+    """Total gradient norm, and clip to `max_norm` (0: no clip), `chunk` parameters at a time with a point
+    before each piece: the same result as `get_total_norm` + `clip_grads_with_norm_`, but preemptible
+    (at 7B the one-piece version is ~18 ms of GPU work). Returns the norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    squares = []
+    for start in range(0, len(grads), chunk):
+        point()
+        norms = torch._foreach_norm(grads[start : start + chunk], 2.0)
+        squares.append(torch.linalg.vector_norm(torch.stack(norms)) ** 2)
+    norm = torch.stack(squares).sum().sqrt()
+    if max_norm > 0 and torch.isfinite(norm):
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for start in range(0, len(grads), chunk):
+            point()
+            torch._foreach_mul_(grads[start : start + chunk], coef)
+    return float(norm)
+
+
+def chunked_head_backward(
+    module: Any,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    targets: int,
+    point: Callable[[], None],
+    rows: int = 1024,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Forward and backward of one micro-batch with the output head and the loss in chunks of `rows` tokens.
+
+    The loss is the cross-entropy summed over the micro-batch's targets divided by `targets` (the step's
+    target count), as `Trainer.backward` computes it; returns it (a 0-dim tensor, no sync). The body runs
+    once; the head and the loss run per chunk on a detached copy of the last hidden state, a point before
+    each; then the body's backward takes the summed gradient. Same gradients, and no [tokens, vocab] fp32
+    logits: one piece of ~10 ms (1.5B, 4k tokens) becomes pieces of ~1 ms, and ~7 GB less memory at 7B.
+    """
+    import torch.nn.functional as F
+
+    hidden = module.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    shifted = labels[:, 1:].reshape(-1)
+    leaf = flat.detach().requires_grad_()
+    loss_dtype = torch.promote_types(flat.dtype, torch.float32)  # fp32 for bf16, as the trainer computes it
+    total = torch.zeros((), device=flat.device, dtype=loss_dtype)
+    for start in range(0, flat.shape[0], rows):
+        point()
+        logits = module.lm_head(leaf[start : start + rows]).to(loss_dtype)
+        loss = F.cross_entropy(
+            logits, shifted[start : start + rows], ignore_index=ignore_index, reduction="sum"
+        )
+        loss = loss / targets
+        loss.backward()
+        total += loss.detach()
+    flat.backward(leaf.grad)
+    return total
+
+
 def _backward_point(point: Callable[[], None]) -> Callable[[torch.Tensor], None]:
     def hook(_grad: torch.Tensor) -> None:
         point()
