@@ -105,6 +105,15 @@ async def wait_status(
     return dict(await eventually(probe, what, timeout_s))
 
 
+async def wait_events(cluster: Cluster, name: str, wanted: set[tuple[str, str]]) -> None:
+    """Until the session has Events of these (type, reason): kopf posts them asynchronously."""
+
+    async def probe() -> bool:
+        return wanted <= {(e["type"], e["reason"]) for e in await cluster.events(name)}
+
+    await eventually(probe, f"events {sorted(wanted)}")
+
+
 async def secret_keys(cluster: Cluster, name: str) -> dict[str, bytes]:
     secret = await eventually(lambda: cluster.get("Secret", f"{name}-curve"), "the CURVE Secret")
     return curve_keys(secret)
@@ -154,8 +163,9 @@ async def test_create_then_pod_running_without_a_worker_is_serving(cluster: Clus
         status = await wait_status(cluster, "chat", "Serving", lambda s: s.get("phase") == "Serving")
         assert condition(status, "WorkerConnected")["reason"] == "Unreachable"
         assert "step" not in status, "no worker reply, so no training figures"
-        reasons = [e["reason"] for e in await cluster.events("chat")]
-        assert {"Pending", "Starting", "Serving"} <= set(reasons)
+        await wait_events(
+            cluster, "chat", {("Normal", "Pending"), ("Normal", "Starting"), ("Normal", "Serving")}
+        )
 
 
 async def test_invalid_spec_that_bypassed_admission_fails_with_its_reason(cluster: Cluster) -> None:
@@ -166,8 +176,7 @@ async def test_invalid_spec_that_bypassed_admission_fails_with_its_reason(cluste
         status = await wait_status(cluster, "big", "Failed", lambda s: s.get("phase") == "Failed")
         assert "one GPU per session" in status["message"]
         assert await cluster.get("Pod", "big") is None
-        events = await eventually(lambda: cluster.events("big"), "an event")
-        assert [e["type"] for e in events if e["reason"] == "Failed"] == ["Warning"]
+        await wait_events(cluster, "big", {("Warning", "Failed")})
 
 
 # ---- hot update through a real worker -----------------------------------------------------------------
@@ -226,7 +235,7 @@ async def test_hot_update_is_relayed_to_the_real_worker_without_a_restart(
             if not cluster.real:
                 assert status["phase"] == "Paused"
                 assert condition(status, "WorkerConnected")["status"] == "True"
-            assert "Configured" in [e["reason"] for e in await cluster.events("chat")]
+            await wait_events(cluster, "chat", {("Normal", "Configured")})
         finally:
             worker.close()
             exporter.close()
@@ -267,8 +276,7 @@ async def test_restart_change_checkpoints_then_replaces_the_pod(cluster: Cluster
             pod = await eventually(new_pod, "the replacement pod")
             assert seen_at_checkpoint == ["pre-restart"], "checkpoint requested while the old pod still ran"
             assert pod["spec"]["initContainers"][0]["image"] == "reg/hogwild-vllm:2"
-            reasons = [e["reason"] for e in await cluster.events("chat")]
-            assert {"Checkpointed", "Restarting"} <= set(reasons)
+            await wait_events(cluster, "chat", {("Normal", "Checkpointed"), ("Normal", "Restarting")})
             await cluster.mark_running("chat")
             await wait_status(
                 cluster,
@@ -331,8 +339,7 @@ async def test_delete_asks_for_a_final_checkpoint_then_lets_go(
                 cluster, EmulatorCluster
             ):  # no garbage collector there: the operator removed the pod
                 assert await cluster.get("Pod", "chat") is None
-                events = [(e["type"], e["reason"]) for e in await cluster.events("chat")]
-                assert event in events
+                await wait_events(cluster, "chat", {event})
         finally:
             worker.close()
 
