@@ -8,12 +8,13 @@ onto `hogwild.config`'s snake_case and go through `hogwild.config`'s own validat
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from hogwild.config import ConfigError, TrainingConfig, config_from_dict
+from hogwild.operator import fields
+from hogwild.operator.fields import SpecError
 
 GPU_SHARING = ("DevicePlugin", "DRA")
 RESTORE_POLICIES = ("Newest", "Base")
@@ -27,8 +28,6 @@ DEFAULT_GRACE_PERIOD_S = 360
 # vLLM flags the launcher sets itself, and the tensor-parallel flags v1alpha1 refuses (one GPU per session).
 RESERVED_VLLM_FLAGS = ("--model", "--host", "--port", "--worker-extension-cls")
 TENSOR_PARALLEL_FLAGS = ("--tensor-parallel-size", "-tp")
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
-_STORAGE_SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
 
 # CR camelCase -> hogwild.config snake_case, for spec.training (and protection inside it).
 TRAINING_FIELDS = {
@@ -56,10 +55,6 @@ PROTECTION_FIELDS = {
 }
 # spec.checkpoint fields that are hyperparameters of the worker (applied hot).
 CHECKPOINT_CONFIG_FIELDS = {"intervalSeconds": "checkpoint_interval_s", "keep": "checkpoint_keep"}
-
-
-class SpecError(ValueError):
-    """The spec cannot be run; the message names the field (`spec.gpu.count: ...`)."""
 
 
 @dataclass(frozen=True)
@@ -143,118 +138,32 @@ class SessionSpec:
     pod: PodSpec = field(default_factory=PodSpec)
 
 
-# ---- small typed readers: each error names its field --------------------------------------------------
-def _obj(where: str, value: Any) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise SpecError(f"{where}: must be an object, got {type(value).__name__}")
-    return value
-
-
-def _known(where: str, value: Mapping[str, Any], allowed: set[str] | Mapping[str, Any]) -> None:
-    unknown = set(value) - set(allowed)
-    if unknown:
-        raise SpecError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-
-
-def _str(where: str, value: Any, default: str | None = None, *, required: bool = False) -> Any:
-    if value is None:
-        if required:
-            raise SpecError(f"{where}: required")
-        return default
-    if not isinstance(value, str) or not value:
-        raise SpecError(f"{where}: must be a non-empty string, got {value!r}")
-    return value
-
-
-def _choice(where: str, value: Any, allowed: tuple[str, ...], default: str) -> str:
-    if value is None:
-        return default
-    if value not in allowed:
-        raise SpecError(f"{where}: must be one of {', '.join(allowed)}, got {value!r}")
-    return str(value)
-
-
-def _int(where: str, value: Any, default: int, low: int, high: int) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise SpecError(f"{where}: must be a whole number from {low} to {high}, got {value!r}")
-    return value
-
-
-def _number(where: str, value: Any, default: float, low: float, high: float) -> float:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise SpecError(f"{where}: must be a number from {low} to {high}, got {value!r}")
-    return float(value)
-
-
-def _bool(where: str, value: Any, default: bool) -> bool:
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise SpecError(f"{where}: must be true or false, got {value!r}")
-    return value
-
-
-def _str_map(where: str, value: Any) -> dict[str, str]:
-    mapping = _obj(where, value)
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
-        raise SpecError(f"{where}: must map strings to strings")
-    return dict(mapping)
-
-
-def _str_list(where: str, value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise SpecError(f"{where}: must be a list of strings")
-    return tuple(value)
-
-
-def _quantities(where: str, value: Any) -> dict[str, str]:
-    out = {}
-    for name, quantity in _obj(where, value).items():
-        text = (
-            str(quantity)
-            if isinstance(quantity, int | float) and not isinstance(quantity, bool)
-            else quantity
-        )
-        if not isinstance(text, str) or not _QUANTITY.match(text):
-            raise SpecError(f"{where}.{name}: must be a quantity such as 4, 500m or 16Gi, got {quantity!r}")
-        out[name] = text
-    return out
-
-
 # ---- sections -----------------------------------------------------------------------------------------
 def _model(raw: Any) -> ModelSpec:
     where = "spec.model"
-    value = _obj(where, raw)
+    value = fields.obj(where, raw)
     if not value:
         raise SpecError(f"{where}: required (the base model's path, and the PVC that holds it if any)")
-    _known(where, value, {"path", "claimName", "servedName", "restore"})
+    fields.known(where, value, {"path", "claimName", "servedName", "restore"})
     return ModelSpec(
-        path=_str(f"{where}.path", value.get("path"), required=True),
-        claim_name=_str(f"{where}.claimName", value.get("claimName")),
-        served_name=_str(f"{where}.servedName", value.get("servedName")),
-        restore=_choice(f"{where}.restore", value.get("restore"), RESTORE_POLICIES, "Newest"),
+        path=fields.string(f"{where}.path", value.get("path"), required=True),
+        claim_name=fields.string(f"{where}.claimName", value.get("claimName")),
+        served_name=fields.string(f"{where}.servedName", value.get("servedName")),
+        restore=fields.choice(f"{where}.restore", value.get("restore"), RESTORE_POLICIES, "Newest"),
     )
 
 
 def _images(raw: Any, defaults: Images) -> Images:
     where = "spec.images"
-    value = _obj(where, raw)
-    _known(where, value, {"vllm", "trainer", "pullPolicy", "pullSecrets"})
+    value = fields.obj(where, raw)
+    fields.known(where, value, {"vllm", "trainer", "pullPolicy", "pullSecrets"})
     return Images(
-        vllm=_str(f"{where}.vllm", value.get("vllm"), defaults.vllm),
-        trainer=_str(f"{where}.trainer", value.get("trainer"), defaults.trainer),
-        pull_policy=_choice(
+        vllm=fields.string(f"{where}.vllm", value.get("vllm"), defaults.vllm),
+        trainer=fields.string(f"{where}.trainer", value.get("trainer"), defaults.trainer),
+        pull_policy=fields.choice(
             f"{where}.pullPolicy", value.get("pullPolicy"), PULL_POLICIES, defaults.pull_policy
         ),
-        pull_secrets=_str_list(f"{where}.pullSecrets", value.get("pullSecrets")),
+        pull_secrets=fields.str_list(f"{where}.pullSecrets", value.get("pullSecrets")),
     )
 
 
@@ -265,23 +174,23 @@ def _env(where: str, raw: Any) -> tuple[tuple[str, str], ...]:
         raise SpecError(f"{where}: must be a list of {{name, value}}")
     pairs = []
     for i, item in enumerate(raw):
-        entry = _obj(f"{where}[{i}]", item)
-        _known(f"{where}[{i}]", entry, {"name", "value"})
-        name = _str(f"{where}[{i}].name", entry.get("name"), required=True)
+        entry = fields.obj(f"{where}[{i}]", item)
+        fields.known(f"{where}[{i}]", entry, {"name", "value"})
+        name = fields.string(f"{where}[{i}].name", entry.get("name"), required=True)
         pairs.append((name, str(entry.get("value", ""))))
     return tuple(pairs)
 
 
 def _container(where: str, raw: Any, *, with_args: bool) -> ContainerSpec:
-    value = _obj(where, raw)
-    _known(where, value, {"resources", "env", "args"} if with_args else {"resources", "env"})
-    resources = _obj(f"{where}.resources", value.get("resources"))
-    _known(f"{where}.resources", resources, {"requests", "limits"})
-    requests = _quantities(f"{where}.resources.requests", resources.get("requests"))
-    limits = _quantities(f"{where}.resources.limits", resources.get("limits"))
+    value = fields.obj(where, raw)
+    fields.known(where, value, {"resources", "env", "args"} if with_args else {"resources", "env"})
+    resources = fields.obj(f"{where}.resources", value.get("resources"))
+    fields.known(f"{where}.resources", resources, {"requests", "limits"})
+    requests = fields.quantities(f"{where}.resources.requests", resources.get("requests"))
+    limits = fields.quantities(f"{where}.resources.limits", resources.get("limits"))
     if any("gpu" in name for name in (*requests, *limits)):
         raise SpecError(f"{where}.resources: request GPUs with spec.gpu, not in container resources")
-    args = _str_list(f"{where}.args", value.get("args"))
+    args = fields.str_list(f"{where}.args", value.get("args"))
     for arg in args:
         flag = arg.split("=", 1)[0]
         if flag in RESERVED_VLLM_FLAGS:
@@ -295,19 +204,21 @@ def _container(where: str, raw: Any, *, with_args: bool) -> ContainerSpec:
 
 def _gpu(raw: Any) -> GpuSpec:
     where = "spec.gpu"
-    value = _obj(where, raw)
-    _known(where, value, {"count", "sharing", "resourceName", "claim"})
-    count = _int(f"{where}.count", value.get("count"), 1, 0, 1_000_000)
+    value = fields.obj(where, raw)
+    fields.known(where, value, {"count", "sharing", "resourceName", "claim"})
+    count = fields.whole_number(f"{where}.count", value.get("count"), 1, 0, 1_000_000)
     if count > 1:
         raise SpecError(
             f"{where}.count: v1alpha1 supports one GPU per session (tensor parallel 1); got {count}. "
             "Use 1, or 0 for a CPU-only session."
         )
-    sharing = _choice(f"{where}.sharing", value.get("sharing"), GPU_SHARING, "DevicePlugin")
-    claim = _obj(f"{where}.claim", value.get("claim"))
-    _known(f"{where}.claim", claim, {"resourceClaimName", "resourceClaimTemplateName"})
-    claim_name = _str(f"{where}.claim.resourceClaimName", claim.get("resourceClaimName"))
-    template = _str(f"{where}.claim.resourceClaimTemplateName", claim.get("resourceClaimTemplateName"))
+    sharing = fields.choice(f"{where}.sharing", value.get("sharing"), GPU_SHARING, "DevicePlugin")
+    claim = fields.obj(f"{where}.claim", value.get("claim"))
+    fields.known(f"{where}.claim", claim, {"resourceClaimName", "resourceClaimTemplateName"})
+    claim_name = fields.string(f"{where}.claim.resourceClaimName", claim.get("resourceClaimName"))
+    template = fields.string(
+        f"{where}.claim.resourceClaimTemplateName", claim.get("resourceClaimTemplateName")
+    )
     if claim and sharing != "DRA":
         raise SpecError(f"{where}.claim: only used with sharing: DRA")
     if claim and (claim_name is None) == (template is None):
@@ -319,7 +230,7 @@ def _gpu(raw: Any) -> GpuSpec:
     return GpuSpec(
         count=count,
         sharing=sharing,
-        resource_name=_str(f"{where}.resourceName", value.get("resourceName"), DEFAULT_GPU_RESOURCE),
+        resource_name=fields.string(f"{where}.resourceName", value.get("resourceName"), DEFAULT_GPU_RESOURCE),
         claim_name=claim_name,
         claim_template_name=template,
     )
@@ -333,7 +244,7 @@ def training_changes(training: Mapping[str, Any], checkpoint: Mapping[str, Any])
             changes[snake] = training[camel]
     protection = changes.get("protection")
     if isinstance(protection, Mapping):
-        _known("spec.training.protection", protection, PROTECTION_FIELDS)
+        fields.known("spec.training.protection", protection, PROTECTION_FIELDS)
         changes["protection"] = {PROTECTION_FIELDS[k]: v for k, v in protection.items() if v is not None}
     for camel, snake in CHECKPOINT_CONFIG_FIELDS.items():
         if checkpoint.get(camel) is not None:
@@ -342,57 +253,59 @@ def training_changes(training: Mapping[str, Any], checkpoint: Mapping[str, Any])
 
 
 def _training(raw_training: Any, raw_checkpoint: Any) -> TrainingConfig:
-    training = _obj("spec.training", raw_training)
-    _known("spec.training", training, TRAINING_FIELDS)
+    training = fields.obj("spec.training", raw_training)
+    fields.known("spec.training", training, TRAINING_FIELDS)
     try:
-        return config_from_dict(training_changes(training, _obj("spec.checkpoint", raw_checkpoint)))
+        return config_from_dict(training_changes(training, fields.obj("spec.checkpoint", raw_checkpoint)))
     except ConfigError as err:
         raise SpecError(f"spec.training: {err}") from None
 
 
 def _checkpoint(raw: Any) -> CheckpointSpec:
     where = "spec.checkpoint"
-    value = _obj(where, raw)
-    _known(where, value, {"intervalSeconds", "keep", "timeoutSeconds", "storage"})
-    storage = _obj(f"{where}.storage", value.get("storage"))
-    _known(f"{where}.storage", storage, {"existingClaim", "storageClassName", "size", "retainOnDelete"})
-    existing = _str(f"{where}.storage.existingClaim", storage.get("existingClaim"))
+    value = fields.obj(where, raw)
+    fields.known(where, value, {"intervalSeconds", "keep", "timeoutSeconds", "storage"})
+    storage = fields.obj(f"{where}.storage", value.get("storage"))
+    fields.known(f"{where}.storage", storage, {"existingClaim", "storageClassName", "size", "retainOnDelete"})
+    existing = fields.string(f"{where}.storage.existingClaim", storage.get("existingClaim"))
     if existing and (storage.get("storageClassName") or storage.get("size")):
         raise SpecError(f"{where}.storage: existingClaim excludes storageClassName and size")
-    size = _str(f"{where}.storage.size", storage.get("size"), DEFAULT_STORAGE_SIZE)
-    if not _STORAGE_SIZE.match(size):
+    size = fields.string(f"{where}.storage.size", storage.get("size"), DEFAULT_STORAGE_SIZE)
+    if not fields.STORAGE_SIZE.match(size):
         raise SpecError(f"{where}.storage.size: must be a quantity such as 50Gi, got {size!r}")
     return CheckpointSpec(
-        timeout_s=_number(
+        timeout_s=fields.number(
             f"{where}.timeoutSeconds", value.get("timeoutSeconds"), DEFAULT_CHECKPOINT_TIMEOUT_S, 1, 86400
         ),
         storage=StorageSpec(
             existing_claim=existing,
-            storage_class=_str(f"{where}.storage.storageClassName", storage.get("storageClassName")),
+            storage_class=fields.string(f"{where}.storage.storageClassName", storage.get("storageClassName")),
             size=size,
-            retain_on_delete=_bool(f"{where}.storage.retainOnDelete", storage.get("retainOnDelete"), False),
+            retain_on_delete=fields.flag(
+                f"{where}.storage.retainOnDelete", storage.get("retainOnDelete"), False
+            ),
         ),
     )
 
 
 def _auth(raw: Any) -> AuthSpec:
     where = "spec.auth"
-    value = _obj(where, raw)
-    _known(where, value, {"tokenSecretRef", "curveSecretRef"})
-    token = _obj(f"{where}.tokenSecretRef", value.get("tokenSecretRef"))
-    _known(f"{where}.tokenSecretRef", token, {"name", "key"})
-    curve = _obj(f"{where}.curveSecretRef", value.get("curveSecretRef"))
-    _known(f"{where}.curveSecretRef", curve, {"name"})
+    value = fields.obj(where, raw)
+    fields.known(where, value, {"tokenSecretRef", "curveSecretRef"})
+    token = fields.obj(f"{where}.tokenSecretRef", value.get("tokenSecretRef"))
+    fields.known(f"{where}.tokenSecretRef", token, {"name", "key"})
+    curve = fields.obj(f"{where}.curveSecretRef", value.get("curveSecretRef"))
+    fields.known(f"{where}.curveSecretRef", curve, {"name"})
     return AuthSpec(
-        token_secret=_str(f"{where}.tokenSecretRef.name", token.get("name"), required=bool(token)),
-        token_key=_str(f"{where}.tokenSecretRef.key", token.get("key"), "token"),
-        curve_secret=_str(f"{where}.curveSecretRef.name", curve.get("name"), required=bool(curve)),
+        token_secret=fields.string(f"{where}.tokenSecretRef.name", token.get("name"), required=bool(token)),
+        token_key=fields.string(f"{where}.tokenSecretRef.key", token.get("key"), "token"),
+        curve_secret=fields.string(f"{where}.curveSecretRef.name", curve.get("name"), required=bool(curve)),
     )
 
 
 def _pod(raw: Any) -> PodSpec:
     where = "spec.pod"
-    value = _obj(where, raw)
+    value = fields.obj(where, raw)
     allowed = {
         "nodeSelector",
         "tolerations",
@@ -402,24 +315,24 @@ def _pod(raw: Any) -> PodSpec:
         "annotations",
         "labels",
     }
-    _known(where, value, allowed)
+    fields.known(where, value, allowed)
     tolerations = value.get("tolerations") or []
     if not isinstance(tolerations, list) or not all(isinstance(t, Mapping) for t in tolerations):
         raise SpecError(f"{where}.tolerations: must be a list of tolerations")
     return PodSpec(
-        node_selector=_str_map(f"{where}.nodeSelector", value.get("nodeSelector")),
+        node_selector=fields.str_map(f"{where}.nodeSelector", value.get("nodeSelector")),
         tolerations=tuple(dict(t) for t in tolerations),
-        priority_class=_str(f"{where}.priorityClassName", value.get("priorityClassName")),
-        service_account=_str(f"{where}.serviceAccountName", value.get("serviceAccountName")),
-        grace_period_s=_int(
+        priority_class=fields.string(f"{where}.priorityClassName", value.get("priorityClassName")),
+        service_account=fields.string(f"{where}.serviceAccountName", value.get("serviceAccountName")),
+        grace_period_s=fields.whole_number(
             f"{where}.terminationGracePeriodSeconds",
             value.get("terminationGracePeriodSeconds"),
             DEFAULT_GRACE_PERIOD_S,
             30,
             86400,
         ),
-        annotations=_str_map(f"{where}.annotations", value.get("annotations")),
-        labels=_str_map(f"{where}.labels", value.get("labels")),
+        annotations=fields.str_map(f"{where}.annotations", value.get("annotations")),
+        labels=fields.str_map(f"{where}.labels", value.get("labels")),
     )
 
 
@@ -439,10 +352,10 @@ SPEC_FIELDS = {
 
 def parse_spec(raw: Any, image_defaults: Images | None = None) -> SessionSpec:
     """The whole spec, defaulted and checked. Raises SpecError naming the first bad field."""
-    spec = _obj("spec", raw)
-    _known("spec", spec, SPEC_FIELDS)
-    metrics = _obj("spec.metrics", spec.get("metrics"))
-    _known("spec.metrics", metrics, {"enabled"})
+    spec = fields.obj("spec", raw)
+    fields.known("spec", spec, SPEC_FIELDS)
+    metrics = fields.obj("spec.metrics", spec.get("metrics"))
+    fields.known("spec.metrics", metrics, {"enabled"})
     return SessionSpec(
         model=_model(spec.get("model")),
         images=_images(spec.get("images"), image_defaults or Images()),
@@ -452,6 +365,6 @@ def parse_spec(raw: Any, image_defaults: Images | None = None) -> SessionSpec:
         training=_training(spec.get("training"), spec.get("checkpoint")),
         checkpoint=_checkpoint(spec.get("checkpoint")),
         auth=_auth(spec.get("auth")),
-        metrics_enabled=_bool("spec.metrics.enabled", metrics.get("enabled"), True),
+        metrics_enabled=fields.flag("spec.metrics.enabled", metrics.get("enabled"), True),
         pod=_pod(spec.get("pod")),
     )
