@@ -80,12 +80,14 @@ def build_venv(venv: Path) -> None:
 
 
 def installed_source(py: Path) -> str | None:
-    """Where the venv's hogwild distribution points (an editable install records the source dir)."""
+    """The source dir of the venv's editable hogwild install; None when absent or not editable (the build
+    installs a plain copy first, which must never be mistaken for this clone)."""
     code = (
         "import importlib.metadata as m, json\n"
         "try:\n d = m.distribution('hogwild').read_text('direct_url.json')\n"
         "except m.PackageNotFoundError:\n d = None\n"
-        "print(json.loads(d)['url'] if d else '')"
+        "info = json.loads(d) if d else {}\n"
+        "print(info['url'] if info.get('dir_info', {}).get('editable') else '')"
     )
     out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=False).stdout.strip()
     return out or None

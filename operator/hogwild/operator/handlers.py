@@ -53,6 +53,15 @@ def post_event(body: Mapping[str, Any], kind: str, reason: str, message: str) ->
     kopf.event(cast(kopf.Body, body), type=kind, reason=reason, message=message)
 
 
+def cluster_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """How the operator reaches a real cluster: its ServiceAccount in a pod, else the kubeconfig.
+
+    A plain OperatorRegistry carries none of kopf's fallback logins, so without this the operator would only
+    ever talk to the credential-less test API server.
+    """
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 def build_operator(options: OperatorOptions) -> Operator:
     registry = kopf.OperatorRegistry()
     settings = make_settings()
@@ -84,6 +93,9 @@ def build_operator(options: OperatorOptions) -> Operator:
         @kopf.on.login(registry=registry)
         def login(**_: Any) -> kopf.ConnectionInfo:
             return kopf.ConnectionInfo(server=api_server, insecure=True, default_namespace="default")
+
+    else:
+        kopf.on.login(registry=registry)(cluster_login)
 
     async def on_change(body: kopf.Body, reason: str, patch: kopf.Patch, **_: Any) -> None:
         outcome = await controller.reconcile(body, str(reason), patch)
