@@ -77,6 +77,17 @@ def test_serves_trained_weights_after_restart(tmp_path: Path) -> None:
     assert launch.argv[launch.argv.index("--served-model-name") + 1] == "base"
 
 
+def test_restore_base_ignores_checkpoints(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path, 5)
+    launch = plan(tmp_path, env={"HOGWILD_RESTORE": "Base"})
+    assert launch.model_dir == "/models/base" and not launch.from_checkpoint
+
+
+def test_unknown_restore_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="HOGWILD_RESTORE"):
+        plan(tmp_path, env={"HOGWILD_RESTORE": "Oldest"})
+
+
 def test_plugins_are_allowlisted_without_dropping_others(tmp_path: Path) -> None:
     launch = plan(tmp_path, env={"VLLM_PLUGINS": "other"})
     assert launch.env["VLLM_PLUGINS"].split(",") == ["other", "hogwild", "hogwild_routes"]

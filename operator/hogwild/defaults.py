@@ -23,6 +23,7 @@ ENV_CHECKPOINT_DIR = "HOGWILD_CHECKPOINT_DIR"
 ENV_TOKEN = "HOGWILD_TOKEN"
 ENV_TOKEN_FILE = "HOGWILD_TOKEN_FILE"
 ENV_WORKER_ADDRESS = "HOGWILD_WORKER_ADDRESS"
+ENV_RESTORE = "HOGWILD_RESTORE"  # what `hogwild vllm` serves at start-up: "Newest" checkpoint or "Base" model
 ENV_FAULT = "HOGWILD_FAULT"  # fault-injection point for crash tests, e.g. "checkpoint.after_weights"
 
 # Limits on the /train route.

@@ -23,6 +23,7 @@ from hogwild.vllm_plugin.safety import unsafe_settings
 
 PLUGINS = ("hogwild", "hogwild_routes")
 EXTENSION = "hogwild.vllm_plugin.extension.HogwildWorkerExtension"
+RESTORE_MODES = ("Newest", "Base")
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,12 @@ def build_command(
     env: Mapping[str, str],
     python: str = sys.executable,
 ) -> LaunchPlan:
-    checkpoint = newest_checkpoint(checkpoint_dir)
+    restore = env.get(defaults.ENV_RESTORE, "Newest")
+    if restore not in RESTORE_MODES:
+        raise ValueError(f"{defaults.ENV_RESTORE} must be one of {', '.join(RESTORE_MODES)}, got {restore!r}")
+    # "Base" serves the base model and ignores checkpoints (the worker then starts a fresh optimizer state,
+    # since no checkpoint matches what vLLM serves).
+    checkpoint = newest_checkpoint(checkpoint_dir) if restore == "Newest" else None
     model_dir = str(checkpoint) if checkpoint else model
     flags = vllm_flag_names(extra)
     for reserved in ("--model", "--worker-extension-cls", "--port", "--host"):
