@@ -71,6 +71,8 @@ CANDIDATES: list[tuple[str, dict[str, Any], int, int, int]] = [
     ("yield-linear-4k-tail", {**_YIELD, "granularity": "linear", "tail": True}, 2, 2048, 4),
     ("yield-linear-2k-tail", {**_YIELD, "granularity": "linear", "tail": True}, 1, 2048, 8),
     ("yield-layer-1k-tail", {**_YIELD, "tail": True}, 1, 1024, 16),
+    ("yield-fine-4k-noembed", {**_FINE, "embed_point": False}, 2, 2048, 4),
+    ("yield-fine-4k-depth1", {**_FINE, "depth": 1}, 2, 2048, 4),
     ("yield-fine-4k", _FINE, 2, 2048, 4),
     ("yield-fine-2k", _FINE, 1, 2048, 8),
     ("yield-fine-1k", _FINE, 1, 1024, 16),

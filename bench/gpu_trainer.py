@@ -130,8 +130,8 @@ class TrainLoop:
         self.map_s = time.perf_counter() - started
         self.trainer = build_trainer(self.mapped, optimizer=args.optimizer, lr=1e-6, clip_grad_norm=1.0)
         self.gate = ServingGate(HintFileProbe(Path(args.run_dir) / HINT_NAME))
-        self.granularity = "layer"
-        self.remove_points = install_preemption_points(self.mapped.module, self.gate.point, self.granularity)
+        self.granularity = ("layer", True)
+        self.remove_points = install_preemption_points(self.mapped.module, self.gate.point, "layer")
         self.remove_tail: Callable[[], None] | None = None
         self.remove_head: Callable[[], None] | None = None
         self.vocab = int(self.mapped.module.config.vocab_size)
@@ -148,7 +148,8 @@ class TrainLoop:
     def _protection(self, protection: dict[str, Any] | None) -> None:
         """Bench-only keys: `granularity` "layer" | "linear" (the gate's preemption points) or "step"
         (Trainer's own yield before a step); `tail` (points inside the clip and the optimizer step);
-        `chunked_head` (the output head and the loss in preemptible chunks)."""
+        `chunked_head` (the output head and the loss in preemptible chunks); `embed_point` (a point before
+        the input embedding, default on); `depth` (chunks allowed in flight, default 2)."""
         from hogwild.config import ServingProtection, validate_changes
         from hogwild.worker.protection import install_preemption_points
 
@@ -156,6 +157,8 @@ class TrainLoop:
         granularity = values.pop("granularity", "layer")
         tail = bool(values.pop("tail", False))
         head = bool(values.pop("chunked_head", False))
+        embeddings = bool(values.pop("embed_point", True))
+        self.gate.max_in_flight = int(values.pop("depth", 2))
         settings = validate_changes({"protection": values})["protection"]
         self.trainer.configure({"protection": values})
         if granularity == "step":
@@ -164,12 +167,12 @@ class TrainLoop:
         else:
             self.trainer.serving_busy = None
             self.gate.update(settings)
-            if granularity != self.granularity:
+            if (granularity, embeddings) != self.granularity:
                 self.remove_points()
                 self.remove_points = install_preemption_points(
-                    self.mapped.module, self.gate.point, granularity
+                    self.mapped.module, self.gate.point, granularity, embeddings
                 )
-                self.granularity = granularity
+                self.granularity = (granularity, embeddings)
         if self.remove_tail is not None:
             self.remove_tail()
             self.remove_tail = None

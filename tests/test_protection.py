@@ -99,8 +99,8 @@ def test_settings_change_while_training() -> None:
 @pytest.mark.parametrize(
     ("granularity", "blocks"),
     [
-        pytest.param("layer", 3 + 1, id="layers-and-head"),
-        pytest.param("linear", 3 + 3 * 7 + 1, id="every-projection-too"),
+        pytest.param("layer", 1 + 3 + 1, id="embedding-layers-and-head"),
+        pytest.param("linear", 1 + 3 + 3 * 7 + 1, id="every-projection-too"),
     ],
 )
 def test_points_come_before_each_block_forward_and_backward(granularity: str, blocks: int) -> None:
