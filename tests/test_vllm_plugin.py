@@ -115,3 +115,24 @@ def test_body_too_large_is_413_before_it_is_read(server: Server) -> None:
     body = json.loads(response.read())
     conn.close()
     assert response.status == 413 and "bytes" in body["error"]["message"]
+
+
+def test_serving_requests_update_the_load_hint(server: Server) -> None:
+    """The middleware runs inside the real server: a completion moves the hint the trainer reads."""
+    import time
+
+    from hogwild.worker.protection import HINT_NAME, read_hint
+
+    started = time.time()
+    complete(server.url, server.model, "the cat sees")
+    # The client may read the response a moment before the server's handler returns and uncounts it.
+    deadline = time.monotonic() + 10
+    while (
+        (hint := read_hint((server.run_dir / HINT_NAME).read_bytes()))
+        and hint[0]
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.02)
+    assert hint is not None
+    active, updated = hint
+    assert active == 0 and updated >= started

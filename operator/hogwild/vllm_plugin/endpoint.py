@@ -16,6 +16,7 @@ from typing import Any
 from hogwild import auth, defaults
 from hogwild.client import WorkerClient
 from hogwild.vllm_plugin import routes as routes_module
+from hogwild.vllm_plugin.load_hint import ServingLoadMiddleware
 from hogwild.vllm_plugin.safety import unsafe_settings
 
 log = logging.getLogger("hogwild.vllm")
@@ -38,6 +39,11 @@ class HogwildRoutesPlugin:
 
     def attach_router(self, app: Any) -> None:
         routes_module.attach(app, lambda: self.routes)
+        from hogwild.worker.protection import HINT_NAME, LoadHint
+
+        # The serving-load hint lives in the run dir that both containers share.
+        hint = LoadHint(run_dir() / HINT_NAME)
+        app.add_middleware(ServingLoadMiddleware, hint=hint)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:

@@ -1,0 +1,61 @@
+"""The serving-load middleware: counts OpenAI requests in flight for the trainer's serving protection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hogwild.vllm_plugin.load_hint import ServingLoadMiddleware
+from hogwild.worker.protection import HintFileProbe, LoadHint
+
+
+class Recorder:
+    def __init__(self, hint: LoadHint, fail: bool = False) -> None:
+        self.hint, self.fail, self.seen = hint, fail, -1
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.seen = self.hint.active
+        if self.fail:
+            raise RuntimeError("handler crashed")
+
+
+CASES = {
+    "completions count": ("/v1/completions", 1),
+    "chat counts": ("/v1/chat/completions", 1),
+    "train does not count": ("/train", 0),
+    "health does not count": ("/health", 0),
+    "metrics do not count": ("/metrics", 0),
+}
+
+
+@pytest.mark.parametrize(("path", "during"), CASES.values(), ids=CASES.keys())
+async def test_requests_in_flight_are_counted(tmp_path: Path, path: str, during: int) -> None:
+    hint = LoadHint(tmp_path / "serving-load")
+    app = Recorder(hint)
+    await ServingLoadMiddleware(app, hint)({"type": "http", "path": path}, None, None)
+    assert app.seen == during
+    assert hint.active == 0
+
+
+async def test_a_crashed_request_is_uncounted(tmp_path: Path) -> None:
+    hint = LoadHint(tmp_path / "serving-load")
+    with pytest.raises(RuntimeError):
+        await ServingLoadMiddleware(Recorder(hint, fail=True), hint)(
+            {"type": "http", "path": "/v1/x"}, None, None
+        )
+    assert hint.active == 0
+
+
+async def test_the_trainer_sees_the_server_busy(tmp_path: Path) -> None:
+    """The worker's real reader, on the file the middleware's hint writes."""
+    hint = LoadHint(tmp_path / "serving-load")
+    probe = HintFileProbe(tmp_path / "serving-load")
+    observed: list[bool] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        observed.append(probe.busy())
+
+    await ServingLoadMiddleware(app, hint)({"type": "http", "path": "/v1/completions"}, None, None)
+    assert observed == [True] and probe.busy() is False
