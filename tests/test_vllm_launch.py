@@ -162,3 +162,18 @@ def test_launcher_refuses_before_vllm_starts(tmp_path: Path, extra: list[str], n
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "refusing to start" in result.stderr and needle in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "ours", "extra"),
+    [
+        (["--model", "m"], ["--model", "m"], []),
+        (["--model", "m", "--", "--enforce-eager"], ["--model", "m"], ["--enforce-eager"]),
+        (["--", "--x", "--", "y"], [], ["--x", "--", "y"]),
+    ],
+    ids=["no passthrough", "passthrough", "only the first -- splits"],
+)
+def test_split_passthrough(argv: list[str], ours: list[str], extra: list[str]) -> None:
+    from hogwild.vllm_plugin.launch import split_passthrough
+
+    assert split_passthrough(argv) == (ours, extra)

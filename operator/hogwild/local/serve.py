@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hogwild import defaults
 from hogwild.local.session import LocalModeError, LocalSession
+from hogwild.vllm_plugin.launch import split_passthrough
 
 
 def default_state_dir(model: str) -> Path:
@@ -33,11 +34,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--config", default="{}", help="initial hyperparameters as JSON, e.g. '{\"lr\": 1e-4}'"
     )
-    args_list, extra = list(argv), []
-    if "--" in args_list:
-        split = args_list.index("--")
-        args_list, extra = args_list[:split], args_list[split + 1 :]
-    return parser.parse_args(args_list), extra
+    ours, extra = split_passthrough(argv)
+    return parser.parse_args(ours), extra
 
 
 def main(argv: Sequence[str]) -> int:

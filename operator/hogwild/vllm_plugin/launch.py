@@ -85,6 +85,15 @@ def build_command(
     return LaunchPlan(argv, child_env, model_dir, checkpoint is not None)
 
 
+def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(our arguments, the ones after `--` that go to vLLM unchanged)."""
+    args = list(argv)
+    if "--" not in args:
+        return args, []
+    split = args.index("--")
+    return args[:split], args[split + 1 :]
+
+
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="hogwild vllm", description=__doc__, epilog="Arguments after -- go to vLLM unchanged."
@@ -97,12 +106,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--run-dir", default=os.environ.get(defaults.ENV_RUN_DIR, defaults.RUN_DIR))
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=defaults.VLLM_HTTP_PORT)
-    args_list = list(argv)
-    extra: list[str] = []
-    if "--" in args_list:
-        split = args_list.index("--")
-        args_list, extra = args_list[:split], args_list[split + 1 :]
-    return parser.parse_args(args_list), extra
+    ours, extra = split_passthrough(argv)
+    return parser.parse_args(ours), extra
 
 
 def main(argv: Sequence[str]) -> int:
