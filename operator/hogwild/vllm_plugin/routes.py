@@ -69,9 +69,9 @@ class TrainingRoutes:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > defaults.MAX_TRAIN_BODY_BYTES:
             raise ProtocolError("too_large", f"body over {defaults.MAX_TRAIN_BODY_BYTES} bytes")
-        raw = b""
+        raw = bytearray()
         async for chunk in request.stream():
-            raw += chunk
+            raw.extend(chunk)
             if len(raw) > defaults.MAX_TRAIN_BODY_BYTES:
                 raise ProtocolError("too_large", f"body over {defaults.MAX_TRAIN_BODY_BYTES} bytes")
         if not raw.strip():
