@@ -77,7 +77,7 @@ CANDIDATES: list[tuple[str, dict[str, Any], int, int, int]] = [
     ("yield-fine-2k", _FINE, 1, 2048, 8),
     ("yield-fine-1k", _FINE, 1, 1024, 16),
 ]
-DEFAULT_CANDIDATE = "yield-layer-2k"
+DEFAULT_CANDIDATE = "yield-fine-4k"
 
 
 class Context:
@@ -385,20 +385,27 @@ def part_interference(ctx: Context) -> dict[str, Any]:
             with open(ctx.out / f"interference-{ctx.shape}.jsonl", "a") as f:  # survives a killed part
                 f.write(json.dumps({"base": figures, "row": row}) + "\n")
         figures["protection_curve"] = curve
-        default = next((row for row in curve if row["name"] == DEFAULT_CANDIDATE), None)
-        if default is not None:
-            figures.update({
-                "protection_default": DEFAULT_CANDIDATE,
-                "serve_p99_ms_training": default["serve_p99_ms"],
-                "train_tokens_per_s_idle_server": default["train_tokens_per_s_idle_server"],
-                "train_tokens_per_s_loaded_server": default["train_tokens_per_s_loaded_server"],
-            })  # fmt: skip
-        off = next((row for row in curve if row["name"] == "off"), None)
-        if off is not None:
-            figures["serve_p99_ms_training_unprotected"] = off["serve_p99_ms"]
+        figures.update(default_figures(curve, DEFAULT_CANDIDATE))
         return figures
     finally:
         trainer.close()
+
+
+def default_figures(curve: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """The must-show keys at the default protection setting (and the unprotected p99), from the curve."""
+    figures: dict[str, Any] = {}
+    default = next((row for row in curve if row["name"] == name), None)
+    if default is not None:
+        figures.update({
+            "protection_default": name,
+            "serve_p99_ms_training": default["serve_p99_ms"],
+            "train_tokens_per_s_idle_server": default["train_tokens_per_s_idle_server"],
+            "train_tokens_per_s_loaded_server": default["train_tokens_per_s_loaded_server"],
+        })  # fmt: skip
+    off = next((row for row in curve if row["name"] == "off"), None)
+    if off is not None:
+        figures["serve_p99_ms_training_unprotected"] = off["serve_p99_ms"]
+    return figures
 
 
 def part_check(ctx: Context) -> dict[str, Any]:
@@ -439,11 +446,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--profile", action="store_true", help="optim: profile the APOLLO step's kernels")
     parser.add_argument("--table", action="store_true", help="re-render the table in bench/RESULTS.md")
+    parser.add_argument(
+        "--set-default", default="", help="re-derive the default-protection keys from the curves"
+    )
     args = parser.parse_args(argv)
+    if args.set_default:
+        results = load_results(args.results)
+        for entry in results.values():
+            if isinstance(entry, dict) and entry.get("protection_curve"):
+                entry.update(default_figures(entry["protection_curve"], args.set_default))
+        (args.results_out or args.results).write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     if args.table:
         from gpu_table import write_table
 
-        write_table(load_results(args.results))
+        write_table(load_results(args.results_out or args.results))
+    if args.table or args.set_default:
         return 0
     results_out = args.results_out or args.results
     ctx = Context(args)
@@ -458,7 +475,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"run_{part}": {**info, "command": command, "seconds": time.perf_counter() - started},
             })  # fmt: skip
             source = results_out if results_out.exists() else args.results
-            merge_results(source, results_out, "correctness" if part == "check" else ctx.shape, figures)
+            key = "correctness" if part == "check" else ctx.shape
+            earlier = (load_results(source).get(key) or {}).get("command", "")
+            figures["command"] = "; ".join(dict.fromkeys([c for c in earlier.split("; ") if c] + [command]))
+            merge_results(source, results_out, key, figures)
             log(f"part {part} done in {time.perf_counter() - started:.0f} s; merged into {results_out}")
     finally:
         ctx.close()

@@ -137,8 +137,9 @@ def curve_table(results: Mapping[str, Any]) -> str:
         for row in entry.get("protection_curve") or []:
             mark = " (default)" if row["name"] == entry.get("protection_default") else ""
             micro = f"{row['micro_batch'][0]}x{row['micro_batch'][1]} x {row['accumulation']}"
+            settings = ", ".join(f"{k}={v}" for k, v in sorted(row["protection"].items())) or "off"
             lines.append(
-                f"| {shape} | {row['name']}{mark} | `{row['protection'] or 'off'}` | {micro} | {row['serve_p50_ms']:.1f} | "
+                f"| {shape} | {row['name']}{mark} | {settings} | {micro} | {row['serve_p50_ms']:.1f} | "
                 f"{row['serve_p99_ms']:.1f} | {row['p99_ratio']:.2f}x | {row['train_tokens_per_s_idle_server']:,.0f} | "
                 f"{row['train_tokens_per_s_loaded_server']:,.0f} | {_num(row.get('kept_fraction'), '{:.2f}')} |"
             )
@@ -150,9 +151,8 @@ def checks_table(results: Mapping[str, Any]) -> str:
     lines = ["| check | band | relative error vs float64 | ok |", "| --- | --- | --- | --- |"]
     for name, row in checks.items():
         error = row.get("rel_err")
-        shown = (
-            f"{error:.2e}" if isinstance(error, float) else str({k: v for k, v in row.items() if k != "ok"})
-        )
+        extra = {k: v for k, v in row.items() if k not in ("ok", "rel_err", "band")}
+        shown = (f"{error:.2e}" if isinstance(error, float) else "") + (f" {extra}" if extra else "")
         lines.append(f"| {name} | {row.get('band', '–')} | {shown} | {'yes' if row.get('ok') else 'NO'} |")
     return "\n".join(lines)
 
