@@ -274,6 +274,28 @@ def test_resume_continues_bit_for_bit(dtype: torch.dtype, rounding: str, device:
     assert not all(torch.equal(a, b) for a, b in zip(through, restarted, strict=True))
 
 
+@pytest.mark.parametrize(
+    ("dtype", "rounding"),
+    [
+        pytest.param(torch.float32, "stochastic", id="fp32"),
+        pytest.param(torch.bfloat16, "stochastic", id="bf16-stochastic"),
+        pytest.param(torch.bfloat16, "kahan", id="bf16-kahan"),
+    ],
+)
+def test_a_preemption_point_between_buckets_changes_nothing(dtype: torch.dtype, rounding: str) -> None:
+    hyper = {"lr": 1e-3, "rank": 4, "update_proj_gap": 3, "rounding": rounding}
+    plain = [torch.nn.Parameter(w) for w in resume_problem(dtype, "cpu")]
+    run_steps(Apollo(plain, **hyper), plain, 1, 4)
+    pointed = [torch.nn.Parameter(w) for w in resume_problem(dtype, "cpu")]
+    optimizer = Apollo(pointed, **hyper)
+    points: list[int] = []
+    optimizer.preemption_point = lambda: points.append(1)
+    run_steps(optimizer, pointed, 1, 4)
+    assert all(torch.equal(a, b) for a, b in zip(plain, pointed, strict=True))
+    assert len(points) == 4 * 3  # per step: the (24, 40) pair, the (40, 24) weight, the AdamW bias
+    assert "preemption_point" not in str(optimizer.state_dict())  # not state: resume is unaffected
+
+
 def bf16_run(rounding: str, dtype: torch.dtype, start: Tensor, steps: int) -> Tensor:
     weight = torch.nn.Parameter(start.to(dtype, copy=True))
     optimizer = Apollo([weight], lr=1e-4, rank=8, rounding=rounding)

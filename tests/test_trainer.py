@@ -129,6 +129,63 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(accumulatio
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
+def step_pieces(trainer: Trainer, step: batches.StepBatch) -> tuple[float, float, list[torch.Tensor]]:
+    """Loss, gradient norm and the clipped gradients of one step's backward and clip (no optimizer step)."""
+    trainer.module.zero_grad(set_to_none=True)
+    loss = trainer.backward(step)
+    norm = trainer._grad_norm_and_clip()
+    return loss, norm, [p.grad.clone() for _, p in trainer.named_params if p.grad is not None]
+
+
+@pytest.mark.parametrize(
+    ("accumulation", "head_rows"),
+    [pytest.param(1, 8, id="one-micro-batch"), pytest.param(2, 5, id="accumulated"), pytest.param(1, 4096, id="one-chunk")],
+)  # fmt: skip
+def test_with_yield_when_busy_the_head_and_clip_are_preemptible_and_compute_the_same(
+    monkeypatch: pytest.MonkeyPatch, accumulation: int, head_rows: int
+) -> None:
+    from hogwild.protocol import decode_sample
+    from hogwild.worker import pieces
+
+    monkeypatch.setattr(pieces, "HEAD_ROWS", head_rows)  # several chunks even on short samples
+    monkeypatch.setattr(pieces, "CLIP_CHUNK", 5)
+    trainer = make_trainer("float32", clip_grad_norm=0.05)  # small enough that the clip scales the gradients
+    points: list[int] = []
+    trainer.preemption_point = lambda: points.append(1)
+    encoded = trainer.encode([decode_sample("s", s) for s in SAMPLES])
+    step = batches.step_batch(encoded, max_tokens=4096, grad_accumulation=accumulation, pad_id=0)
+    whole_loss, whole_norm, whole = step_pieces(trainer, step)
+    assert not points  # protection off: the whole pieces, no points
+    trainer.configure({"protection": {"yield_when_busy": True}})
+    loss, norm, chunked = step_pieces(trainer, step)
+    rows = sum(m.input_ids.shape[0] * (m.input_ids.shape[1] - 1) for m in step.micro_batches)
+    assert len(points) >= -(-rows // head_rows) + 2 * -(-len(whole) // 5)  # head chunks + clip norm + scale
+    assert whole_norm > 0.05
+    assert (loss, norm) == (pytest.approx(whole_loss, rel=1e-5), pytest.approx(whole_norm, rel=1e-5))
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "yield_when_busy", "gets_point"),
+    [
+        pytest.param("apollo", True, True, id="apollo-protected"),
+        pytest.param("apollo", False, False, id="apollo-unprotected"),
+        pytest.param("adamw", True, False, id="adamw-runs-whole"),
+    ],
+)
+def test_with_yield_when_busy_the_optimizer_step_gets_the_point(
+    optimizer: str, yield_when_busy: bool, gets_point: bool
+) -> None:
+    trainer = make_trainer(optimizer=optimizer)
+    points: list[int] = []
+    trainer.preemption_point = lambda: points.append(1)
+    trainer.configure({"protection": {"yield_when_busy": yield_when_busy}})
+    train(trainer)
+    assert (getattr(trainer.optimizer, "preemption_point", None) is trainer.preemption_point) is gets_point
+    assert bool(points) is yield_when_busy
+
+
 def test_a_step_reads_at_most_max_tokens_per_step() -> None:
     trainer = make_trainer(max_tokens_per_step=8)
     reply = train(

@@ -231,6 +231,9 @@ class Apollo(Optimizer):
         # Per parameter: (seed, refresh period, rank, dtype) -> the projection matrix of that period.
         self._projections: dict[Tensor, tuple[tuple[int, int, int, torch.dtype], Tensor]] = {}
         self._bucket_cache: dict[tuple[int, ...], _Bucket] = {}
+        # Called before each same-shape bucket of a step, when set: the worker's serving protection waits there
+        # while vLLM is busy, so the step is pieces of a few ms, not ~30-60 ms (bench/RESULTS.md). Not state.
+        self.preemption_point: Callable[[], None] | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -262,10 +265,16 @@ class Apollo(Optimizer):
                 self.state[param]["step"] += 1
                 (projected if low_rank else full).append(param)
             for same_shape in _same_shape_groups(projected):
+                self._point()
                 self._apollo_update(same_shape, group)
             for same_shape in _same_shape_groups(full):
+                self._point()
                 self._adamw_update(same_shape, group)
         return loss
+
+    def _point(self) -> None:
+        if self.preemption_point is not None:
+            self.preemption_point()
 
     def _ensure_state(self, param: Tensor, group: dict[str, Any], index: int, low_rank: bool) -> None:
         """Create the state lazily, or afresh when the moments no longer fit (e.g. the rank changed)."""

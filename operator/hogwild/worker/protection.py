@@ -17,7 +17,7 @@ training work queued when a serving step arrives:
   is never idle slows training to a trickle but cannot stop it).
 - Two pieces of a training step are long and outside any module: the output head with the loss over the
   whole vocabulary, and the gradient clip. `chunked_head_backward` and `preemptible_clip` compute the same
-  thing in preemptible pieces; the trainer calls them. The optimizer step needs a point between its buckets.
+  thing in preemptible pieces (the trainer's `pieces`), and APOLLO has a point between its buckets.
 
 Measured on an H100 (bench/RESULTS.md): with all of the above, serving p99 under a half-capacity load rose
 1.06x at 7B and 1.30x at 1.5B, while training kept about half of its idle-server speed. Layer-level points

@@ -56,6 +56,8 @@ class WorkerService:
         # Serving protection: preemption points in every step, which wait while vLLM has requests in flight.
         probe = protection.default_probe(settings.run_dir, settings.vllm_metrics_url)
         self.gate = protection.ServingGate(probe, config.protection)
+        # The same points inside the pieces no module hook cuts: head and loss, clip, optimizer step.
+        self.trainer.preemption_point = self.gate.point
         self.mapped: MappedModel | None = None
         self.endpoints: dict[str, Any] = {}
         self.mapping_error: str | None = None

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from hogwild.config import TrainingConfig, apply_changes, config_to_dict
 from hogwild.protocol import ProtocolError, Sample, TrainRequest
-from hogwild.worker import batches
+from hogwild.worker import batches, pieces
 from hogwild.worker.batches import Encoded, StepBatch
 
 log = logging.getLogger("hogwild.worker")
@@ -155,6 +154,9 @@ class Trainer:
         # this says vLLM is busy. The worker service installs finer, layer-level points instead
         # (hogwild.worker.protection); this hook is for callers that want whole steps to yield.
         self.serving_busy: Callable[[], bool] | None = None
+        # The serving gate's preemption point (the service sets it). While protection.yield_when_busy is on,
+        # the pieces no module hook cuts (head and loss, clip, optimizer step) run in chunks with it between.
+        self.preemption_point: Callable[[], None] | None = None
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -223,41 +225,28 @@ class Trainer:
     def encode(self, samples: Sequence[Sample]) -> list[Encoded]:
         return [batches.encode_sample(self.tokenizer, s, self.vocab_size) for s in samples]
 
+    def _point(self) -> Callable[[], None] | None:
+        """The preemption point for the step's own pieces, or None: run them whole (see `pieces`)."""
+        return self.preemption_point if self.config.protection.yield_when_busy else None
+
     def backward(self, batch: StepBatch) -> float:
         """Forward and backward over every micro-batch; gradients sum to those of the mean loss. Returns it."""
         device = self.named_params[0][1].device
-        total = 0.0
+        point = self._point()
+        total = torch.zeros((), dtype=torch.float64, device=device)  # read once: no sync per micro-batch
         for micro in batch.micro_batches:
-            ids, labels = micro.input_ids.to(device), micro.labels.to(device)
-            logits = self.module(input_ids=ids, attention_mask=micro.attention_mask.to(device)).logits
-            # Sum over every target of the step, divided by their count over ALL micro-batches: so gradient
-            # accumulation gives the gradient of one big batch, however the samples were split.
-            loss = (
-                F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(),
-                    labels[:, 1:].flatten(),
-                    ignore_index=batches.IGNORE,
-                    reduction="sum",
-                )
-                / batch.targets
-            )
-            loss.backward()
-            total += float(loss.detach())
-        return total
+            total += pieces.micro_batch_backward(self.module, micro, batch.targets, device, point)
+        return float(total)
 
     def _grad_norm_and_clip(self) -> float:
-        grads = [p.grad for _, p in self.named_params if p.grad is not None]
-        if not grads:
-            return 0.0
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        if self.config.clip_grad_norm > 0 and torch.isfinite(norm):
-            torch.nn.utils.clip_grads_with_norm_(
-                [p for _, p in self.named_params], self.config.clip_grad_norm, norm
-            )
-        return float(norm)
+        params = [p for _, p in self.named_params]
+        return pieces.grad_norm_and_clip(params, self.config.clip_grad_norm, self._point())
 
     def _optimizer_step_with_update_norm(self) -> float:
         assert self.optimizer is not None
+        # APOLLO takes a point between its buckets; torch's AdamW runs whole.
+        if hasattr(self.optimizer, "preemption_point"):
+            self.optimizer.preemption_point = self._point()
         params = [p.detach().reshape(-1) for _, p in self.named_params]
         stride = max(1, math.ceil(sum(p.numel() for p in params) / UPDATE_NORM_SAMPLE_ELEMENTS))
         before = [p[::stride].float() for p in params]
