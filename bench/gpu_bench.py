@@ -29,10 +29,12 @@ import contextlib
 import gc
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +60,12 @@ TRAIN_TOKENS_PER_STEP = 16384
 # (name, protection settings, micro-batch, sequence length, accumulation). Every row trains 16,384 tokens a
 # step; "granularity: step" waits only before a whole step (Trainer's own yield), "layer" at every layer.
 _YIELD = {"yield_when_busy": True}
+_OFF = {"yield_when_busy": False}  # explicit: the config's default is on
 _FINE = {**_YIELD, "granularity": "linear", "tail": True, "chunked_head": True}
 CANDIDATES: list[tuple[str, dict[str, Any], int, int, int]] = [
-    ("off", {}, 2, 2048, 4),
-    ("duty-0.5", {"max_duty_cycle": 0.5}, 2, 2048, 4),
-    ("duty-0.25", {"max_duty_cycle": 0.25}, 2, 2048, 4),
+    ("off", _OFF, 2, 2048, 4),
+    ("duty-0.5", {**_OFF, "max_duty_cycle": 0.5}, 2, 2048, 4),
+    ("duty-0.25", {**_OFF, "max_duty_cycle": 0.25}, 2, 2048, 4),
     ("yield-step", {**_YIELD, "granularity": "step"}, 2, 2048, 4),
     ("yield-layer-4k", _YIELD, 2, 2048, 4),
     ("yield-layer-2k", _YIELD, 1, 2048, 8),
@@ -76,8 +79,12 @@ CANDIDATES: list[tuple[str, dict[str, Any], int, int, int]] = [
     ("yield-fine-4k", _FINE, 2, 2048, 4),
     ("yield-fine-2k", _FINE, 1, 2048, 8),
     ("yield-fine-1k", _FINE, 1, 1024, 16),
+    # The worker as shipped: its own preemptible pieces, settings from hogwild.config's defaults.
+    ("worker-default", {"native": True}, 2, 2048, 4),
+    ("worker-yield", {"native": True, "yield_when_busy": True}, 2, 2048, 4),
+    ("worker-off", {**_OFF, "native": True}, 2, 2048, 4),
 ]
-DEFAULT_CANDIDATE = "yield-fine-4k"
+DEFAULT_CANDIDATE = "worker-default"
 
 
 class Context:
@@ -312,12 +319,55 @@ def part_train(ctx: Context) -> dict[str, Any]:
 
 
 # ---- interference ----------------------------------------------------------------------------------------
+MPS_CONTROL_FALLBACK = "/usr/local/nvidia/bin/nvidia-cuda-mps-control"
+
+
+@contextlib.contextmanager
+def mps_daemon(root: Path) -> Iterator[Path]:
+    """A user-space MPS control daemon with private pipe and log directories, for this process's children.
+
+    Only processes that start CUDA with these directories in their environment become its clients; the
+    card's compute mode and every other setting stay as they are. The daemon is told to quit on the way out.
+    """
+    binary = shutil.which("nvidia-cuda-mps-control") or MPS_CONTROL_FALLBACK
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(root / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(root / "log")}
+    for path in env.values():
+        Path(path).mkdir(parents=True, exist_ok=True)
+    subprocess.run([binary, "-d"], env={**os.environ, **env}, check=True, timeout=60)
+    os.environ.update(env)
+    log(f"MPS control daemon started ({binary}, pipe {env['CUDA_MPS_PIPE_DIRECTORY']})")
+    try:
+        yield root / "log"
+    finally:
+        subprocess.run([binary], input="quit\n", text=True, env={**os.environ}, timeout=60, check=False)
+        for name in env:
+            os.environ.pop(name, None)
+        log("MPS control daemon told to quit")
+
+
 def part_interference(ctx: Context) -> dict[str, Any]:
+    """The trade-off curve; with `--mps PCT`, both processes are MPS clients and the trainer gets PCT % of
+    the SMs, and the figures go under `interference_mps[PCT]` instead of the main keys."""
+    if not ctx.args.mps:
+        return interference(ctx)
+    with mps_daemon(Path(tempfile.mkdtemp(prefix="hogwild-mps-"))) as mps_log:
+        try:
+            figures = interference(ctx, {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(ctx.args.mps)})
+        finally:
+            ctx.close()  # the server is an MPS client: it goes before the daemon
+            ctx.server = None
+            for path in sorted(mps_log.glob("*.log")):
+                (ctx.out / f"mps-{path.name}").write_text(path.read_text(errors="replace")[-20000:])
+    return {"interference_mps": {str(ctx.args.mps): figures}}
+
+
+def interference(ctx: Context, trainer_env: dict[str, str] | None = None) -> dict[str, Any]:
     args = ctx.args
     server = ctx.start_server()
     trainer = Child(
         [str(Path(__file__).parent / "gpu_trainer.py"), "--run-dir", str(ctx.run_dir)],
         ctx.out / "trainer.log",
+        env=trainer_env,
     )
     log(f"trainer ready: {trainer.ready}")
     window_s, idle_s = args.window_s, args.idle_s
@@ -379,6 +429,7 @@ def part_interference(ctx: Context) -> dict[str, Any]:
                 "train_tokens_per_s_idle_server": idle["tokens_per_s"], "train_tokens_per_s_loaded_server": busy["tokens_per_s"],
                 "kept_fraction": busy["tokens_per_s"] / idle["tokens_per_s"] if idle["tokens_per_s"] else None,
                 "train_steps_loaded": busy["steps"], "serve_steps": loaded["steps"], "gate": stopped,
+                "serve_p99_ms_alone": alone["p99_ms"], "date": time.strftime("%Y-%m-%d"),
             }  # fmt: skip
             log(f"candidate {name}: {json.dumps(row)}")
             curve.append(row)
@@ -405,6 +456,19 @@ def default_figures(curve: list[dict[str, Any]], name: str) -> dict[str, Any]:
     off = next((row for row in curve if row["name"] == "off"), None)
     if off is not None:
         figures["serve_p99_ms_training_unprotected"] = off["serve_p99_ms"]
+    return figures
+
+
+def keep_earlier(entry: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
+    """A run that measured some candidates replaces those rows of the curve and keeps the others (each row
+    carries its own run's baseline and date); MPS figures merge by SM share."""
+    figures = dict(figures)
+    if "protection_curve" in figures:
+        fresh = {row["name"] for row in figures["protection_curve"]}
+        kept = [row for row in entry.get("protection_curve") or [] if row["name"] not in fresh]
+        figures["protection_curve"] = kept + figures["protection_curve"]
+    if "interference_mps" in figures:
+        figures["interference_mps"] = {**(entry.get("interference_mps") or {}), **figures["interference_mps"]}
     return figures
 
 
@@ -445,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         "--no-cuda-graph", dest="cuda_graph", action="store_false", help="eager serving steps"
     )
     parser.add_argument("--profile", action="store_true", help="optim: profile the APOLLO step's kernels")
+    parser.add_argument(
+        "--mps", type=int, default=0, help="interference under a user-space MPS daemon, trainer at this SM %%"
+    )
     parser.add_argument("--table", action="store_true", help="re-render the table in bench/RESULTS.md")
     parser.add_argument(
         "--set-default", default="", help="re-derive the default-protection keys from the curves"
@@ -478,7 +545,9 @@ def main(argv: list[str] | None = None) -> int:
             key = "correctness" if part == "check" else ctx.shape
             earlier = (load_results(source).get(key) or {}).get("command", "")
             figures["command"] = "; ".join(dict.fromkeys([c for c in earlier.split("; ") if c] + [command]))
-            merge_results(source, results_out, key, figures)
+            merge_results(
+                source, results_out, key, keep_earlier(load_results(source).get(key) or {}, figures)
+            )
             log(f"part {part} done in {time.perf_counter() - started:.0f} s; merged into {results_out}")
     finally:
         ctx.close()

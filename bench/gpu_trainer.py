@@ -146,7 +146,7 @@ class TrainLoop:
         return {"map_s": self.map_s, "params": sum(p.numel() for p in self.mapped.module.parameters())}
 
     def _protection(self, protection: dict[str, Any] | None) -> None:
-        """Bench-only keys: `granularity` "layer" | "linear" (the gate's preemption points) or "step"
+        """Bench-only keys: `native` (the worker's own pieces, see below); `granularity` "layer" | "linear" (the gate's preemption points) or "step"
         (Trainer's own yield before a step); `tail` (points inside the clip and the optimizer step);
         `chunked_head` (the output head and the loss in preemptible chunks); `embed_point` (a point before
         the input embedding, default on); `depth` (chunks allowed in flight, default 2)."""
@@ -154,13 +154,18 @@ class TrainLoop:
         from hogwild.worker.protection import install_preemption_points
 
         values = dict(protection or {})
-        granularity = values.pop("granularity", "layer")
+        native = bool(values.pop("native", False))
+        granularity = values.pop("granularity", "linear" if native else "layer")
         tail = bool(values.pop("tail", False))
         head = bool(values.pop("chunked_head", False))
         embeddings = bool(values.pop("embed_point", True))
         self.gate.max_in_flight = int(values.pop("depth", 2))
         settings = validate_changes({"protection": values})["protection"]
         self.trainer.configure({"protection": values})
+        # `native`: the worker's own path, as `hogwild.worker.service` wires it: the gate's point is the
+        # trainer's, so with yield_when_busy the head and loss, the clip and the optimizer step run in
+        # pieces (`hogwild.worker.pieces`) with no bench emulation.
+        self.trainer.preemption_point = self.gate.point if native else None
         if granularity == "step":
             self.trainer.serving_busy = self.gate.busy
             self.gate.update(ServingProtection(yield_when_busy=False))

@@ -108,15 +108,21 @@ SAMPLES = [
 ]
 
 
+@pytest.mark.parametrize("prepared", [False, True], ids=["zero-grad", "prepared-grads"])
 @pytest.mark.parametrize("accumulation", [2, 4])
-def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(accumulation: int) -> None:
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(
+    accumulation: int, prepared: bool
+) -> None:
     from hogwild.protocol import decode_sample
 
     trainer = make_trainer("float32")
     encoded = trainer.encode([decode_sample("s", s) for s in SAMPLES])
 
     def gradients(parts: int) -> tuple[float, list[torch.Tensor]]:
-        trainer.module.zero_grad(set_to_none=True)
+        if prepared:  # as Trainer.step zeroes them: into APOLLO's buffers, where the micro-batches add up
+            trainer.optimizer.prepare_grads()  # type: ignore[union-attr]
+        else:
+            trainer.module.zero_grad(set_to_none=True)
         step = batches.step_batch(encoded, max_tokens=4096, grad_accumulation=parts, pad_id=0)
         assert len(step.micro_batches) == parts
         loss = trainer.backward(step)
@@ -127,6 +133,32 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(accumulatio
     assert split_loss == pytest.approx(whole_loss, rel=1e-5)
     for a, b in zip(whole, split, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def grad_storage(trainer: Trainer, name: str) -> int:
+    grad = dict(trainer.named_params)[name].grad
+    assert grad is not None
+    return grad.untyped_storage().data_ptr()
+
+
+def test_apollo_steps_on_prepared_gradients_exactly_as_on_fresh_ones() -> None:
+    batched, plain = make_trainer("float32"), make_trainer("float32")
+    plain.optimizer.prepare_grads = None  # type: ignore[union-attr]  # the trainer falls back to zero_grad
+    train(batched, steps=3, samples=SAMPLES)
+    train(plain, steps=3, samples=SAMPLES)
+    assert all(
+        torch.equal(a, b) for a, b in zip(weights(batched).values(), weights(plain).values(), strict=True)
+    )
+    assert not torch.equal(weights(batched)["model.norm.weight"], load("float32")[0].model.norm.weight)
+    # Same-shape projected weights share one gradient buffer, kept after the step; zero_grad frees them.
+    layer = "model.layers.{}.{}.weight"
+    assert grad_storage(batched, layer.format(0, "self_attn.q_proj")) == grad_storage(
+        batched, layer.format(1, "self_attn.o_proj")
+    )
+    assert grad_storage(batched, layer.format(0, "mlp.down_proj")) == grad_storage(
+        batched, layer.format(1, "mlp.down_proj")
+    )
+    assert all(p.grad is None for _, p in plain.named_params)
 
 
 def step_pieces(trainer: Trainer, step: batches.StepBatch) -> tuple[float, float, list[torch.Tensor]]:
@@ -150,6 +182,7 @@ def test_with_yield_when_busy_the_head_and_clip_are_preemptible_and_compute_the_
     monkeypatch.setattr(pieces, "HEAD_ROWS", head_rows)  # several chunks even on short samples
     monkeypatch.setattr(pieces, "CLIP_CHUNK", 5)
     trainer = make_trainer("float32", clip_grad_norm=0.05)  # small enough that the clip scales the gradients
+    trainer.configure({"protection": {"yield_when_busy": False}})
     points: list[int] = []
     trainer.preemption_point = lambda: points.append(1)
     encoded = trainer.encode([decode_sample("s", s) for s in SAMPLES])

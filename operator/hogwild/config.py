@@ -23,11 +23,14 @@ class ServingProtection:
     """How training yields to serving. Applied hot.
 
     `max_duty_cycle` caps the fraction of wall time the trainer computes; `yield_when_busy` makes the trainer
-    wait while vLLM has requests running or waiting (read from its metrics), up to `max_wait_s` per step.
+    wait at each preemption point (every projection, layer, head chunk and optimizer bucket) while vLLM has
+    requests in flight, up to `max_wait_s` per point, so a server that never idles slows training to about
+    one chunk per `max_wait_s` but cannot stop it. On by default: without it, training beside a half-loaded
+    server let the serving queue grow without bound on an H100 (bench/RESULTS.md).
     """
 
     max_duty_cycle: float = 1.0
-    yield_when_busy: bool = False
+    yield_when_busy: bool = True
     max_wait_s: float = 1.0
 
 
