@@ -537,9 +537,11 @@ def main(argv: list[str] | None = None) -> int:
             figures = PARTS[part](ctx)
             info = device_info()
             command = "python bench/gpu_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+            for mps_figures in (figures.get("interference_mps") or {}).values():
+                mps_figures["command"] = command  # an MPS run keeps its own command, not the shape's run_ key
             figures.update({
                 "device": info["device"], "date": info["date"], "torch": info["torch"], "model": MODEL_NAMES[ctx.shape],
-                f"run_{part}": {**info, "command": command, "seconds": time.perf_counter() - started},
+                f"run_{part}{'_mps' if 'interference_mps' in figures else ''}": {**info, "command": command, "seconds": time.perf_counter() - started},
             })  # fmt: skip
             source = results_out if results_out.exists() else args.results
             key = "correctness" if part == "check" else ctx.shape

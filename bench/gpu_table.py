@@ -127,22 +127,40 @@ def train_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+CURVE_HEADER = [
+    "| shape | candidate | settings | micro-batch x accumulation | serve p50 ms | serve p99 ms | p99 alone ms (same run) | p99 ratio | train tok/s idle server | train tok/s loaded | kept | date |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+]
+
+
+def _curve_line(shape: str, row: Mapping[str, Any], mark: str = "") -> str:
+    micro = f"{row['micro_batch'][0]}x{row['micro_batch'][1]} x {row['accumulation']}"
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(row["protection"].items())) or "defaults"
+    return (
+        f"| {shape} | {row['name']}{mark} | {settings} | {micro} | {row['serve_p50_ms']:.1f} | "
+        f"{row['serve_p99_ms']:.1f} | {_num(row.get('serve_p99_ms_alone'), '{:.1f}')} | {row['p99_ratio']:.2f}x | "
+        f"{row['train_tokens_per_s_idle_server']:,.0f} | {row['train_tokens_per_s_loaded_server']:,.0f} | "
+        f"{_num(row.get('kept_fraction'), '{:.2f}')} | {row.get('date', '2026-11-26')} |"
+    )
+
+
 def curve_table(results: Mapping[str, Any]) -> str:
-    lines = [
-        "| shape | candidate | settings | micro-batch x accumulation | serve p50 ms | serve p99 ms | p99 ratio | train tok/s idle server | train tok/s loaded | kept |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    lines = list(CURVE_HEADER)
     for shape in SHAPES:
         entry = results.get(shape) or {}
         for row in entry.get("protection_curve") or []:
             mark = " (default)" if row["name"] == entry.get("protection_default") else ""
-            micro = f"{row['micro_batch'][0]}x{row['micro_batch'][1]} x {row['accumulation']}"
-            settings = ", ".join(f"{k}={v}" for k, v in sorted(row["protection"].items())) or "off"
-            lines.append(
-                f"| {shape} | {row['name']}{mark} | {settings} | {micro} | {row['serve_p50_ms']:.1f} | "
-                f"{row['serve_p99_ms']:.1f} | {row['p99_ratio']:.2f}x | {row['train_tokens_per_s_idle_server']:,.0f} | "
-                f"{row['train_tokens_per_s_loaded_server']:,.0f} | {_num(row.get('kept_fraction'), '{:.2f}')} |"
-            )
+            lines.append(_curve_line(shape, row, mark))
+    return "\n".join(lines)
+
+
+def mps_table(results: Mapping[str, Any]) -> str:
+    """The curve rows measured with both processes as MPS clients, the trainer at a share of the SMs."""
+    lines = list(CURVE_HEADER)
+    for shape in SHAPES:
+        for share, figures in sorted(((results.get(shape) or {}).get("interference_mps") or {}).items()):
+            for row in figures.get("protection_curve") or []:
+                lines.append(_curve_line(f"{shape}, MPS trainer {share} %", row))
     return "\n".join(lines)
 
 
@@ -177,6 +195,9 @@ def render(results: Mapping[str, Any]) -> str:
             train_table(results),
             "Serving protection, trade-off curve (steady load at half the measured serving capacity):",
             curve_table(results),
+            "The same under MPS (user-space daemon; serving at 100 %, the trainer at the share shown; p99 ratio "
+            "against serving alone under MPS in the same run):",
+            mps_table(results),
             "Fast paths against float64 (fresh random inputs):",
             checks_table(results),
             "Commands:",
