@@ -184,3 +184,23 @@ def test_mapping_allocates_no_second_copy_of_the_weights(tmp_path: Path) -> None
     result = json.loads(probe.stdout.strip().splitlines()[-1])
     assert result["weight_bytes"] > 100_000_000  # big enough that the weights dominate the process
     assert result["uss_growth_bytes"] < 0.05 * result["weight_bytes"], result
+
+
+def test_prewarm_imports_loads_the_model_families_a_fresh_process_lacks() -> None:
+    """In a fresh interpreter, so that what other tests imported cannot make it pass."""
+    code = (
+        "import sys, json\n"
+        "from hogwild.worker.model import PREWARM_FAMILIES, prewarm_imports\n"
+        "names = [f'transformers.models.{f}.modeling_{f}' for f in PREWARM_FAMILIES]\n"
+        "before = [n for n in names if n in sys.modules]\n"
+        "loaded = prewarm_imports()\n"
+        "print(json.dumps({'before': before, 'loaded': loaded, 'after': [n for n in names if n in sys.modules]}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["before"] == []
+    assert seen["loaded"] == seen["after"]
+    assert "transformers.models.qwen2.modeling_qwen2" in seen["after"]
+    assert "transformers.models.llama.modeling_llama" in seen["after"]

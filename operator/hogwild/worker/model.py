@@ -20,6 +20,31 @@ import torch
 from hogwild import sharing
 from hogwild.handles import Manifest, ManifestError
 
+# The families whose modeling code `prewarm_imports` loads ahead of the first manifest.
+PREWARM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def prewarm_imports() -> list[str]:
+    """Import transformers and the modeling modules of the common families; returns the ones imported.
+
+    Why: the first `AutoModelForCausalLM.from_config` imports them, which took 7-13 s on the GPU machine
+    (bench/NOTES-gpu.md), all of it between vLLM exporting its weights and the worker being able to train.
+    The worker calls this on a thread at start-up, while vLLM is still loading; a later import of the same
+    module waits on Python's import lock instead of doing the work twice.
+    """
+    import importlib
+
+    importlib.import_module("transformers")
+    loaded = []
+    for family in PREWARM_FAMILIES:
+        name = f"transformers.models.{family}.modeling_{family}"
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an older transformers without the family: mapping such a model fails anyway
+            continue
+        loaded.append(name)
+    return loaded
+
 
 class MappingError(RuntimeError):
     """The exported tensors do not fit the model the manifest describes; the message says which."""

@@ -32,7 +32,7 @@ from hogwild.protocol import (
 )
 from hogwild.worker import persistence, protection, status
 from hogwild.worker.metrics import WorkerMetrics
-from hogwild.worker.model import MappedModel, load_tokenizer, map_model
+from hogwild.worker.model import MappedModel, load_tokenizer, map_model, prewarm_imports
 from hogwild.worker.trainer import StepStats, Trainer
 
 log = logging.getLogger("hogwild.worker")
@@ -78,6 +78,8 @@ class WorkerService:
         if newest is not None:
             metrics.set_last_checkpoint(newest.time)
         metrics.paused.set(int(config.paused))
+        # Model code imports take seconds: do them now, while vLLM loads, not after it exports its weights.
+        threading.Thread(target=prewarm_imports, name="prewarm-imports", daemon=True).start()
 
     # ---- dispatch ---------------------------------------------------------------------------------------
     def handle(self, request: Request, done: Done) -> None:
