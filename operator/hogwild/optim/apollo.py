@@ -19,10 +19,13 @@ The moments persist across projection refreshes, as in the paper's algorithm. Pa
 (e.g. embeddings) get plain AdamW inside the same optimizer. Updates to bf16 weights go through
 `rounding.apply_updates_` (stochastic rounding by default), always in place.
 
-Speed: a model has a few dozen parameters of each shape, so the step works per shape ("bucket"), not per
-parameter: the moments of a bucket live in shared (k, ...) buffers (each parameter's state holds views), and
-a step is a few kernels per bucket plus a projection matmul and a gradient norm per parameter. The projection
-of the current period is kept in memory (r x min(m, n) in the gradient's dtype, not in the state dict).
+Speed: a model has a few dozen parameters of each shape, so the step works per shape ("bucket", see
+`buckets`), not per parameter: the moments of a bucket live in shared (k, ...) buffers (each parameter's
+state holds views), and a step is a few kernels per bucket. When a training loop zeroes the gradients with
+`prepare_grads` instead of `zero_grad`, the gradients of a bucket of small weights are views of one buffer
+too, and its projection and gradient norms are one kernel each; otherwise they are one per parameter, with
+the same result (large weights stay so on purpose: see PREPARED_MAX_ELEMENTS). The projections of the
+current period are kept in memory (r x min(m, n) in the gradient's dtype, not in the state dict).
 """
 
 from __future__ import annotations
@@ -30,19 +33,30 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from hogwild.optim.buckets import (
+    GradBuffer,
+    MomentBucket,
+    adam_normalized,
+    moment_bucket,
+    same_shape_groups,
+    scaling_factors,
+)
 from hogwild.optim.rounding import ROUNDINGS, apply_updates_, derive_seed, noise_keys
 
 SCALE_TYPES = ("channel", "tensor")
 APOLLO_MINI_SCALE = math.sqrt(128.0)
-_TINY = torch.finfo(torch.float32).tiny
-_CHUNK = 32  # most parameters in one bucket (bounds the transient projected tensors)
+# The largest weight `prepare_grads` gives a buffer by default. A buffer moves ~8 bytes per element more
+# through the backward (the memset, then autograd adds into it instead of keeping its fresh gradient); for
+# a weight above ~4M elements that costs more than the step saves by batching it. H100, Qwen2 shapes: the
+# step 15.0 -> 11.1 ms with every projected weight buffered, but the backward +3 ms at 1.5B (+15 ms at 7B);
+# with this limit 12.2 ms and the backward within noise (7B: step 40.7 -> 39.4 ms, backward within noise).
+PREPARED_MAX_ELEMENTS = 1 << 22
 
 
 def _number(name: str, value: Any, low: float, *, low_open: bool = False) -> None:
@@ -109,81 +123,12 @@ def projection_matrix(
     return matrix.mul_(1.0 / math.sqrt(rank))
 
 
-def _per_param(values: list[float], like: Tensor) -> Tensor | float:
-    """One number per bucket member, broadcastable against a (k, ...) tensor; a float when all agree."""
-    if all(value == values[0] for value in values):
-        return values[0]
-    return torch.tensor(values, dtype=torch.float32).view(-1, *[1] * (like.dim() - 1)).to(like.device)
+_RefreshKey = tuple[int, int, int, torch.dtype]  # what a projection matrix depends on; see _refresh_key
 
 
-def _adam_normalized(bucket: _Bucket, values: Tensor, steps: list[int], group: dict[str, Any]) -> Tensor:
-    """AdamW moments of `values` (k, ...) into the bucket; returns bias-corrected M^ / (sqrt(V^) + eps)."""
-    beta1, beta2 = group["betas"]
-    bucket.exp_avg.lerp_(values, 1 - beta1)
-    bucket.exp_avg_sq.mul_(beta2).addcmul_(values, values, value=1 - beta2)
-    denom = (
-        bucket.exp_avg_sq.div(_per_param([1 - beta2**t for t in steps], values)).sqrt_().add_(group["eps"])
-    )
-    return torch.div(bucket.exp_avg, denom).div_(_per_param([1 - beta1**t for t in steps], values))
-
-
-@dataclass
-class _Bucket:
-    """Parameters of one shape whose moments live in shared (k, ...) buffers, so each step op is one kernel.
-
-    Each parameter's state holds views of the buffers (`exp_avg` is `bucket.exp_avg[i]`): the state dict
-    stays per parameter, and loading one replaces the views, which `intact` notices.
-    """
-
-    params: list[Tensor]
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
-    update_norm: Tensor | None
-    views: list[Tensor]  # the `exp_avg` view each parameter's state holds
-
-    def intact(self, state: Mapping[Tensor, dict[str, Any]]) -> bool:
-        return all(state[p]["exp_avg"] is view for p, view in zip(self.params, self.views, strict=True))
-
-
-def _same_shape_groups(params: list[Tensor]) -> list[list[Tensor]]:
-    """Parameters grouped by (shape, dtype, gradient dtype, device), in order, at most _CHUNK a group."""
-    groups: dict[tuple[Any, ...], list[Tensor]] = {}
-    for param in params:
-        key = (tuple(param.shape), param.dtype, param.grad.dtype, param.device)  # type: ignore[union-attr]
-        groups.setdefault(key, []).append(param)
-    return [group[i : i + _CHUNK] for group in groups.values() for i in range(0, len(group), _CHUNK)]
-
-
-def _scaling_factors(
-    grads: list[Tensor], r: Tensor, r_tilde: Tensor, bucket: _Bucket, group: dict[str, Any]
-) -> Tensor:
-    """Steps 4-6 for a bucket: lr * scale * limiter * s, shaped (k, 1, n), (k, m, 1) or (k, 1, 1)."""
-    k, scale = len(grads), group["scale"]
-    if group["scale_type"] == "channel":
-        # Step 4 (channel-wise): one factor per column (or row) of the larger side.
-        dim = 1 if grads[0].shape[0] <= grads[0].shape[1] else 2  # r is (k, rank, n) or (k, m, rank)
-        ratio = torch.linalg.vector_norm(r_tilde, dim=dim, keepdim=True)
-        ratio.div_(torch.linalg.vector_norm(r, dim=dim, keepdim=True).clamp_min_(_TINY))
-        # ||G diag(s)|| without forming it: sqrt(sum_j s_j^2 ||G[:, j]||^2).
-        channel_norms = torch.empty_like(ratio)
-        for out, grad in zip(channel_norms, grads, strict=True):
-            torch.linalg.vector_norm(grad, dim=dim - 1, keepdim=True, dtype=torch.float32, out=out)
-        update_norm = torch.linalg.vector_norm(ratio * channel_norms, dim=(1, 2)).mul_(scale)
-    else:
-        # Step 4 (tensor-wise): one factor for the whole weight.
-        ratio = torch.linalg.vector_norm(r_tilde, dim=(1, 2), keepdim=True)
-        ratio.div_(torch.linalg.vector_norm(r, dim=(1, 2), keepdim=True).clamp_min_(_TINY))
-        grad_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-        update_norm = ratio.view(k) * grad_norms * scale
-    # Step 5 is the scale; step 6, the norm-growth limiter, compares with the previous step's update.
-    limit, previous = group["norm_growth_limit"], bucket.update_norm
-    assert previous is not None
-    if limit is not None:
-        factor = torch.where(previous > 0, (limit * previous / update_norm).clamp(max=1.0), 1.0)
-        update_norm = update_norm * factor
-        ratio = ratio * factor.view(k, 1, 1)
-    previous.copy_(update_norm)
-    return ratio.mul_(group["lr"] * scale)
+def _refresh_key(state: Mapping[str, Any], group: Mapping[str, Any], dtype: torch.dtype) -> _RefreshKey:
+    """(seed, refresh period, rank, dtype): the projection of the current step is a function of these."""
+    return (state["seed"], (state["step"] - 1) // group["update_proj_gap"], group["rank"], dtype)
 
 
 class Apollo(Optimizer):
@@ -228,9 +173,12 @@ class Apollo(Optimizer):
         }
         validate_hyperparameters(defaults)
         super().__init__(params, defaults)
-        # Per parameter: (seed, refresh period, rank, dtype) -> the projection matrix of that period.
-        self._projections: dict[Tensor, tuple[tuple[int, int, int, torch.dtype], Tensor]] = {}
-        self._bucket_cache: dict[tuple[int, ...], _Bucket] = {}
+        # Per parameter: (seed, refresh period, rank, dtype) -> the projection matrix of that period; per
+        # bucket (parameter ids): the members' keys -> their matrices stacked, for the batched projection.
+        self._projections: dict[Tensor, tuple[_RefreshKey, Tensor]] = {}
+        self._stacked_projections: dict[tuple[int, ...], tuple[tuple[_RefreshKey, ...], Tensor]] = {}
+        self._bucket_cache: dict[tuple[int, ...], MomentBucket] = {}
+        self._grad_buffers: dict[tuple[int, ...], GradBuffer] = {}  # see prepare_grads
         # Called before each same-shape bucket of a step, when set: the worker's serving protection waits there
         # while vLLM is busy, so the step is pieces of a few ms, not ~30-60 ms (bench/RESULTS.md). Not state.
         self.preemption_point: Callable[[], None] | None = None
@@ -243,6 +191,44 @@ class Apollo(Optimizer):
     def projects(param: Tensor, group: Mapping[str, Any]) -> bool:
         """Whether `param` gets the APOLLO update (else AdamW): a 2-D weight wider than the rank both ways."""
         return bool(group["low_rank"]) and param.dim() == 2 and min(param.shape) > group["rank"]
+
+    @torch.no_grad()
+    def prepare_grads(self, max_elements: int | None = PREPARED_MAX_ELEMENTS) -> None:
+        """Zero the gradients before a backward so that the step can batch: `zero_grad()` for a training loop.
+
+        Each projected weight of at most `max_elements` (None: any size) gets as gradient a view of one
+        zeroed (k, m, n) buffer per same-shape bucket; every other gradient is set to None, as `zero_grad()`
+        does. Autograd then adds into those views in place (micro-batches accumulate there too), and `step`
+        projects such a bucket with one `bmm` and takes its norms with one reduction each, without copying
+        the gradients. Gradients that are not (or no longer) exactly a buffer's views take the per-parameter
+        path, with the same result.
+
+        The buffers stay allocated between steps (one memset each on later calls; made anew only when the
+        bucketing changes): the size of those gradients, 2 bytes per bf16 element. A weight with a buffer
+        that gets no gradient in the backward is then stepped with a zero one, as after torch's
+        `zero_grad(set_to_none=False)`: its step counts and its moments decay, weight decay applies, and
+        the gradient part of its update is 0.
+        """
+        old, self._grad_buffers = self._grad_buffers, {}
+        for group in self.param_groups:
+            projected = []
+            for param in group["params"]:
+                small = max_elements is None or param.numel() <= max_elements
+                if param.requires_grad and small and self.projects(param, group):
+                    projected.append(param)
+                else:
+                    param.grad = None
+            for members in same_shape_groups(projected, grads=False):
+                key = tuple(id(p) for p in members)
+                buffer = old.pop(key, None)
+                if buffer is not None and buffer.fits(members):
+                    buffer.grads.zero_()
+                else:
+                    for param in members:
+                        param.grad = None  # free the old gradients before the new buffer
+                    buffer = GradBuffer.zeros(members)
+                buffer.attach()
+                self._grad_buffers[key] = buffer
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -264,10 +250,10 @@ class Apollo(Optimizer):
                 self._ensure_state(param, group, index, low_rank)
                 self.state[param]["step"] += 1
                 (projected if low_rank else full).append(param)
-            for same_shape in _same_shape_groups(projected):
+            for same_shape in same_shape_groups(projected):
                 self._point()
                 self._apollo_update(same_shape, group)
-            for same_shape in _same_shape_groups(full):
+            for same_shape in same_shape_groups(full):
                 self._point()
                 self._adamw_update(same_shape, group)
         return loss
@@ -297,47 +283,21 @@ class Apollo(Optimizer):
         if group["rounding"] == "kahan" and param.dtype in (torch.bfloat16, torch.float16):
             state["compensation"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    def _bucket(self, params: list[Tensor]) -> _Bucket:
-        """The bucket of these parameters, built anew (moving their moments into shared buffers) if needed."""
-        key = tuple(id(p) for p in params)
-        bucket = self._bucket_cache.get(key)
-        if bucket is not None and bucket.intact(self.state):
-            return bucket
-        states = [self.state[p] for p in params]
-        projected = "update_norm" in states[0]
-        bucket = _Bucket(
-            params=list(params),
-            exp_avg=torch.stack([s["exp_avg"] for s in states]),
-            exp_avg_sq=torch.stack([s["exp_avg_sq"] for s in states]),
-            update_norm=torch.stack([s["update_norm"] for s in states]) if projected else None,
-            views=[],
-        )
-        for i, state in enumerate(states):
-            state["exp_avg"], state["exp_avg_sq"] = bucket.exp_avg[i], bucket.exp_avg_sq[i]
-            if bucket.update_norm is not None:
-                state["update_norm"] = bucket.update_norm[i]
-            bucket.views.append(state["exp_avg"])
-        # Buckets that shared a member are gone; their other members get moments of their own.
-        for other in [k for k in self._bucket_cache if set(k) & set(key)]:
-            old = self._bucket_cache.pop(other)
-            for param, view in zip(old.params, old.views, strict=True):
-                if id(param) not in key and self.state[param].get("exp_avg") is view:
-                    for name in ("exp_avg", "exp_avg_sq", "update_norm"):
-                        if name in self.state[param]:
-                            self.state[param][name] = self.state[param][name].clone()
-        self._bucket_cache[key] = bucket
-        return bucket
-
     def _apollo_update(self, params: list[Tensor], group: dict[str, Any]) -> None:
-        """Steps 1-7 for parameters of one shape, batched: a few kernels per bucket, three per parameter."""
-        bucket = self._bucket(params)
+        """Steps 1-7 for parameters of one shape, batched: a few kernels per bucket, and, unless the gradients
+        are a prepared buffer (`prepare_grads`), a projection and a norm per parameter."""
+        bucket = moment_bucket(params, self.state, self._bucket_cache)
         states = [self.state[p] for p in params]
-        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        # The bucket's gradients stacked, when they are the views of one prepared buffer; else a list.
+        buffer = self._grad_buffers.get(tuple(id(p) for p in params))
+        grads: Tensor | list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        if buffer is not None and buffer.holds(params):
+            grads = buffer.grads
         # Steps 1-2: project each gradient onto its random rank-r space.
         r = self._project(params, grads, states, group)
         # Step 3: AdamW moments and the Adam-normalized update, in the projected space.
-        r_tilde = _adam_normalized(bucket, r, [s["step"] for s in states], group)
-        coefs = _scaling_factors(grads, r, r_tilde, bucket, group)
+        r_tilde = adam_normalized(bucket, r, [s["step"] for s in states], group)
+        coefs = scaling_factors(grads, r, r_tilde, bucket, group)
         # Step 7: W <- W (1 - lr wd) - G diag(lr * scale * limiter * s).
         apply_updates_(
             params,
@@ -350,11 +310,21 @@ class Apollo(Optimizer):
         )
 
     def _project(
-        self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+        self,
+        params: list[Tensor],
+        grads: list[Tensor] | Tensor,
+        states: list[dict[str, Any]],
+        group: dict[str, Any],
     ) -> Tensor:
-        """R for each gradient, stacked: (k, r, n) when m <= n, else (k, m, r); fp32."""
+        """R for each gradient, stacked: (k, r, n) when m <= n, else (k, m, r); fp32.
+
+        Stacked gradients take one `bmm` with the stacked projections (the same matrices, so the same R).
+        """
         m, n = grads[0].shape
         wide = m <= n
+        if isinstance(grads, Tensor):
+            stacked = self._stacked_projection(params, states, group, grads.dtype)
+            return (torch.bmm(stacked, grads) if wide else torch.bmm(grads, stacked)).float()
         projected = [
             self._projection(p, s, group, g.dtype) @ g if wide else g @ self._projection(p, s, group, g.dtype)
             for p, g, s in zip(params, grads, states, strict=True)
@@ -369,21 +339,43 @@ class Apollo(Optimizer):
         Regenerated from the seed when a refresh period starts, and kept (not in the state) until the next.
         """
         m, n = param.shape
-        rank = group["rank"]
-        key = (state["seed"], (state["step"] - 1) // group["update_proj_gap"], rank, dtype)
+        key = _refresh_key(state, group, dtype)
         cached = self._projections.get(param)
         if cached is not None and cached[0] == key:
             return cached[1]
+        rank = group["rank"]
         shape = (rank, m) if m <= n else (n, rank)
         matrix = projection_matrix(state["seed"], key[1], shape, rank, param.device).to(dtype)
         self._projections[param] = (key, matrix)
         return matrix
 
+    def _stacked_projection(
+        self, params: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any], dtype: torch.dtype
+    ) -> Tensor:
+        """The bucket's projections stacked, (k, r, m) or (k, n, r); rebuilt when any member's period ends.
+
+        Each parameter's cached matrix becomes a view of the stack, so the projections are held once.
+        """
+        keys = tuple(_refresh_key(s, group, dtype) for s in states)
+        bucket = tuple(id(p) for p in params)
+        cached = self._stacked_projections.get(bucket)
+        if cached is not None and cached[0] == keys:
+            return cached[1]
+        for other in [k for k in self._stacked_projections if set(k) & set(bucket)]:
+            del self._stacked_projections[other]  # a bucket that shared a member is gone
+        stacked = torch.stack(
+            [self._projection(p, s, group, dtype) for p, s in zip(params, states, strict=True)]
+        )
+        for param, key, matrix in zip(params, keys, stacked, strict=True):
+            self._projections[param] = (key, matrix)
+        self._stacked_projections[bucket] = (keys, stacked)
+        return stacked
+
     def _adamw_update(self, params: list[Tensor], group: dict[str, Any]) -> None:
-        bucket = self._bucket(params)
+        bucket = moment_bucket(params, self.state, self._bucket_cache)
         states = [self.state[p] for p in params]
         grads = torch.stack([p.grad for p in params]).float()  # type: ignore[misc]
-        normalized = _adam_normalized(bucket, grads, [s["step"] for s in states], group)
+        normalized = adam_normalized(bucket, grads, [s["step"] for s in states], group)
         apply_updates_(
             params,
             normalized,
@@ -402,6 +394,7 @@ class Apollo(Optimizer):
         """
         super().load_state_dict(state_dict)
         self._projections.clear()
+        self._stacked_projections.clear()
         self._bucket_cache.clear()
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)

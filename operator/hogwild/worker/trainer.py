@@ -182,6 +182,8 @@ class Trainer:
 
     def detach(self) -> None:
         with self.lock:
+            for _, param in self.named_params:
+                param.grad = None  # the optimizer's gradient buffers go with it (see `step`)
             self.module = self.tokenizer = self.optimizer = None
             self.named_params = []
 
@@ -275,12 +277,22 @@ class Trainer:
             started = time.perf_counter()
             self._sync_optimizer()
             assert self.optimizer is not None
-            self.optimizer.zero_grad(set_to_none=True)
+            # APOLLO batches its step when a same-shape bucket's gradients lie in one buffer (prepare_grads,
+            # for its smaller weights): it zeroes those buffers instead of freeing the gradients, so they stay
+            # allocated between steps (2 bytes per element of those bf16 weights: what their gradients take
+            # during a step anyway, and torch's allocator would keep that memory cached too). Nothing is freed
+            # after the step: the next prepare_grads frees the other gradients, before the forward.
+            prepare_grads = getattr(self.optimizer, "prepare_grads", None)
+            if prepare_grads is not None:
+                prepare_grads()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
             loss = self.backward(batch)
             grad_norm = self._grad_norm_and_clip()
             skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
             update_norm = 0.0 if skipped else self._optimizer_step_with_update_norm()
-            self.optimizer.zero_grad(set_to_none=True)
+            if prepare_grads is None:
+                self.optimizer.zero_grad(set_to_none=True)
             if batch.micro_batches and self.named_params[0][1].is_cuda:
                 torch.cuda.synchronize()
             c = self.counters
