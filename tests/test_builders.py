@@ -35,6 +35,16 @@ SPECS: dict[str, dict[str, Any]] = {
         "model": {"path": "/m"},
         "gpu": {"sharing": "DRA", "claim": {"resourceClaimTemplateName": "one-gpu"}},
     },
+    "mps": {"model": {"path": "/m"}, "gpu": {"mps": {"trainerSharePercent": 70}}},
+    "mps-dra": {
+        "model": {"path": "/m"},
+        "gpu": {
+            "sharing": "DRA",
+            "claim": {"resourceClaimName": "gpu-0"},
+            "mps": {"trainerSharePercent": 40},
+        },
+        "trainer": {"env": [{"name": "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "value": "100"}]},
+    },
     "model-pvc": {"model": {"path": "qwen2-7b", "claimName": "models"}},
     "existing-claim": {"model": {"path": "/m"}, "checkpoint": {"storage": {"existingClaim": "ckpt"}}},
     "retained-pvc": {
@@ -193,6 +203,42 @@ def test_gpu_sharing(
     expected_container_claims = [{"name": "gpu"}] if claims else None
     assert vllm["resources"].get("claims") == expected_container_claims
     assert trainer["resources"].get("claims") == expected_container_claims
+
+
+MPS_DIRS = {
+    "CUDA_MPS_PIPE_DIRECTORY": "/run/hogwild/mps/pipe",
+    "CUDA_MPS_LOG_DIRECTORY": "/run/hogwild/mps/log",
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "vllm_mps", "trainer_mps"),
+    [
+        ("device-plugin", {}, {}),
+        ("cpu", {}, {}),
+        (
+            "mps",
+            {**MPS_DIRS, "HOGWILD_MPS_START_DAEMON": "1"},
+            {**MPS_DIRS, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "70"},
+        ),
+        (
+            "mps-dra",
+            {**MPS_DIRS, "HOGWILD_MPS_START_DAEMON": "1"},
+            {**MPS_DIRS, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "40"},
+        ),
+    ],
+    ids=["off", "cpu", "device-plugin", "dra-and-a-user-env-that-loses"],
+)
+def test_mps_env_on_both_containers_and_the_daemon_flag_on_vllm_only(
+    name: str, vllm_mps: dict[str, str], trainer_mps: dict[str, str]
+) -> None:
+    """vllm starts first (a native sidecar), so it starts the daemon; both are clients, the trainer capped."""
+    pod = pod_of(name)
+    for container_name, expected in (("vllm", vllm_mps), ("trainer", trainer_mps)):
+        env = env_of(container(pod, container_name))
+        assert {k: v for k, v in env.items() if "MPS" in k} == expected, container_name
+    mounted = {m["name"] for m in container(pod, "trainer")["volumeMounts"]}
+    assert "run" in mounted, "the pipe dir lies on the run emptyDir that both containers mount"
 
 
 def test_curve_file_names_match_hogwild_auth() -> None:

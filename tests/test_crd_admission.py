@@ -29,7 +29,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from hogwild import config, defaults
+from hogwild import config, defaults, mps
 from hogwild.config import ConfigError, validate_changes
 from hogwild.operator import spec as spec_module
 from hogwild.operator.spec import parse_spec
@@ -267,6 +267,38 @@ def test_crd_bounds_agree_with_the_workers_validation(path: str, field: str) -> 
             )
             with pytest.raises(ConfigError):
                 validate_changes({field: beyond})
+
+
+def test_mps_share_bounds_agree_with_the_code() -> None:
+    node = prop("spec.gpu.mps.trainerSharePercent")
+    assert (node["type"], node["minimum"], node["maximum"]) == ("integer", mps.SHARE_MIN, mps.SHARE_MAX)
+    assert prop("spec.gpu.mps")["required"] == ["trainerSharePercent"]
+
+
+@pytest.mark.parametrize(
+    ("share", "message"),
+    [
+        (70, None),
+        (1, None),
+        (100, None),
+        (0, "0 is less than the minimum of 1"),
+        (101, "101 is greater than the maximum of 100"),
+        (70.5, "70.5 is not of type 'integer'"),
+        ("70", "'70' is not of type 'integer'"),
+    ],
+    ids=["70", "1", "100", "0", "101", "fraction", "string"],
+)
+def test_mps_share_admission(share: Any, message: str | None) -> None:
+    session = {
+        "metadata": {"name": "m"},
+        "spec": {"model": {"path": "/m"}, **nest("spec.gpu.mps.trainerSharePercent", share)},
+    }
+    errors = admission_errors(session)
+    if message is None:
+        assert errors == []
+        assert parse_spec(session["spec"]).gpu.mps == spec_module.MpsSpec(share)
+    else:
+        assert any(e == f"spec.gpu.mps.trainerSharePercent: {message}" for e in errors), errors
 
 
 def nest(path: str, value: Any) -> dict[str, Any]:

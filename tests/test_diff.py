@@ -62,6 +62,7 @@ RESTART = [
     ("trainer.resources", {"requests": {"cpu": "2"}}, "spec.trainer.resources.requests"),
     ("gpu.count", 0, "spec.gpu.count"),
     ("gpu.resourceName", "nvidia.com/mig-1g.10gb", "spec.gpu.resourceName"),
+    ("gpu.mps", {"trainerSharePercent": 70}, "spec.gpu.mps"),
     ("auth.curveSecretRef", {"name": "keys"}, "spec.auth.curveSecretRef.name"),
     ("metrics.enabled", False, "spec.metrics.enabled"),
     ("pod.nodeSelector", {"gpu": "h200"}, "spec.pod.nodeSelector"),
@@ -90,6 +91,18 @@ def test_restart_change_names_its_field_and_relays_nothing(path: str, value: Any
     diff = diff_of(path, value)
     assert diff.restart == (cr_path,)
     assert not diff.hot
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [({"trainerSharePercent": 70}, {"trainerSharePercent": 50}), ({"trainerSharePercent": 70}, None)],
+    ids=["share-changed", "mps-removed"],
+)
+def test_mps_change_restarts_the_pod(before: Any, after: Any) -> None:
+    old, new = changed("gpu.mps", before), changed("gpu.mps", after)
+    diff = diff_specs(parse_spec(old), parse_spec(new))
+    assert diff.restart == ("spec.gpu.mps",) and not diff.hot
+    assert pod_hash(old) != pod_hash(new)
 
 
 def test_checkpoint_timeout_is_the_operators_alone() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from hogwild.config import ServingProtection, TrainingConfig
 from hogwild.operator.main import options_from_args, parse_args
-from hogwild.operator.spec import Images, SessionSpec, SpecError, parse_spec, training_changes
+from hogwild.operator.spec import Images, MpsSpec, SessionSpec, SpecError, parse_spec, training_changes
 
 MODEL = {"model": {"path": "/models/m"}}
 
@@ -52,6 +52,24 @@ def test_camel_case_hyperparameters_map_onto_the_config_names() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("gpu", "expected"),
+    [
+        ({}, None),
+        ({"mps": None}, None),
+        ({"mps": {"trainerSharePercent": 70}}, MpsSpec(trainer_share_percent=70)),
+        ({"mps": {"trainerSharePercent": 1}}, MpsSpec(trainer_share_percent=1)),
+        (
+            {"mps": {"trainerSharePercent": 100}, "sharing": "DRA", "claim": {"resourceClaimName": "g"}},
+            MpsSpec(100),
+        ),
+    ],
+    ids=["absent-is-off", "null-is-off", "seventy", "min", "max-with-dra"],
+)
+def test_gpu_mps(gpu: dict[str, Any], expected: MpsSpec | None) -> None:
+    assert parse_spec({**MODEL, "gpu": gpu}).gpu.mps == expected
+
+
 def test_training_changes_keep_only_what_is_set() -> None:
     assert training_changes({"lr": 0.1, "rank": None}, {"keep": 2}) == {"lr": 0.1, "checkpoint_keep": 2}
 
@@ -81,6 +99,33 @@ ERRORS: list[tuple[str, dict[str, Any], str]] = [
         "claim-device-plugin",
         {**MODEL, "gpu": {"claim": {"resourceClaimName": "a"}}},
         "only used with sharing: DRA",
+    ),
+    (
+        "mps-share-zero",
+        {**MODEL, "gpu": {"mps": {"trainerSharePercent": 0}}},
+        "spec.gpu.mps.trainerSharePercent: must be a whole number from 1 to 100",
+    ),
+    (
+        "mps-share-101",
+        {**MODEL, "gpu": {"mps": {"trainerSharePercent": 101}}},
+        "spec.gpu.mps.trainerSharePercent: must be a whole number from 1 to 100",
+    ),
+    (
+        "mps-share-fraction",
+        {**MODEL, "gpu": {"mps": {"trainerSharePercent": 70.5}}},
+        "spec.gpu.mps.trainerSharePercent: must be a whole number from 1 to 100",
+    ),
+    (
+        "mps-share-string",
+        {**MODEL, "gpu": {"mps": {"trainerSharePercent": "70%"}}},
+        "got '70%'",
+    ),
+    ("mps-no-share", {**MODEL, "gpu": {"mps": {}}}, "spec.gpu.mps.trainerSharePercent: required"),
+    ("mps-unknown", {**MODEL, "gpu": {"mps": {"share": 70}}}, "spec.gpu.mps: unknown field(s) share"),
+    (
+        "mps-cpu",
+        {**MODEL, "gpu": {"count": 0, "mps": {"trainerSharePercent": 70}}},
+        "spec.gpu.mps: needs a GPU",
     ),
     ("bad-optimizer", {**MODEL, "training": {"optimizer": "sgd"}}, "spec.training: optimizer must be one of"),
     ("bad-lr", {**MODEL, "training": {"lr": 5}}, "spec.training: lr must be between"),

@@ -11,8 +11,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from hogwild import defaults
+from hogwild import defaults, mps
 from hogwild.local.session import LocalModeError, LocalSession
+from hogwild.mps_daemon import MpsError
 from hogwild.vllm_plugin.launch import split_passthrough
 
 
@@ -34,8 +35,26 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--config", default="{}", help="initial hyperparameters as JSON, e.g. '{\"lr\": 1e-4}'"
     )
+    parser.add_argument(
+        "--mps-trainer-share",
+        type=_share,
+        metavar="PCT",
+        help=(
+            "opt-in serving protection (default: off): run vLLM and the worker as clients of a private NVIDIA "
+            "MPS daemon, started before vLLM and stopped on exit, with the worker capped to PCT %% of the "
+            "GPU's SMs (1-100; 70 was measured on an H100, see README). Needs an NVIDIA GPU and "
+            "nvidia-cuda-mps-control; the GPU's own settings are not changed"
+        ),
+    )
     ours, extra = split_passthrough(argv)
     return parser.parse_args(ours), extra
+
+
+def _share(text: str) -> int:
+    try:
+        return mps.parse_share(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: Sequence[str]) -> int:
@@ -47,6 +66,7 @@ def main(argv: Sequence[str]) -> int:
         metrics_port=args.metrics_port,
         vllm_args=extra,
         config=json.loads(args.config),
+        mps_trainer_share=args.mps_trainer_share,
     )
     stopping = False
 
@@ -56,9 +76,16 @@ def main(argv: Sequence[str]) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    session.start()
-    progress = session.watch_progress()
+    progress = None
     try:
+        try:
+            session.start()
+        except MpsError as err:
+            print(f"hogwild serve: cannot use MPS: {err}", file=sys.stderr)
+            return 2
+        progress = session.watch_progress()
+        if args.mps_trainer_share is not None:
+            print(f"hogwild: MPS on, worker at {args.mps_trainer_share} % of the SMs", flush=True)
         session.wait_ready()
         print(f"hogwild: serving {args.model} at {session.url}", flush=True)
         print(
@@ -77,7 +104,8 @@ def main(argv: Sequence[str]) -> int:
         print(f"hogwild: {err}", file=sys.stderr)
         return 1
     finally:
-        progress.set()
-        print("hogwild: stopping (worker checkpoints first, then vLLM)…", flush=True)
+        if progress is not None:
+            progress.set()
+            print("hogwild: stopping (worker checkpoints first, then vLLM)…", flush=True)
         session.stop()
     return 0

@@ -2,7 +2,8 @@
 
 The same ports, protocol and layout as the pod: a run dir (manifest + worker socket), a checkpoint dir and a
 token file under one state dir. vLLM starts first and stops last, because it owns the weight memory that
-the worker maps; the worker stops first, writing a final checkpoint on SIGTERM.
+the worker maps; the worker stops first, writing a final checkpoint on SIGTERM. With `mps_trainer_share`,
+an MPS control daemon (hogwild.mps) starts before vLLM and stops after it.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -22,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from hogwild import auth, defaults
+from hogwild import auth, defaults, mps
+from hogwild.mps_daemon import MpsDaemon, require_cuda_device
 
 STOP_TIMEOUT_S = 60.0
 
@@ -99,8 +103,10 @@ class LocalSession:
     log_to_files: bool = False
     host: str = "127.0.0.1"
     extra_env: dict[str, str] = field(default_factory=dict)
+    mps_trainer_share: int | None = None  # percent of the SMs; None: no MPS
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _log_files: list[IO[bytes]] = field(default_factory=list)
+    _mps: MpsDaemon | None = None
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
@@ -108,6 +114,9 @@ class LocalSession:
         self.checkpoint_dir = self.state_dir / "checkpoints"
         self.token_file = self.state_dir / "token"
         self.token = load_or_create_token(self.token_file)
+        self.mps_dirs: mps.MpsDirs | None = None
+        if self.mps_trainer_share is not None:
+            mps.check_share(self.mps_trainer_share)
 
     @property
     def url(self) -> str:
@@ -126,6 +135,32 @@ class LocalSession:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
+    def process_env(self, name: str) -> dict[str, str]:
+        """`env()` plus what this process needs as an MPS client, if MPS is on."""
+        env = self.env()
+        if self.mps_dirs is not None and self.mps_trainer_share is not None:
+            if name == "worker":
+                env.update(mps.trainer_env(self.mps_dirs, self.mps_trainer_share))
+            else:
+                env.update(mps.serving_env(self.mps_dirs))
+        return env
+
+    def start_mps(self) -> None:
+        """Refuse without a GPU or the binary; else start the daemon that both processes will use."""
+        require_cuda_device()
+        # A short private pipe dir (it holds UNIX sockets, whose paths are limited); the log under the state dir.
+        pipe = tempfile.mkdtemp(prefix="hogwild-mps-")
+        self.mps_dirs = mps.MpsDirs(pipe=pipe, log=str(self.state_dir / "mps-log"))
+        self._mps = MpsDaemon.start(self.mps_dirs)
+
+    def stop_mps(self) -> None:
+        if self._mps is not None:
+            self._mps.stop()
+            self._mps = None
+        if self.mps_dirs is not None:
+            shutil.rmtree(self.mps_dirs.pipe, ignore_errors=True)
+            self.mps_dirs = None
+
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         out: Any = None
         if self.log_to_files:
@@ -135,7 +170,7 @@ class LocalSession:
         # Own process group: Ctrl-C in the terminal reaches only us, and we stop the children in order.
         proc = subprocess.Popen(
             argv,
-            env=self.env(),
+            env=self.process_env(name),
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,
@@ -186,6 +221,8 @@ class LocalSession:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # A manifest left by an earlier run names an exporter that is gone; never let the worker map it.
         (self.run_dir / defaults.MANIFEST_NAME).unlink(missing_ok=True)
+        if self.mps_trainer_share is not None:
+            self.start_mps()  # before vLLM: an MPS client must find the daemon when it initialises CUDA
         self.start_vllm()
         self.start_worker()
 
@@ -219,6 +256,7 @@ class LocalSession:
         # The worker maps vLLM's memory: it goes first (and checkpoints on SIGTERM), vLLM last.
         self.stop_process("worker")
         self.stop_process("vllm")
+        self.stop_mps()  # last: both clients are gone
         # vLLM's worker dies by signal and cannot unlink its shared weights file: sweep it (and any other
         # file whose exporter is gone).
         from hogwild.sharing import sweep_stale_shm

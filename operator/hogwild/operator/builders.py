@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hogwild import defaults
+from hogwild import defaults, mps
 from hogwild.config import config_to_dict
 from hogwild.operator.spec import ContainerSpec, SessionSpec
 
@@ -172,6 +172,9 @@ def _vllm_container(spec: SessionSpec, n: Names) -> dict[str, Any]:
         defaults.ENV_TOKEN_FILE: f"{TOKEN_MOUNT}/{spec.auth.token_key}",
         RESTORE_ENV: spec.model.restore,
     }
+    if spec.gpu.mps:
+        # vllm starts first, so `hogwild vllm` starts the MPS daemon (before any CUDA) for both clients.
+        base_env.update({**mps.serving_env(mps.POD_DIRS), mps.ENV_START_DAEMON: "1"})
     device_plugin = spec.gpu.count > 0 and spec.gpu.sharing == "DevicePlugin"
     return {
         "name": "vllm",
@@ -208,6 +211,11 @@ def _trainer_container(spec: SessionSpec, n: Names) -> dict[str, Any]:
         # it from touching other pods' GPUs) and needs the NVIDIA runtime to accept the variable from an
         # unprivileged container. DRA has neither problem; use it where the cluster has it.
         base_env["NVIDIA_VISIBLE_DEVICES"] = "all"
+    if spec.gpu.mps:
+        # Unverified on a cluster: MPS between containers relies on the pod's shared IPC and PID namespaces
+        # (shareProcessNamespace), the pipe dir on the shared /run/hogwild emptyDir, and one UID (1000 in
+        # both images): a client of another user would wait for the daemon's server to go idle.
+        base_env.update(mps.trainer_env(mps.POD_DIRS, spec.gpu.mps.trainer_share_percent))
     env = _env(base_env, spec.trainer.env)
     # The desired hyperparameters live in a ConfigMap the operator keeps current: a restarted trainer starts
     # with them, and changing them never changes (so never restarts) the pod.

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hogwild import mps
 from hogwild.config import ConfigError, TrainingConfig, config_from_dict
 from hogwild.operator import fields
 from hogwild.operator.fields import SpecError
@@ -84,12 +85,20 @@ class ContainerSpec:
 
 
 @dataclass(frozen=True)
+class MpsSpec:
+    """spec.gpu.mps: both processes become clients of one NVIDIA MPS server (hogwild.mps)."""
+
+    trainer_share_percent: int
+
+
+@dataclass(frozen=True)
 class GpuSpec:
     count: int = 1
     sharing: str = "DevicePlugin"
     resource_name: str = DEFAULT_GPU_RESOURCE
     claim_name: str | None = None
     claim_template_name: str | None = None
+    mps: MpsSpec | None = None  # None: off
 
 
 @dataclass(frozen=True)
@@ -205,7 +214,7 @@ def _container(where: str, raw: Any, *, with_args: bool) -> ContainerSpec:
 def _gpu(raw: Any) -> GpuSpec:
     where = "spec.gpu"
     value = fields.obj(where, raw)
-    fields.known(where, value, {"count", "sharing", "resourceName", "claim"})
+    fields.known(where, value, {"count", "sharing", "resourceName", "claim", "mps"})
     count = fields.whole_number(f"{where}.count", value.get("count"), 1, 0, 1_000_000)
     if count > 1:
         raise SpecError(
@@ -233,7 +242,25 @@ def _gpu(raw: Any) -> GpuSpec:
         resource_name=fields.string(f"{where}.resourceName", value.get("resourceName"), DEFAULT_GPU_RESOURCE),
         claim_name=claim_name,
         claim_template_name=template,
+        mps=_mps(value.get("mps"), count),
     )
+
+
+def _mps(raw: Any, gpu_count: int) -> MpsSpec | None:
+    where = "spec.gpu.mps"
+    if raw is None:
+        return None
+    value = fields.obj(where, raw)
+    fields.known(where, value, {"trainerSharePercent"})
+    if "trainerSharePercent" not in value:
+        raise SpecError(f"{where}.trainerSharePercent: required (the trainer's share of the SMs, e.g. 70)")
+    if gpu_count == 0:
+        raise SpecError(f"{where}: needs a GPU; remove it, or set gpu.count to 1")
+    try:
+        share = mps.check_share(value["trainerSharePercent"])
+    except ValueError as err:
+        raise SpecError(f"{where}.trainerSharePercent: {err}") from None
+    return MpsSpec(trainer_share_percent=share)
 
 
 def training_changes(training: Mapping[str, Any], checkpoint: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hogwild import checkpoint, defaults
+from hogwild import checkpoint, defaults, mps_daemon
 from hogwild.vllm_plugin import compat
 from hogwild.vllm_plugin.safety import unsafe_settings
 
@@ -127,6 +127,14 @@ def main(argv: Sequence[str]) -> int:
         print("hogwild vllm: refusing to start; these settings break in-place training:", file=sys.stderr)
         for problem in problems:
             print(f"  - {problem}", file=sys.stderr)
+        return 2
+    try:
+        # The pod builder asks for the MPS daemon here: vllm is the pod's first container, and every MPS
+        # client (vLLM itself, then the trainer) must find the daemon before it initialises CUDA. The daemon
+        # forks away and outlives the exec below; it lives as long as this container.
+        mps_daemon.start_if_asked(os.environ)
+    except mps_daemon.MpsError as err:
+        print(f"hogwild vllm: {err}", file=sys.stderr)
         return 2
     source = "newest checkpoint" if plan.from_checkpoint else "base model"
     print(f"hogwild vllm: serving {plan.model_dir} ({source})", file=sys.stderr, flush=True)
