@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,30 @@ async def test_the_trainer_sees_the_server_busy(tmp_path: Path) -> None:
 
     await ServingLoadMiddleware(app, hint)({"type": "http", "path": "/v1/completions"}, None, None)
     assert observed == [True] and probe.busy() is False
+
+
+async def test_a_request_longer_than_the_staleness_limit_stays_busy(tmp_path: Path) -> None:
+    """The heartbeat keeps the hint fresh; a reader with a short staleness limit stands for the 10 s one."""
+    hint = LoadHint(tmp_path / "serving-load")
+    probe = HintFileProbe(tmp_path / "serving-load", stale_s=0.3)
+    observed: list[bool] = []
+
+    async def long_request(scope: Any, receive: Any, send: Any) -> None:
+        for _ in range(8):  # 0.8 s: over twice the limit
+            await asyncio.sleep(0.1)
+            observed.append(probe.busy())
+
+    middleware = ServingLoadMiddleware(long_request, hint, heartbeat_s=0.05)
+    await middleware({"type": "http", "path": "/v1/completions"}, None, None)
+    assert observed == [True] * 8
+    assert probe.busy() is False and middleware._heartbeat is None
+
+
+async def test_without_a_heartbeat_the_reader_takes_a_silent_writer_for_dead(tmp_path: Path) -> None:
+    """The staleness rule the heartbeat exists for: a writer that stops updating reads as idle."""
+    hint = LoadHint(tmp_path / "serving-load")
+    hint.set(1)
+    probe = HintFileProbe(tmp_path / "serving-load", stale_s=0.2)
+    assert probe.busy() is True
+    await asyncio.sleep(0.3)
+    assert probe.busy() is False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -220,12 +221,23 @@ def test_training_yields_while_the_server_has_requests_in_flight(
 
     hint = LoadHint(pod.run_dir / HINT_NAME)  # what vLLM's side keeps current
     hint.set(in_flight)
+    stop = threading.Event()
+
+    # The plugin's heartbeat: a count left unchanged for 10 s reads as a dead writer.
+    def heartbeat() -> None:
+        while not stop.wait(0.5):
+            hint.set(in_flight)
+
+    beat = threading.Thread(target=heartbeat)
+    beat.start()
     try:
         worker = pod.worker(config={"protection": {"yield_when_busy": True, "max_wait_s": 0.01}})
         worker.wait_connected()
         worker.call("train", samples=[FACT], steps=2)
         stats = worker.call("status")["protection"]
     finally:
+        stop.set()
+        beat.join()
         hint.close()
     assert stats["points"] > 0
     assert (stats["waits"] > 0, stats["gave_up"] > 0) == (waited, waited)
