@@ -190,12 +190,28 @@ def part_optim(ctx: Context) -> dict[str, Any]:
     mapped = mapped_model(ctx)
     named = [(n, p) for n, p in mapped.module.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    for p in params:
-        p.grad = torch.randn_like(p).mul_(1e-3)
-    makers: dict[str, Callable[[], torch.optim.Optimizer]] = {
-        "apollo": lambda: factory.build_optimizer(
+
+    def apollo(prepared: bool) -> torch.optim.Optimizer:
+        # `prepared`: as the trainer lays gradients out (Apollo.prepare_grads: small same-shape weights share
+        # one buffer, so their step is one bmm and one norm). Otherwise one fresh tensor per gradient, as
+        # autograd leaves them: the per-parameter path. The AdamW rows step the last gradients.
+        optimizer = factory.build_optimizer(
             factory.param_groups(named), config_from_dict({"optimizer": "apollo", "lr": 1e-6})
-        ),
+        )
+        for p in params:
+            p.grad = None
+        prepare = getattr(optimizer, "prepare_grads", None)
+        if prepared and callable(prepare):
+            prepare()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+            p.grad.normal_(0, 1e-3)
+        return optimizer
+
+    makers: dict[str, Callable[[], torch.optim.Optimizer]] = {
+        "apollo_per_parameter": lambda: apollo(prepared=False),
+        "apollo": lambda: apollo(prepared=True),
         "adamw_fused": lambda: torch.optim.AdamW(params, lr=1e-6, fused=True),
         "adamw_foreach": lambda: torch.optim.AdamW(params, lr=1e-6, foreach=True),
     }
