@@ -159,6 +159,10 @@ def test_apollo_steps_on_prepared_gradients_exactly_as_on_fresh_ones() -> None:
         batched, layer.format(1, "mlp.down_proj")
     )
     assert all(p.grad is None for _, p in plain.named_params)
+    # ... and the gradients outside any buffer (norms and biases take the AdamW path) are freed after the
+    # step, as by zero_grad: only buffer views are left.
+    unbuffered = [p for _, p in batched.named_params if p.dim() == 1]
+    assert unbuffered and all(p.grad is None for p in unbuffered)
 
 
 def step_pieces(trainer: Trainer, step: batches.StepBatch) -> tuple[float, float, list[torch.Tensor]]:

@@ -230,6 +230,17 @@ class Apollo(Optimizer):
                 buffer.attach()
                 self._grad_buffers[key] = buffer
 
+    def release_grads(self) -> None:
+        """After a step: free every gradient that is not a view of a prepared buffer, as `zero_grad()` would.
+
+        Between steps only the buffers stay allocated; the next `prepare_grads` zeroes them.
+        """
+        held = {member for key in self._grad_buffers for member in key}
+        for group in self.param_groups:
+            for param in group["params"]:
+                if id(param) not in held:
+                    param.grad = None
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None

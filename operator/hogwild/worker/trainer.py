@@ -280,8 +280,7 @@ class Trainer:
             # APOLLO batches its step when a same-shape bucket's gradients lie in one buffer (prepare_grads,
             # for its smaller weights): it zeroes those buffers instead of freeing the gradients, so they stay
             # allocated between steps (2 bytes per element of those bf16 weights: what their gradients take
-            # during a step anyway, and torch's allocator would keep that memory cached too). Nothing is freed
-            # after the step: the next prepare_grads frees the other gradients, before the forward.
+            # during a step anyway). After the step, release_grads frees the other gradients.
             prepare_grads = getattr(self.optimizer, "prepare_grads", None)
             if prepare_grads is not None:
                 prepare_grads()
@@ -293,6 +292,8 @@ class Trainer:
             update_norm = 0.0 if skipped else self._optimizer_step_with_update_norm()
             if prepare_grads is None:
                 self.optimizer.zero_grad(set_to_none=True)
+            else:
+                self.optimizer.release_grads()  # type: ignore[attr-defined]
             if batch.micro_batches and self.named_params[0][1].is_cuda:
                 torch.cuda.synchronize()
             c = self.counters
