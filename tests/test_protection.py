@@ -173,3 +173,67 @@ def test_the_preemptible_clip_matches_torch() -> None:
     for p, q in zip(params, expected_params, strict=True):
         torch.testing.assert_close(p.grad, q.grad)
     assert len(points) == 2 * 4
+
+
+class FakeTime:
+    """A clock that only moves when the gate sleeps or the test says so: the share arithmetic, not timing."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.mark.parametrize(
+    ("share", "compute_s", "low", "high"),
+    [
+        pytest.param(0.1, 0.001, 0.07, 0.13, id="default-share"),
+        pytest.param(0.5, 0.001, 0.45, 0.55, id="half"),
+        pytest.param(0.1, 0.05, 0.07, 0.13, id="longer-chunks"),
+    ],
+)
+def test_a_server_that_never_idles_still_leaves_training_its_share(
+    share: float, compute_s: float, low: float, high: float
+) -> None:
+    """Always busy: the waits stop once they would take more than 1 - share of the recent time."""
+    fake = FakeTime()
+    settings = ServingProtection(yield_when_busy=True, max_wait_s=1.0, min_training_share=share)
+    gate = ServingGate(Fixed(True), settings, clock=fake.clock, sleep=fake.sleep)
+    computed = 0.0
+    while fake.now < 120.0:  # many windows
+        gate.point()
+        fake.now += compute_s  # the chunk the point let through
+        computed += compute_s
+    assert low <= computed / fake.now <= high
+    assert gate.stats.share_kept > 0
+
+
+def test_a_server_with_idle_gaps_is_not_affected_by_the_share() -> None:
+    """Busy half the time in short bursts: every wait runs to the end of the burst, none is cut."""
+
+    class Bursts:
+        def busy(self) -> bool:
+            return int(fake.now / 0.02) % 2 == 0  # 20 ms busy, 20 ms idle
+
+    fake = FakeTime()
+    gate = ServingGate(
+        Bursts(), ServingProtection(min_training_share=0.1), clock=fake.clock, sleep=fake.sleep
+    )
+    while fake.now < 30.0:
+        gate.point()
+        fake.now += 0.001
+    assert gate.stats.waits > 0 and gate.stats.share_kept == 0 and gate.stats.gave_up == 0
+
+
+def test_share_zero_waits_the_whole_max_wait_every_time() -> None:
+    fake = FakeTime()
+    settings = ServingProtection(max_wait_s=0.5, min_training_share=0.0)
+    gate = ServingGate(Fixed(True), settings, clock=fake.clock, sleep=fake.sleep)
+    for _ in range(100):
+        gate.point()
+    assert gate.stats.gave_up == 100 and gate.stats.share_kept == 0
+    assert gate.stats.waited_s == pytest.approx(50.0, rel=1e-3)

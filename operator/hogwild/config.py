@@ -24,14 +24,16 @@ class ServingProtection:
 
     `max_duty_cycle` caps the fraction of wall time the trainer computes; `yield_when_busy` makes the trainer
     wait at each preemption point (every projection, layer, head chunk and optimizer bucket) while vLLM has
-    requests in flight, up to `max_wait_s` per point, so a server that never idles slows training to about
-    one chunk per `max_wait_s` but cannot stop it. On by default: without it, training beside a half-loaded
-    server let the serving queue grow without bound on an H100 (bench/RESULTS.md).
+    requests in flight, up to `max_wait_s` per point. On by default: without it, training beside a half-loaded
+    server let the serving queue grow without bound on an H100 (bench/RESULTS.md). `min_training_share` bounds
+    what a server that never idles can take: the trainer stops waiting while it has waited more than
+    1 - share of the recent wall time (0: serving may starve training).
     """
 
     max_duty_cycle: float = 1.0
     yield_when_busy: bool = True
     max_wait_s: float = 1.0
+    min_training_share: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,12 @@ def _protection(value: Any) -> ServingProtection:
             "protection.yield_when_busy", value.get("yield_when_busy", current.yield_when_busy)
         ),
         max_wait_s=_number("protection.max_wait_s", value.get("max_wait_s", current.max_wait_s), low=0.0),
+        min_training_share=_number(
+            "protection.min_training_share",
+            value.get("min_training_share", current.min_training_share),
+            low=0.0,
+            high=0.9,
+        ),
     )
 
 

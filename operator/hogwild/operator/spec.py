@@ -53,6 +53,7 @@ PROTECTION_FIELDS = {
     "maxDutyCycle": "max_duty_cycle",
     "yieldWhenBusy": "yield_when_busy",
     "maxWaitSeconds": "max_wait_s",
+    "minTrainingShare": "min_training_share",
 }
 # spec.checkpoint fields that are hyperparameters of the worker (applied hot).
 CHECKPOINT_CONFIG_FIELDS = {"intervalSeconds": "checkpoint_interval_s", "keep": "checkpoint_keep"}

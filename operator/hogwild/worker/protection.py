@@ -13,8 +13,10 @@ training work queued when a serving step arrives:
   the backward of the input embedding, every decoder layer, every projection inside it, and the output head,
   so training work is cut into chunks of about a millisecond. At each point the trainer first waits until the
   chunk before the last one has finished on the GPU (so at most about two chunks are ever queued), then, while
-  the server reports requests in flight, it launches nothing, up to `max_wait_s` per point (so a server that
-  is never idle slows training to a trickle but cannot stop it).
+  the server reports requests in flight, it launches nothing, up to `max_wait_s` per point. A server that is
+  never idle (continuous batching under steady traffic) would then slow training to a trickle, so the gate
+  also keeps `min_training_share` of wall time for training: it stops waiting while the trailing fraction of
+  time spent waiting (over ~`SHARE_WINDOW_S`) is above 1 - min_training_share.
 - Two pieces of a training step are long and outside any module: the output head with the loss over the
   whole vocabulary, and the gradient clip. `chunked_head_backward` and `preemptible_clip` compute the same
   thing in preemptible pieces (the trainer's `pieces`), and APOLLO has a point between its buckets.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import mmap
 import os
 import struct
@@ -57,6 +60,8 @@ HINT_BYTES = 64
 # A hint that says "busy" but has not changed for this long comes from a writer that died mid-request.
 HINT_STALE_S = 10.0
 POLL_S = 0.0002
+# Time constant of the trailing fraction of wall time the gate spends waiting (min_training_share).
+SHARE_WINDOW_S = 5.0
 
 
 class LoadProbe(Protocol):
@@ -176,19 +181,46 @@ class GateStats:
     waits: int = 0
     waited_s: float = 0.0
     gave_up: int = 0  # waits that ended at max_wait_s with the server still busy
+    share_kept: int = 0  # waits limited (or skipped) to keep min_training_share of the time for training
 
 
 class ServingGate:
     """Preemption points for the training step; see the module docstring."""
 
     def __init__(
-        self, probe: LoadProbe | None, settings: ServingProtection | None = None, max_in_flight: int = 2
+        self,
+        probe: LoadProbe | None,
+        settings: ServingProtection | None = None,
+        max_in_flight: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.probe = probe
         self.settings = settings or ServingProtection()
         self.max_in_flight = max_in_flight
         self.stats = GateStats()
         self._previous: torch.cuda.Event | None = None
+        self._clock, self._sleep = clock, sleep
+        # Trailing fraction of wall time spent waiting at points (an exponential average over SHARE_WINDOW_S).
+        self.waited_fraction = 0.0
+        self._fraction_at = clock()
+
+    def _account(self, now: float, waiting: bool) -> None:
+        """Fold the time since the last call into the trailing waited fraction (as waiting, or not)."""
+        keep = math.exp(-max(0.0, now - self._fraction_at) / SHARE_WINDOW_S)
+        self.waited_fraction = self.waited_fraction * keep + (1.0 - keep) * float(waiting)
+        self._fraction_at = now
+
+    def _wait_allowed_s(self) -> float:
+        """How long a wait may last before the waited fraction reaches 1 - min_training_share."""
+        share = self.settings.min_training_share
+        if share <= 0.0:
+            return self.settings.max_wait_s
+        if self.waited_fraction >= 1.0 - share:
+            return 0.0
+        # Waiting moves the fraction toward 1 as 1 - (1 - f) exp(-t / window): solve for the threshold.
+        until_limit = SHARE_WINDOW_S * math.log((1.0 - self.waited_fraction) / share)
+        return min(self.settings.max_wait_s, until_limit)
 
     def update(self, settings: ServingProtection) -> None:
         """Hot change: the next point uses the new settings."""
@@ -211,17 +243,25 @@ class ServingGate:
             elif self._previous is not None:
                 self._previous.synchronize()
             self._previous = event
+        started = self._clock()
+        self._account(started, waiting=False)  # since the last point: training (or idle between steps)
         if not self.probe.busy():
             return
-        started = time.monotonic()
-        deadline = started + self.settings.max_wait_s
+        allowed = self._wait_allowed_s()
+        if allowed < self.settings.max_wait_s:
+            self.stats.share_kept += 1
+            if allowed <= 0.0:
+                return
+        deadline = started + allowed
         while self.probe.busy():
-            if time.monotonic() >= deadline:
-                self.stats.gave_up += 1
+            if self._clock() >= deadline:
+                self.stats.gave_up += allowed >= self.settings.max_wait_s
                 break
-            time.sleep(POLL_S)
+            self._sleep(POLL_S)
+        ended = self._clock()
+        self._account(ended, waiting=True)
         self.stats.waits += 1
-        self.stats.waited_s += time.monotonic() - started
+        self.stats.waited_s += ended - started
 
 
 def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
