@@ -26,6 +26,17 @@ from hogwild.mps import MpsDirs
 from hogwild.mps_daemon import MpsDaemon, MpsError
 
 HOGWILD = (sys.executable, "-m", "hogwild.cli")
+
+
+def run_hogwild(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a subprocess, as a user runs it; its exit code and output, never raising."""
+    return subprocess.run(
+        [*HOGWILD, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
 DIRS = MpsDirs(pipe="/run/x/pipe", log="/run/x/log")
 NO_BINARY = shutil.which(mps.CONTROL_BINARY) is None and not os.path.exists(mps.CONTROL_FALLBACK)
 NO_GPU = not mps_daemon.cuda_device_nodes()
@@ -152,13 +163,8 @@ def test_local_session_refuses_a_bad_share(tmp_path: Path) -> None:
 
 @needs_cpu_machine
 def test_serve_refuses_mps_without_a_gpu_before_starting_anything(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [*HOGWILD, "serve", "--model", "m", "--state-dir", str(tmp_path), "--mps-trainer-share", "70"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = run_hogwild(
+        ["serve", "--model", "m", "--state-dir", str(tmp_path), "--mps-trainer-share", "70"], tmp_path
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "hogwild serve: cannot use MPS: MPS needs an NVIDIA GPU" in result.stderr
@@ -339,14 +345,8 @@ def test_start_if_asked_starts_it(fake: Path, tmp_path: Path, monkeypatch: pytes
 def test_vllm_launcher_refuses_when_asked_for_mps_without_the_binary(tmp_path: Path) -> None:
     """The real `hogwild vllm`, as the pod's vllm container runs it: it exits before vLLM starts."""
     env = {**os.environ, mps.ENV_START_DAEMON: "1", **mps.serving_env(MpsDirs.under(tmp_path / "mps"))}
-    result = subprocess.run(
-        [*HOGWILD, "vllm", "--model", str(tmp_path), "--checkpoint-dir", "ck", "--run-dir", "run"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = run_hogwild(
+        ["vllm", "--model", str(tmp_path), "--checkpoint-dir", "ck", "--run-dir", "run"], tmp_path, env
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"hogwild vllm: MPS needs {mps.CONTROL_BINARY}" in result.stderr
