@@ -118,7 +118,8 @@ class TrainLoop:
         from hogwild.handles import read_manifest
         from hogwild.sharing import wait_for_manifest
         from hogwild.worker.model import map_model
-        from hogwild.worker.protection import HINT_NAME, HintFileProbe, ServingGate, install_preemption_points
+        from hogwild.worker.protection import ServingGate, install_preemption_points
+        from hogwild.worker.serving_load import HINT_NAME, HintFileProbe
 
         if torch.cuda.is_available():
             torch.cuda.init()

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from hogwild.vllm_plugin.load_hint import ServingLoadMiddleware
-from hogwild.worker.protection import HintFileProbe, LoadHint
+from hogwild.worker.serving_load import HintFileProbe, LoadHint
 
 
 class Recorder:

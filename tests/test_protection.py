@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from hogwild.config import ServingProtection
-from hogwild.worker.protection import (
-    HintFileProbe,
-    LoadHint,
-    ServingGate,
-    install_preemption_points,
-    parse_vllm_load,
-)
+from hogwild.worker.protection import ServingGate, install_preemption_points
+from hogwild.worker.serving_load import HintFileProbe, LoadHint, parse_vllm_load
 
 
 class Fixed:

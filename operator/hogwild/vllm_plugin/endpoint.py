@@ -39,7 +39,7 @@ class HogwildRoutesPlugin:
 
     def attach_router(self, app: Any) -> None:
         routes_module.attach(app, lambda: self.routes)
-        from hogwild.worker.protection import HINT_NAME, LoadHint
+        from hogwild.worker.serving_load import HINT_NAME, LoadHint
 
         # The serving-load hint lives in the run dir that both containers share.
         hint = LoadHint(run_dir() / HINT_NAME)

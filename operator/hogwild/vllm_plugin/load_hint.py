@@ -21,7 +21,7 @@ from typing import Any
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
 SERVING_PREFIXES = ("/v1/", "/v2/", "/generate", "/tokenize", "/pooling", "/classify", "/score", "/rerank")
-HEARTBEAT_S = 1.0  # well under the reader's staleness limit (protection.HINT_STALE_S, 10 s)
+HEARTBEAT_S = 1.0  # well under the reader's staleness limit (serving_load.HINT_STALE_S, 10 s)
 
 
 class Counter:

@@ -6,9 +6,8 @@ keeps the GPU busy makes every serving step wait for its share of time slices, a
 steps (a duty cycle) only makes fewer serving steps slow, not the slow ones faster. What works is not to have
 training work queued when a serving step arrives:
 
-- The server publishes how many requests it has in flight in a small shared file (`LoadHint`, written by the
-  server side at arrival and completion; a memory-backed file in the pod's shared run dir), or the worker
-  polls vLLM's `/metrics` (`MetricsProbe`: running + waiting requests; coarser).
+- The server publishes how many requests it has in flight in a small shared file, or the worker polls
+  vLLM's `/metrics` (`hogwild.worker.serving_load`).
 - `ServingGate.point()` is a preemption point. `install_preemption_points` puts one before the forward and
   the backward of the input embedding, every decoder layer, every projection inside it, and the output head,
   so training work is cut into chunks of about a millisecond. At each point the trainer first waits until the
@@ -31,148 +30,23 @@ Settings come from `hogwild.config.ServingProtection` and apply hot (`ServingGat
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import mmap
-import os
-import struct
-import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from hogwild.config import ServingProtection
+from hogwild.worker.serving_load import LoadProbe
 
 log = logging.getLogger("hogwild.worker")
 
-HINT_NAME = "serving-load"
-# Layout of the hint file: magic, version, requests in flight, update counter, wall time of the update.
-_HINT = struct.Struct("<4sIqqd")
-_HINT_MAGIC = b"HWSL"
-_HINT_VERSION = 1
-HINT_BYTES = 64
-# A hint that says "busy" but has not changed for this long comes from a writer that died mid-request.
-HINT_STALE_S = 10.0
 POLL_S = 0.0002
 # Time constant of the trailing fraction of wall time the gate spends waiting (min_training_share).
 SHARE_WINDOW_S = 5.0
-
-
-class LoadProbe(Protocol):
-    """Whether the server has requests in flight right now."""
-
-    def busy(self) -> bool: ...
-
-
-class LoadHint:
-    """The writer side: the server sets the number of requests it has in flight (arrived, not finished).
-
-    One writer per file. Readers map the same file (`HintFileProbe`); a plain aligned 8-byte store is what
-    they read, so no lock is needed.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(_HINT.pack(_HINT_MAGIC, _HINT_VERSION, 0, 0, time.time()).ljust(HINT_BYTES, b"\0"))
-        os.replace(tmp, self.path)
-        self._file = open(self.path, "r+b")  # noqa: SIM115 - kept open for the mapping's lifetime
-        self._map = mmap.mmap(self._file.fileno(), HINT_BYTES)
-        self._updates = 0
-        self.active = 0
-
-    def set(self, active: int) -> None:
-        self.active = active
-        self._updates += 1
-        self._map[: _HINT.size] = _HINT.pack(_HINT_MAGIC, _HINT_VERSION, active, self._updates, time.time())
-
-    def close(self) -> None:
-        with contextlib.suppress(ValueError, OSError):
-            self._map.close()
-            self._file.close()
-
-
-def read_hint(buffer: bytes) -> tuple[int, float] | None:
-    """(requests in flight, wall time of the update) from a hint file's bytes, or None if it is not one."""
-    if len(buffer) < _HINT.size:
-        return None
-    magic, version, active, _, updated = _HINT.unpack_from(buffer)
-    if magic != _HINT_MAGIC or version != _HINT_VERSION:
-        return None
-    return int(active), float(updated)
-
-
-class HintFileProbe:
-    """Reads a `LoadHint` file. A missing, foreign or stale file reads as idle: training is never stuck."""
-
-    def __init__(self, path: str | os.PathLike[str], stale_s: float = HINT_STALE_S) -> None:
-        self.path = Path(path)
-        self.stale_s = stale_s
-        self._map: mmap.mmap | None = None
-        self._next_open = 0.0
-
-    def _mapping(self) -> mmap.mmap | None:
-        if self._map is None and time.monotonic() >= self._next_open:
-            self._next_open = time.monotonic() + 1.0
-            try:
-                with open(self.path, "rb") as f:
-                    self._map = mmap.mmap(f.fileno(), HINT_BYTES, access=mmap.ACCESS_READ)
-            except (OSError, ValueError):
-                self._map = None
-        return self._map
-
-    def busy(self) -> bool:
-        mapping = self._mapping()
-        if mapping is None:
-            return False
-        hint = read_hint(mapping[: _HINT.size])
-        if hint is None:
-            return False
-        active, updated = hint
-        return active > 0 and time.time() - updated < self.stale_s
-
-
-def parse_vllm_load(metrics_text: str) -> int:
-    """Requests running + waiting, summed over every series of vLLM's two gauges (Prometheus text)."""
-    total = 0.0
-    for line in metrics_text.splitlines():
-        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
-            with contextlib.suppress(ValueError, IndexError):
-                total += float(line.rsplit(None, 1)[1])
-    return int(total)
-
-
-class MetricsProbe:
-    """Polls vLLM's `/metrics` on a thread; `busy()` reads the last answer (coarser than the hint file)."""
-
-    def __init__(self, url: str, interval_s: float = 0.02, timeout_s: float = 0.5) -> None:
-        self.url, self.interval_s, self.timeout_s = url, interval_s, timeout_s
-        self.active = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="serving-load-probe", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                with urllib.request.urlopen(self.url, timeout=self.timeout_s) as response:
-                    self.active = parse_vllm_load(response.read().decode())
-            except OSError:
-                self.active = 0  # vLLM unreachable: nothing to protect
-
-    def busy(self) -> bool:
-        return self.active > 0
-
-    def close(self) -> None:
-        self._stop.set()
 
 
 @dataclass
@@ -413,20 +287,6 @@ def _backward_point(point: Callable[[], None]) -> Callable[[torch.Tensor], None]
         point()
 
     return hook
-
-
-def default_probe(run_dir: str | os.PathLike[str], metrics_url: str | None = None) -> LoadProbe:
-    """The hint file in the run dir when the server side writes one, else vLLM's metrics when a URL is given."""
-    hint = Path(run_dir) / HINT_NAME
-    if hint.exists() or not metrics_url:
-        return HintFileProbe(hint)
-    return MetricsProbe(metrics_url)
-
-
-def close_probe(probe: object) -> None:
-    close = getattr(probe, "close", None)
-    if callable(close):
-        close()
 
 
 def describe(settings: ServingProtection) -> str:

@@ -30,7 +30,7 @@ from hogwild.protocol import (
     StatusRequest,
     TrainRequest,
 )
-from hogwild.worker import persistence, protection, status
+from hogwild.worker import persistence, protection, serving_load, status
 from hogwild.worker.metrics import WorkerMetrics
 from hogwild.worker.model import MappedModel, load_tokenizer, map_model, prewarm_imports
 from hogwild.worker.trainer import StepStats, Trainer
@@ -54,7 +54,7 @@ class WorkerService:
         self.metrics = metrics
         self.trainer = Trainer(config, on_step=self._on_step)
         # Serving protection: preemption points in every step, which wait while vLLM has requests in flight.
-        probe = protection.default_probe(settings.run_dir, settings.vllm_metrics_url)
+        probe = serving_load.default_probe(settings.run_dir, settings.vllm_metrics_url)
         self.gate = protection.ServingGate(probe, config.protection)
         # The same points inside the pieces no module hook cuts: head and loss, clip, optimizer step.
         self.trainer.preemption_point = self.gate.point
@@ -425,4 +425,4 @@ class WorkerService:
                 self.checkpoint("shutdown")
             except Exception:
                 log.exception("final checkpoint failed", extra={"event": "checkpoint_failed"})
-        protection.close_probe(self.gate.probe)
+        serving_load.close_probe(self.gate.probe)
