@@ -29,8 +29,6 @@ import contextlib
 import gc
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -335,28 +333,22 @@ def part_train(ctx: Context) -> dict[str, Any]:
 
 
 # ---- interference ----------------------------------------------------------------------------------------
-MPS_CONTROL_FALLBACK = "/usr/local/nvidia/bin/nvidia-cuda-mps-control"
-
-
 @contextlib.contextmanager
 def mps_daemon(root: Path) -> Iterator[Path]:
-    """A user-space MPS control daemon with private pipe and log directories, for this process's children.
+    """The worker's own user-space MPS daemon (`hogwild.mps_daemon`, private pipe and log dirs under `root`),
+    for this process's children: they inherit the dirs, so they become its clients. Yields the log dir."""
+    from hogwild import mps
+    from hogwild.mps_daemon import MpsDaemon
 
-    Only processes that start CUDA with these directories in their environment become its clients; the
-    card's compute mode and every other setting stay as they are. The daemon is told to quit on the way out.
-    """
-    binary = shutil.which("nvidia-cuda-mps-control") or MPS_CONTROL_FALLBACK
-    env = {"CUDA_MPS_PIPE_DIRECTORY": str(root / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(root / "log")}
-    for path in env.values():
-        Path(path).mkdir(parents=True, exist_ok=True)
-    subprocess.run([binary, "-d"], env={**os.environ, **env}, check=True, timeout=60)
-    os.environ.update(env)
-    log(f"MPS control daemon started ({binary}, pipe {env['CUDA_MPS_PIPE_DIRECTORY']})")
+    dirs = mps.MpsDirs.under(root)
+    daemon = MpsDaemon.start(dirs)
+    os.environ.update(mps.daemon_env(dirs))
+    log(f"MPS control daemon started ({daemon.binary}, pipe {dirs.pipe})")
     try:
-        yield root / "log"
+        yield Path(dirs.log)
     finally:
-        subprocess.run([binary], input="quit\n", text=True, env={**os.environ}, timeout=60, check=False)
-        for name in env:
+        daemon.stop()
+        for name in mps.daemon_env(dirs):
             os.environ.pop(name, None)
         log("MPS control daemon told to quit")
 
@@ -366,9 +358,11 @@ def part_interference(ctx: Context) -> dict[str, Any]:
     the SMs, and the figures go under `interference_mps[PCT]` instead of the main keys."""
     if not ctx.args.mps:
         return interference(ctx)
+    from hogwild import mps
+
     with mps_daemon(Path(tempfile.mkdtemp(prefix="hogwild-mps-"))) as mps_log:
         try:
-            figures = interference(ctx, {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(ctx.args.mps)})
+            figures = interference(ctx, {mps.ENV_THREAD_PERCENTAGE: str(mps.check_share(ctx.args.mps))})
         finally:
             ctx.close()  # the server is an MPS client: it goes before the daemon
             ctx.server = None

@@ -14,6 +14,7 @@ over a window of the shared monotonic clock), `stop`, `exit`. The duty cycle res
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import threading
 import time
@@ -254,10 +255,7 @@ class TrainLoop:
         out = {
             "steps": len(self.completions),
             "error": self.error,
-            "gate_points": stats.points,
-            "gate_waits": stats.waits,
-            "gate_waited_s": stats.waited_s,
-            "gate_gave_up": stats.gave_up,
+            **{f"gate_{name}": value for name, value in dataclasses.asdict(stats).items()},
             "peak_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
         }
         self.gate.stats = type(stats)()
