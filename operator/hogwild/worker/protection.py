@@ -129,7 +129,8 @@ class ServingGate:
         deadline = started + allowed
         while self.probe.busy():
             if self._clock() >= deadline:
-                self.stats.gave_up += allowed >= self.settings.max_wait_s
+                if allowed >= self.settings.max_wait_s:  # else the share cut it short (counted above)
+                    self.stats.gave_up += 1
                 break
             self._sleep(POLL_S)
         ended = self._clock()
@@ -287,12 +288,3 @@ def _backward_point(point: Callable[[], None]) -> Callable[[torch.Tensor], None]
         point()
 
     return hook
-
-
-def describe(settings: ServingProtection) -> str:
-    parts: Iterable[str] = (
-        f"duty={settings.max_duty_cycle:g}",
-        f"yield={'on' if settings.yield_when_busy else 'off'}",
-        f"max_wait={settings.max_wait_s:g}s",
-    )
-    return " ".join(parts)
