@@ -424,13 +424,20 @@ def interference(ctx: Context, trainer_env: dict[str, str] | None = None) -> dic
             if small:
                 micro, seq = 1, 64
             trainer.call(
-                "start", micro_batch=micro, seq=seq, accumulation=accumulation, protection=protection
-            )
+                "start", micro_batch=micro, seq=seq, accumulation=accumulation, protection=protection,
+                timeline=args.timeline,
+            )  # fmt: skip
             begin = now_s()
             time.sleep(idle_s)
             idle = trainer.call("rate", begin=begin, end=now_s())
-            loaded = server.call("load", mode=args.arrivals, rate=half, seconds=window_s)
+            loaded = server.call(
+                "load", mode=args.arrivals, rate=half, seconds=window_s, detail=args.timeline
+            )
             busy = trainer.call("rate", begin=loaded["begin"], end=loaded["end"])
+            if args.timeline:
+                write_collisions(
+                    ctx, name, loaded, trainer.call("timeline", begin=loaded["begin"] - 1, end=loaded["end"])
+                )
             stopped = trainer.call("stop")
             row = {
                 "name": name, "protection": protection, "micro_batch": [micro, seq], "accumulation": accumulation,
@@ -450,6 +457,27 @@ def interference(ctx: Context, trainer_env: dict[str, str] | None = None) -> dic
         return figures
     finally:
         trainer.close()
+
+
+def write_collisions(ctx: Context, name: str, loaded: dict[str, Any], timeline: dict[str, Any]) -> None:
+    """`--timeline`: the slowest requests of a loaded window against the trainer's points, to a file and the log."""
+    from gpu_timeline import collision_report
+
+    requests = loaded.pop("requests", [])
+    report = collision_report(requests, [tuple(p) for p in timeline.get("points", [])])
+    path = ctx.out / f"timeline-{ctx.shape}-{name}.json"
+    path.write_text(json.dumps({"report": report, "requests": requests}, indent=1))
+    log(
+        f"collisions {name}: {report['requests']} requests, {report.get('points')} points, GPU median {report.get('gpu_median_ms')}"
+    )
+    for row in report.get("slow", []):
+        trail = ", ".join(f"{t:+.1f} {label} {held:.1f}" for t, label, held in row["trainer"][:40])
+        log(
+            f"  {row['latency_ms']:.1f} ms: late {row['late_ms']:.1f}, before GPU {row['before_gpu_ms']:.1f}, "
+            f"GPU {row['gpu_ms']:.1f} (+{row['gpu_extra_ms']:.1f}); trainer: {trail}"
+        )
+    log(f"  last point before launch, slowest: {report.get('last_labels_slow')}")
+    log(f"  last point before launch, all: {report.get('last_labels_all')}")
 
 
 def default_figures(curve: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -521,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="optim: profile the APOLLO step's kernels")
     parser.add_argument(
         "--mps", type=int, default=0, help="interference under a user-space MPS daemon, trainer at this SM %%"
+    )
+    parser.add_argument(
+        "--timeline", action="store_true", help="interference: join slow requests with the trainer's points"
     )
     parser.add_argument("--table", action="store_true", help="re-render the table in bench/RESULTS.md")
     parser.add_argument(

@@ -76,13 +76,18 @@ class Server:
             self.logits = fused_forward(self.params, self.hf_config, self.inputs)
         return graph
 
-    def step(self) -> None:
+    def step(self, events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None) -> None:
+        """One serving step, synchronized; with `events`, recorded before and after it (its GPU time)."""
         from hogwild.testing.vllm_layout import fused_forward
 
+        if events is not None:
+            events[0].record()
         if self.graph is not None:
             self.graph.replay()
         else:
             fused_forward(self.params, self.hf_config, self.inputs)
+        if events is not None:
+            events[1].record()
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
 
@@ -97,8 +102,21 @@ class Server:
             "cuda_graph": self.graph is not None,
         }
 
-    def load(self, mode: str, seconds: float, rate: float = 0.0, seed: int = 0) -> dict[str, Any]:
-        """Serve one window; latencies in ms (arrival -> completion), service times (start -> completion)."""
+    def load(
+        self, mode: str, seconds: float, rate: float = 0.0, seed: int = 0, detail: bool = False
+    ) -> dict[str, Any]:
+        """Serve one window; latencies in ms (arrival -> completion), service times (start -> completion).
+
+        With `detail` (open-loop modes), the reply's `requests` lists each request's (arrival, launch,
+        done, GPU ms between events around its step): `gpu_timeline.collision_report` reads them."""
+        # GPU time from events on CUDA; on a CPU the step's wall time stands in (no separate GPU queue).
+        cuda = self.device.startswith("cuda")
+        events = (
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            if detail and cuda
+            else None
+        )
+        requests: list[tuple[float, float, float, float]] = []
         rng = random.Random(seed)
         latencies: list[float] = []
         service: list[float] = []
@@ -126,10 +144,13 @@ class Server:
                 # Requests in flight: this one plus those that arrived while it waited its turn.
                 self.hint.set(bisect.bisect_right(arrivals, now) - index)
                 t0 = now_s()
-                self.step()
+                self.step(events)
                 done = now_s()
                 service.append(done - t0)
                 latencies.append(done - arrival)
+                if detail:
+                    gpu_ms = events[0].elapsed_time(events[1]) if events is not None else 1e3 * (done - t0)
+                    requests.append((arrival, t0, done, gpu_ms))
             self.hint.set(0)
         elapsed = now_s() - begin
         return {
@@ -147,6 +168,7 @@ class Server:
             "service_p50_ms": 1e3 * percentile(service, 50),
             "service_p99_ms": 1e3 * percentile(service, 99),
             "busy_fraction": sum(service) / elapsed,
+            **({"requests": requests} if detail else {}),
         }
 
     @staticmethod

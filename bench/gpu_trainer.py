@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from gpu_common import now_s, serve_commands
+from gpu_timeline import PointRecorder
 
 
 def token_batch(
@@ -132,8 +133,10 @@ class TrainLoop:
         self.map_s = time.perf_counter() - started
         self.trainer = build_trainer(self.mapped, optimizer=args.optimizer, lr=1e-6, clip_grad_norm=1.0)
         self.gate = ServingGate(HintFileProbe(Path(args.run_dir) / HINT_NAME))
+        # Every point goes through the recorder, which only records while a `start(timeline=True)` runs.
+        self.point = PointRecorder(self.gate.point, self.mapped.module, now_s)
         self.granularity = ("layer", True)
-        self.remove_points = install_preemption_points(self.mapped.module, self.gate.point, "layer")
+        self.remove_points = install_preemption_points(self.mapped.module, self.point, "layer")
         self.remove_tail: Callable[[], None] | None = None
         self.remove_head: Callable[[], None] | None = None
         self.vocab = int(self.mapped.module.config.vocab_size)
@@ -167,7 +170,7 @@ class TrainLoop:
         # `native`: the worker's own path, as `hogwild.worker.service` wires it: the gate's point is the
         # trainer's, so with yield_when_busy the head and loss, the clip and the optimizer step run in
         # pieces (`hogwild.worker.pieces`) with no bench emulation.
-        self.trainer.preemption_point = self.gate.point if native else None
+        self.trainer.preemption_point = self.point if native else None
         if granularity == "step":
             self.trainer.serving_busy = self.gate.busy
             self.gate.update(ServingProtection(yield_when_busy=False))
@@ -177,19 +180,19 @@ class TrainLoop:
             if (granularity, embeddings) != self.granularity:
                 self.remove_points()
                 self.remove_points = install_preemption_points(
-                    self.mapped.module, self.gate.point, granularity, embeddings
+                    self.mapped.module, self.point, granularity, embeddings
                 )
                 self.granularity = (granularity, embeddings)
         if self.remove_tail is not None:
             self.remove_tail()
             self.remove_tail = None
         if tail:
-            self.remove_tail = preemptible_tail(self.trainer, self.gate.point)
+            self.remove_tail = preemptible_tail(self.trainer, self.point)
         if self.remove_head is not None:
             self.remove_head()
             self.remove_head = None
         if head:
-            self.remove_head = chunked_head(self.trainer, self.gate.point)
+            self.remove_head = chunked_head(self.trainer, self.point)
         self.duty = settings.max_duty_cycle
 
     def start(
@@ -199,9 +202,12 @@ class TrainLoop:
         accumulation: int,
         protection: dict[str, Any] | None = None,
         warmup_steps: int = 1,
+        timeline: bool = False,
     ) -> dict[str, Any]:
         self.stop()
         self._protection(protection)
+        self.point.take(0.0, 0.0)
+        self.point.recording = timeline
         batch = token_batch(micro_batch, seq, accumulation, self.vocab, self.device)
         self.completions = []
         self.error = None
@@ -246,7 +252,12 @@ class TrainLoop:
             tokens_per_s = sum(n for _, n in inside) / (end - begin)
         return {"tokens_per_s": tokens_per_s, "steps": len(inside), "error": self.error}
 
+    def timeline(self, begin: float, end: float) -> dict[str, Any]:
+        """The preemption points passed in [begin, end] (`gpu_timeline.PointRecorder`); clears the record."""
+        return {"points": self.point.take(begin, end)}
+
     def stop(self) -> dict[str, Any]:
+        self.point.recording = False
         if self.thread is not None:
             self.stop_event.set()
             self.thread.join(600)
@@ -271,7 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     loop = TrainLoop(args)
     serve_commands(
-        {"start": loop.start, "stop": loop.stop, "rate": loop.rate, "configure": loop.configure}, loop.ready()
+        {
+            "start": loop.start,
+            "stop": loop.stop,
+            "rate": loop.rate,
+            "configure": loop.configure,
+            "timeline": loop.timeline,
+        },
+        loop.ready(),
     )
     loop.stop()
     return 0
