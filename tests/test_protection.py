@@ -170,6 +170,46 @@ def test_the_preemptible_clip_matches_torch() -> None:
     assert len(points) == 2 * 4
 
 
+@pytest.mark.parametrize(
+    ("sizes", "sample_limit", "preemptible", "expected_points"),
+    [
+        ([35, 12, 1, 70] * 10, 1 << 24, True, 2 * 2),  # every element; 40 parameters: 2 pieces a half
+        ([35, 12, 1, 70] * 10, 1 << 24, False, 0),  # whole: no points
+        ([4096, 1000, 3], 512, True, 2),  # strided: every 11th element, scaled up
+        ([], 1 << 24, True, 0),
+    ],
+)
+def test_update_norm_sample(
+    monkeypatch: pytest.MonkeyPatch,
+    sizes: list[int],
+    sample_limit: int,
+    preemptible: bool,
+    expected_points: int,
+) -> None:
+    """The sampled update norm is the exact norm of the in-place change when it samples every element, and
+    its strided estimate when not; with a point, both halves pass one before each piece, lazily."""
+    from hogwild.worker import pieces
+
+    monkeypatch.setattr(pieces, "UPDATE_NORM_SAMPLE_ELEMENTS", sample_limit)
+    generator = torch.Generator().manual_seed(len(sizes))
+    params = [torch.randn(n, generator=generator).to(torch.bfloat16) for n in sizes]
+    before = [p.clone() for p in params]
+    events: list[str] = []
+    sample = pieces.UpdateNormSample(params, (lambda: events.append("point")) if preemptible else None)
+    events.append("step")
+    for p in params:
+        p.add_(torch.randn(p.shape, generator=generator).to(torch.bfloat16))  # the optimizer, in place
+    norm = sample.norm()
+    stride = sample.stride
+    changes = [(p.float() - b.float())[::stride] for p, b in zip(params, before, strict=True)]
+    expected = float(torch.cat(changes).square().sum() * stride) ** 0.5 if changes else 0.0
+    assert norm == pytest.approx(expected, rel=1e-5)
+    assert stride == (1 if sample_limit >= sum(sizes) else -(-sum(sizes) // sample_limit))
+    assert events.count("point") == expected_points
+    if expected_points:  # half of the points before the step, half after: none wasted up front
+        assert events.index("step") == expected_points // 2
+
+
 class FakeTime:
     """A clock that only moves when the gate sleeps or the test says so: the share arithmetic, not timing."""
 

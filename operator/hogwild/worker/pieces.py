@@ -1,4 +1,5 @@
-"""The two pieces of a training step that no module hook cuts: the output head with the loss, and the clip.
+"""The pieces of a training step that no module hook cuts: the output head with the loss, the clip, and the
+update norm's weight sample.
 
 Each comes whole or preemptible. Whole is one long piece of GPU work (the head, its fp32 logits and the loss
 are ~10 ms at 1.5B and 4k tokens; the clip ~18 ms at 7B). Preemptible (`hogwild.worker.protection`) is the
@@ -10,7 +11,8 @@ chunk, not the whole piece. The trainer passes a point (the preemptible form) on
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,10 +21,16 @@ import torch.nn.functional as F
 from hogwild.worker import batches, protection
 from hogwild.worker.batches import MicroBatch
 
-# Tokens per chunk of the preemptible head: ~1 ms of GPU work at 1.5B, as measured (`yield-fine-4k`).
-HEAD_ROWS = 1024
-# Parameters per piece of the preemptible clip.
+# Tokens per chunk of the preemptible head. A chunk is two pieces (its forward with the loss and the loss's
+# backward; then the head's backward, which also adds into the [vocab, hidden] weight gradient); at 1024 rows
+# each was ~2 ms at 1.5B on an H100, and a serving step that arrived there took ~4-5 ms longer (bench
+# --timeline). 512 halves the matmuls; the gradient add stays per chunk (~0.5 ms, ~1 % of the step).
+HEAD_ROWS = 512
+# Parameters per piece of the preemptible clip and of the update norm's sample.
 CLIP_CHUNK = 32
+# The update norm is measured on at most this many weight elements (a strided sample; exact below it), so
+# that measuring it never costs a copy of the weights.
+UPDATE_NORM_SAMPLE_ELEMENTS = 1 << 24
 
 
 def micro_batch_backward(
@@ -69,3 +77,44 @@ def grad_norm_and_clip(
     if max_norm > 0 and torch.isfinite(norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)
+
+
+class UpdateNormSample:
+    """||W_after - W_before|| over a step's weights, from a strided sample taken before the step.
+
+    Create it before the optimizer step (it copies the sample then), call `norm()` after. Both halves are a
+    kernel or two per parameter: ~1,000 tiny kernels at 1.5B, ~5 ms of GPU time that ran as one piece after
+    APOLLO's last bucket, where the slowest serving requests under the default protection arrived (bench
+    --timeline). With a `point`, both halves go `CLIP_CHUNK` parameters at a time with a point before each.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], point: Callable[[], None] | None = None) -> None:
+        flat = [p.detach().reshape(-1) for p in params]
+        self.stride = max(1, math.ceil(sum(p.numel() for p in flat) / UPDATE_NORM_SAMPLE_ELEMENTS))
+        self.samples = [p[:: self.stride] for p in flat]  # views: they see the step's in-place writes
+        self.point = point
+        self.before: list[torch.Tensor] = []
+        for chunk in self._chunks(self.samples):
+            self.before.extend(sample.float() for sample in chunk)
+
+    def _chunks(self, items: Sequence[torch.Tensor]) -> Iterator[Sequence[torch.Tensor]]:
+        """`items` in pieces, a point before each (lazily: the point runs when the piece is about to start)."""
+        size = CLIP_CHUNK if self.point is not None else max(1, len(items))
+        for start in range(0, len(items), size):
+            if self.point is not None:
+                self.point()
+            yield items[start : start + size]
+
+    def norm(self) -> float:
+        """The change since the sample was taken, scaled up to all elements (one device sync)."""
+        squares = []
+        start = 0
+        for chunk in self._chunks(self.samples):
+            before = self.before[start : start + len(chunk)]
+            start += len(chunk)
+            # bf16 minus fp32 promotes to fp32: one kernel for the difference, one for its norm.
+            norms = [torch.linalg.vector_norm(now - was) for now, was in zip(chunk, before, strict=True)]
+            squares.append(torch.stack(norms).square().sum())
+        if not squares:
+            return 0.0
+        return math.sqrt(float(torch.stack(squares).sum()) * self.stride)

@@ -31,9 +31,6 @@ from hogwild.worker.batches import Encoded, StepBatch
 
 log = logging.getLogger("hogwild.worker")
 
-# The update norm is measured on at most this many weight elements (a strided sample; exact below it), so
-# that measuring it never costs a copy of the weights.
-UPDATE_NORM_SAMPLE_ELEMENTS = 1 << 24
 STATE_FORMAT = 1
 
 
@@ -249,14 +246,9 @@ class Trainer:
         # APOLLO takes a point between its buckets; torch's AdamW runs whole.
         if hasattr(self.optimizer, "preemption_point"):
             self.optimizer.preemption_point = self._point()
-        params = [p.detach().reshape(-1) for _, p in self.named_params]
-        stride = max(1, math.ceil(sum(p.numel() for p in params) / UPDATE_NORM_SAMPLE_ELEMENTS))
-        before = [p[::stride].float() for p in params]
+        sample = pieces.UpdateNormSample([p for _, p in self.named_params], self._point())
         self.optimizer.step()
-        squared = torch.stack(
-            [(p[::stride].float() - b).pow(2).sum() for p, b in zip(params, before, strict=True)]
-        )
-        return math.sqrt(float(squared.sum()) * stride)  # one device sync, not one per parameter
+        return sample.norm()
 
     def _yield_to_serving(self) -> None:
         protection = self.config.protection
