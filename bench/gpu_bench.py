@@ -466,7 +466,9 @@ def write_collisions(ctx: Context, name: str, loaded: dict[str, Any], timeline: 
     requests = loaded.pop("requests", [])
     report = collision_report(requests, [tuple(p) for p in timeline.get("points", [])])
     path = ctx.out / f"timeline-{ctx.shape}-{name}.json"
-    path.write_text(json.dumps({"report": report, "requests": requests}, indent=1))
+    path.write_text(
+        json.dumps({"report": report, "requests": requests, "points": timeline.get("points", [])})
+    )
     log(
         f"collisions {name}: {report['requests']} requests, {report.get('points')} points, GPU median {report.get('gpu_median_ms')}"
     )
