@@ -1,4 +1,4 @@
-"""The worker's state behind the five protocol messages: mapping, the watcher, jobs and checkpoints.
+"""The worker's state behind the five protocol messages: jobs, checkpoints and the interval.
 
 The socket loop (hogwild.worker.server) calls `handle` and `tick` from one thread. Quick requests (status,
 configure) answer at once; train runs on its own thread and checkpoint/restore on another, so status keeps
@@ -6,6 +6,7 @@ answering while they run. Each job replies through `done` when it finishes. One 
 gets `busy`), and one checkpoint or restore at a time.
 
 What "trained since the last checkpoint" means, and what a checkpoint holds: hogwild.worker.persistence.
+Mapping the served weights (and following vLLM's restarts): hogwild.worker.watcher.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hogwild import checkpoint, handles, sharing
+from hogwild import checkpoint
 from hogwild.config import ConfigError, TrainingConfig
 from hogwild.protocol import (
     CheckpointRequest,
@@ -32,12 +33,12 @@ from hogwild.protocol import (
 )
 from hogwild.worker import persistence, protection, serving_load, status
 from hogwild.worker.metrics import WorkerMetrics
-from hogwild.worker.model import MappedModel, load_tokenizer, map_model, prewarm_imports
+from hogwild.worker.model import MappedModel, prewarm_imports
 from hogwild.worker.trainer import StepStats, Trainer
+from hogwild.worker.watcher import Watcher
 
 log = logging.getLogger("hogwild.worker")
 Done = Callable[[dict[str, Any] | ProtocolError], None]
-MAP_RETRY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,15 @@ class WorkerService:
         self.gate = protection.ServingGate(probe, config.protection)
         # The same points inside the pieces no module hook cuts: head and loss, clip, optimizer step.
         self.trainer.preemption_point = self.gate.point
-        self.mapped: MappedModel | None = None
+        self.watcher = Watcher(
+            run_dir=settings.run_dir,
+            checkpoint_dir=settings.checkpoint_dir,
+            device=settings.device,
+            trainer=self.trainer,
+            preemption_point=self.gate.point,
+            metrics=metrics,
+        )
         self.endpoints: dict[str, Any] = {}
-        self.mapping_error: str | None = None
-        self._failed_map: tuple[str, float] | None = None
         self._train_thread: threading.Thread | None = None
         self._maintenance_thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -98,6 +104,10 @@ class WorkerService:
             self._start_maintenance(lambda: self.restore(request), done)
         else:  # decode_request only returns the types above
             raise ProtocolError("unknown_type", f"no handler for {request.type}")
+
+    @property
+    def mapped(self) -> MappedModel | None:
+        return self.watcher.mapped
 
     # Flags, not Thread.is_alive(): they drop BEFORE the reply goes out, so a client that got its reply
     # never sees the job still running.
@@ -177,7 +187,7 @@ class WorkerService:
                 weight_bytes=mapped.weight_bytes if mapped else 0,
                 device=str(mapped.device) if mapped else None,
                 trained_since_checkpoint=self.trained_since_checkpoint,
-                mapping_error=self.mapping_error,
+                mapping_error=self.watcher.mapping_error,
                 endpoints=self.endpoints,
                 protection=dataclasses.asdict(self.gate.stats),
             )
@@ -310,10 +320,10 @@ class WorkerService:
         if not stats.skipped:
             self._set_trained(True)
 
-    # ---- the watcher and the interval ----------------------------------------------------------------------
+    # ---- the watcher and the interval checkpoint ---------------------------------------------------------
     def tick(self) -> None:
         """Called by the socket loop between messages: follow the manifest, start interval checkpoints."""
-        self.poll_manifest()
+        self.watcher.poll()
         due = status.interval_checkpoint_due(
             interval_s=self.trainer.config.checkpoint_interval_s,
             since_last_s=time.monotonic() - self._last_checkpoint_mono,
@@ -328,90 +338,6 @@ class WorkerService:
     def _log_result(result: dict[str, Any] | ProtocolError) -> None:
         if isinstance(result, ProtocolError):
             log.error("interval checkpoint failed: %s", result.message, extra={"event": "checkpoint_failed"})
-
-    def poll_manifest(self) -> None:
-        try:
-            manifest = handles.read_manifest(self.settings.run_dir)
-        except handles.ManifestError as err:
-            self.mapping_error = str(err)
-            return
-        alive = manifest is not None and sharing.exporter_alive(manifest.exporter)
-        current = self.mapped.manifest.exporter.nonce if self.mapped else None
-        action = status.watch_action(current, manifest, alive)
-        if action == status.DISCONNECT:
-            self._disconnect("the exporter is gone")
-        elif action == status.MAP and manifest is not None:
-            failed = self._failed_map
-            if failed and failed[0] == manifest.exporter.nonce and time.monotonic() - failed[1] < MAP_RETRY_S:
-                return
-            self._map(manifest)
-
-    def _disconnect(self, why: str) -> None:
-        with self.trainer.exclusive():
-            self.trainer.detach()
-            self.mapped = None
-        self.metrics.connected.set(0)
-        log.warning("weights unmapped: %s", why, extra={"event": "disconnected"})
-
-    def _map(self, manifest: handles.Manifest) -> None:
-        started = time.monotonic()
-        with self.trainer.exclusive():  # waits for a running step; the next one trains the new mapping
-            self.trainer.detach()
-            self.mapped = None
-            try:
-                mapped = map_model(manifest, self.settings.device)
-                tokenizer = load_tokenizer(manifest.model_path)
-            except Exception as err:  # the worker stays up and answers status with the error
-                self.mapping_error = f"{type(err).__name__}: {err}"
-                self._failed_map = (manifest.exporter.nonce, time.monotonic())
-                self.metrics.connected.set(0)
-                log.exception("mapping the weights failed", extra={"event": "map_failed"})
-                return
-            protection.install_preemption_points(mapped.module, self.gate.point)
-            self.trainer.attach(mapped.module, tokenizer, int(mapped.module.config.vocab_size))
-            self.mapped, self.mapping_error, self._failed_map = mapped, None, None
-            restored = self._restore_optimizer_state()
-        self.metrics.connected.set(1)
-        self.metrics.remaps.inc()
-        self.metrics.weight_bytes.set(mapped.weight_bytes)
-        self.metrics.optimizer_state_bytes.set(self.trainer.optimizer_state_bytes)
-        log.info(
-            "weights mapped",
-            extra={
-                "event": "mapped",
-                "nonce": manifest.exporter.nonce,
-                "backend": manifest.backend,
-                "bytes": mapped.weight_bytes,
-                "seconds": round(time.monotonic() - started, 3),
-                "restored": restored,
-            },
-        )
-
-    def _restore_optimizer_state(self) -> str | None:
-        """Resume the optimizer state and counters that belong to the served weights (see resume_point)."""
-        assert self.mapped is not None
-        manifest = self.mapped.manifest
-        served = str(Path(manifest.model_path).resolve())
-        found = persistence.resume_point(
-            [
-                checkpoint.Checkpoint(c.path.resolve(), c.step, c.time, c.meta)
-                for c in checkpoint.list_complete(self.settings.checkpoint_dir)
-            ],
-            manifest.exporter.nonce,
-            served,
-        )
-        if found is None:
-            self.trainer.reset()  # these weights hold no saved training
-            return None
-        try:
-            self.trainer.load_state_dict(checkpoint.load_optimizer_state(found))
-        except Exception:
-            log.exception(
-                "could not read the optimizer state of %s", found.path, extra={"event": "restore_failed"}
-            )
-            self.trainer.reset()
-            return None
-        return str(found.path)
 
     # ---- shutdown ------------------------------------------------------------------------------------------
     def shutdown(self, join_timeout_s: float = 600.0) -> None:
