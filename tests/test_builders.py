@@ -16,7 +16,7 @@ import pytest
 
 from hogwild import auth, defaults
 from hogwild.config import config_to_dict
-from hogwild.operator import builders
+from hogwild.operator import builders, pod_builder
 from hogwild.operator.relay import client_keys
 from hogwild.operator.spec import SessionSpec, parse_spec
 
@@ -94,7 +94,7 @@ def spec_of(name: str) -> SessionSpec:
 
 
 def pod_of(name: str) -> dict[str, Any]:
-    return builders.build_pod(SESSION, spec_of(name))
+    return pod_builder.build_pod(SESSION, spec_of(name))
 
 
 def container(pod: dict[str, Any], name: str) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def mounts_of(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def all_objects(name: str) -> list[dict[str, Any]]:
     spec = spec_of(name)
     objects = [
-        builders.build_pod(SESSION, spec),
+        pod_builder.build_pod(SESSION, spec),
         builders.build_service(SESSION, spec),
         builders.build_config_map(SESSION, spec),
         builders.build_token_secret(SESSION, spec, "tok3n"),
@@ -273,8 +273,8 @@ def test_secret_names_and_token_file(name: str, token_secret: str, token_key: st
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["token"]["secret"]["secretName"] == token_secret
     assert volumes["curve"]["secret"]["secretName"] == curve_secret
-    assert env_of(container(pod, "vllm"))[defaults.ENV_TOKEN_FILE] == f"{builders.TOKEN_MOUNT}/{token_key}"
-    assert env_of(container(pod, "trainer"))[builders.CURVE_ENV] == builders.CURVE_MOUNT
+    assert env_of(container(pod, "vllm"))[defaults.ENV_TOKEN_FILE] == f"{pod_builder.TOKEN_MOUNT}/{token_key}"
+    assert env_of(container(pod, "trainer"))[pod_builder.CURVE_ENV] == pod_builder.CURVE_MOUNT
 
 
 @pytest.mark.parametrize(
@@ -309,7 +309,7 @@ def test_model_location(name: str, model_arg: str, model_mounted: bool) -> None:
     args = container(pod, "vllm")["args"]
     assert args[args.index("--model") + 1] == model_arg
     for c in ("vllm", "trainer"):
-        mount = mounts_of(container(pod, c)).get(builders.MODEL_MOUNT)
+        mount = mounts_of(container(pod, c)).get(pod_builder.MODEL_MOUNT)
         assert (mount is not None and mount["readOnly"]) == model_mounted
 
 
@@ -323,17 +323,17 @@ def test_trainer_starts_with_the_desired_config_from_the_config_map() -> None:
     spec = spec_of("full")
     config_map = builders.build_config_map(SESSION, spec)
     assert json.loads(config_map["data"][builders.CONFIG_KEY]) == config_to_dict(spec.training)
-    trainer = container(builders.build_pod(SESSION, spec), "trainer")
-    assert env_of(trainer)[builders.CONFIG_ENV] == {
+    trainer = container(pod_builder.build_pod(SESSION, spec), "trainer")
+    assert env_of(trainer)[pod_builder.CONFIG_ENV] == {
         "configMapKeyRef": {"name": "chat-config", "key": builders.CONFIG_KEY}
     }
-    assert trainer["args"][trainer["args"].index("--config") + 1] == f"$({builders.CONFIG_ENV})"
+    assert trainer["args"][trainer["args"].index("--config") + 1] == f"$({pod_builder.CONFIG_ENV})"
 
 
 def test_pod_and_service_carry_the_session_labels() -> None:
     spec = spec_of("full")
     wanted = {"app.kubernetes.io/name": "hogwild", "app.kubernetes.io/instance": "chat"}
-    pod, service = builders.build_pod(SESSION, spec), builders.build_service(SESSION, spec)
+    pod, service = pod_builder.build_pod(SESSION, spec), builders.build_service(SESSION, spec)
     assert wanted.items() <= pod["metadata"]["labels"].items()
     assert pod["metadata"]["labels"]["tier"] == "gold"
     assert service["spec"]["selector"] == wanted
@@ -361,9 +361,9 @@ def test_pod_scheduling_fields() -> None:
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_pod_hash_is_stable_and_recorded(name: str) -> None:
     first, second = pod_of(name), pod_of(name)
-    recorded = first["metadata"]["annotations"][builders.POD_HASH_ANNOTATION]
-    assert recorded == second["metadata"]["annotations"][builders.POD_HASH_ANNOTATION]
-    assert recorded == builders.pod_hash(first)
+    recorded = first["metadata"]["annotations"][pod_builder.POD_HASH_ANNOTATION]
+    assert recorded == second["metadata"]["annotations"][pod_builder.POD_HASH_ANNOTATION]
+    assert recorded == pod_builder.pod_hash(first)
 
 
 def test_curve_secret_round_trips_to_the_operator_keys() -> None:

@@ -388,11 +388,11 @@ SESSION_SPECS = [
 @pytest.mark.parametrize("spec", SESSION_SPECS)
 def test_podmonitor_selects_the_pods_the_operator_builds(spec: dict[str, Any]) -> None:
     """The operator's real pod builder makes the pods; the PodMonitor must find them and their ports."""
-    from hogwild.operator import builders
+    from hogwild.operator import builders, pod_builder
     from hogwild.operator.spec import parse_spec
 
     session = builders.SessionRef(name="qwen-chat", namespace="ml", uid="u-1")
-    pod = builders.build_pod(session, parse_spec(spec))
+    pod = pod_builder.build_pod(session, parse_spec(spec))
     monitor = one(rendered("monitoring"), "PodMonitor")["spec"]
     assert monitor["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert pod["metadata"]["labels"]["app.kubernetes.io/instance"] == session.name  # becomes `session`

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from hogwild.config import TrainingConfig, config_to_dict
-from hogwild.operator import builders
+from hogwild.operator import builders, pod_builder
 from hogwild.operator.diff import SpecDiff, config_changes, describe, diff_specs
 from hogwild.operator.spec import parse_spec
 
@@ -118,8 +118,8 @@ def test_identical_specs_differ_in_nothing() -> None:
 
 
 def pod_hash(spec: dict[str, Any]) -> str:
-    pod = builders.build_pod(SESSION, parse_spec(spec))
-    return str(pod["metadata"]["annotations"][builders.POD_HASH_ANNOTATION])
+    pod = pod_builder.build_pod(SESSION, parse_spec(spec))
+    return str(pod["metadata"]["annotations"][pod_builder.POD_HASH_ANNOTATION])
 
 
 @pytest.mark.parametrize(

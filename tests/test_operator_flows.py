@@ -24,7 +24,7 @@ import kmock
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hogwild.operator import builders
+from hogwild.operator import builders, pod_builder
 from hogwild.operator.emulator import Emulator, running
 from hogwild.operator.handlers import Operator, build_operator
 from hogwild.operator.options import OperatorOptions
@@ -195,7 +195,7 @@ async def test_hot_update_is_relayed_to_the_real_worker_without_a_restart(
         keys = await secret_keys(cluster, "chat")
         curve_dir = tmp_path / "curve"
         curve_dir.mkdir()
-        for name in builders.WORKER_CURVE_FILES:  # what the trainer's mount holds: no client.secret
+        for name in pod_builder.WORKER_CURVE_FILES:  # what the trainer's mount holds: no client.secret
             (curve_dir / name).write_bytes(keys[name])
         run_dir, checkpoint_dir = tmp_path / "run", tmp_path / "checkpoints"
         run_dir.mkdir()

@@ -6,8 +6,8 @@ server, their kernels run side by side, and the trainer is capped to a share of 
 (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`). Measured on an H100 (bench/results/gpu.json `interference_mps`, 1.5B,
 serving at half load beside training, default protection): serving p99 21.7 ms with the trainer at 70 % of
 the SMs, 23.9 ms without MPS, training beside the loaded server as fast; CUDA IPC (the zero-copy weight
-sharing) worked between the clients. Kubernetes is not verified (see hogwild.operator.builders). Opt-in, not default: MPS clients share one GPU
-server, so a fatal GPU fault in the trainer takes vLLM's context down with it.
+sharing) worked between the clients. Kubernetes is not verified (see hogwild.operator.pod_builder). Opt-in,
+not default: MPS clients share one GPU server, so a fatal GPU fault in the trainer takes vLLM's context down with it.
 
 The daemon is a user-space one with private pipe and log dirs: only processes that initialise CUDA with these
 dirs in their environment become its clients, and the card's compute mode and other settings are never

@@ -7,8 +7,8 @@
 | restart (checkpoint, then replace the pod) | model, images, vllm, trainer, gpu, auth, metrics, pod, checkpoint.storage |
 | operator only (nothing to send) | checkpoint.timeoutSeconds |
 
-Everything a restart needs lands in the pod (builders.py) and nothing hot does, so "the pod hash changed" and
-"diff_specs says restart" agree; a test holds them to it. Pure: no I/O.
+Everything a restart needs lands in the pod (pod_builder.py) and nothing hot does, so "the pod hash changed"
+and "diff_specs says restart" agree; a test holds them to it. Pure: no I/O.
 """
 
 from __future__ import annotations

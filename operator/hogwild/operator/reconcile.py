@@ -2,7 +2,7 @@
 the status (pure). Create, resume, update and the status timer all run the same reconcile, under a
 per-session lock, so it is idempotent: a second run, or a restarted operator, finds what the first made.
 
-Side effects go through `kube` (API) and `relay` (worker); decisions come from spec/builders/diff/status.
+Side effects go through `kube` (API) and `relay` (worker); decisions come from spec/builders/pod_builder/diff/status.
 The status is written through kopf's `patch` (kopf sends it to the status subresource after the handler).
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from hogwild import auth
-from hogwild.operator import builders, status
+from hogwild.operator import builders, pod_builder, status
 from hogwild.operator.diff import config_changes
 from hogwild.operator.kube import APIError, Kube
 from hogwild.operator.metrics import OperatorMetrics
@@ -180,11 +180,11 @@ class Controller:
         spec: SessionSpec,
         base: status.Observation,
     ) -> tuple[status.Observation, float | None]:
-        desired = builders.build_pod(session, spec)
-        want_hash = desired["metadata"]["annotations"][builders.POD_HASH_ANNOTATION]
+        desired = pod_builder.build_pod(session, spec)
+        want_hash = desired["metadata"]["annotations"][pod_builder.POD_HASH_ANNOTATION]
         found = await self.kube.get("Pod", session.namespace, session.name)
         if found is not None:
-            facts = status.pod_facts(found, builders.POD_HASH_ANNOTATION)
+            facts = status.pod_facts(found, pod_builder.POD_HASH_ANNOTATION)
             if facts.terminating:
                 obs = replace(base, pod=facts, restarting=f"waiting for pod {facts.name} to stop")
                 return obs, self.options.restart_poll_s
@@ -198,10 +198,12 @@ class Controller:
                 ), self.options.restart_poll_s
             found = await self.kube.get("Pod", session.namespace, session.name)
             if found is not None:  # still terminating: a later reconcile creates the new pod
-                obs = replace(base, pod=status.pod_facts(found, builders.POD_HASH_ANNOTATION), restarting=why)
+                obs = replace(
+                    base, pod=status.pod_facts(found, pod_builder.POD_HASH_ANNOTATION), restarting=why
+                )
                 return obs, self.options.restart_poll_s
         created, _ = await self.kube.ensure(desired)
-        facts = status.pod_facts(created, builders.POD_HASH_ANNOTATION)
+        facts = status.pod_facts(created, pod_builder.POD_HASH_ANNOTATION)
         return replace(base, pod=facts, pod_current=facts.pod_hash == want_hash), None
 
     async def _stop_pod(
@@ -325,7 +327,7 @@ class Controller:
                 timeout = parse_spec(body.get("spec") or {}, self.options.image_defaults).checkpoint.timeout_s
             except SpecError:
                 timeout = 0.0
-            facts = status.pod_facts(pod, builders.POD_HASH_ANNOTATION) if pod else None
+            facts = status.pod_facts(pod, pod_builder.POD_HASH_ANNOTATION) if pod else None
             target = self._target(body, session, facts) if facts and timeout else None
             if target is None and session.uid not in self._keys and facts is not None and timeout:
                 target = await self._target_after_restart(body, session, facts)

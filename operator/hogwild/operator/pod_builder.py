@@ -1,0 +1,246 @@
+"""The session's pod, built as a plain dict: the vLLM and trainer containers, their volumes, and its hash.
+
+Pod lifecycle: vLLM is a *native sidecar* (an init container with `restartPolicy: Always`) and the trainer
+is the pod's main container. Kubernetes starts sidecars first, in order, and stops them last, after every
+main container has exited. So the exporter (vLLM) starts before, and always outlives, the importer (the
+trainer) that maps its memory; on SIGTERM the trainer checkpoints and releases its mappings before vLLM is
+even signalled. A preStop hook on vLLM could only *wait* for the trainer, racing the same grace period,
+and would not order start-up at all. Needs Kubernetes >= 1.29 (sidecars beta, on by default; GA in 1.33).
+
+Its own module because the pod is where every restart-requiring field lands (hogwild.operator.diff relies on
+it: a changed pod hash means "replace the pod"); the simpler children and the names all of them share are in
+hogwild.operator.builders.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from hogwild import defaults, mps
+from hogwild.operator.builders import CONFIG_KEY, Names, SessionRef, metadata, names
+from hogwild.operator.spec import ContainerSpec, SessionSpec
+
+POD_HASH_ANNOTATION = f"{defaults.API_GROUP}/pod-hash"
+CONFIG_ENV = "HOGWILD_TRAINING_CONFIG"
+RESTORE_ENV = defaults.ENV_RESTORE
+CURVE_ENV = "HOGWILD_CURVE_DIR"
+MODEL_MOUNT = "/models"
+TOKEN_MOUNT = "/etc/hogwild/token"
+CURVE_MOUNT = "/etc/hogwild/curve"
+# The trainer's mount of the CURVE Secret: its own keypair and the operator's public key, never client.secret.
+WORKER_CURVE_FILES = ("server.public", "server.secret", "client.public")
+
+
+def model_dir(spec: SessionSpec) -> str:
+    if spec.model.claim_name:
+        return f"{MODEL_MOUNT}/{spec.model.path.strip('/')}".rstrip("/")
+    return spec.model.path
+
+
+# ---- containers ---------------------------------------------------------------------------------------
+def _resources(container: ContainerSpec, spec: SessionSpec, *, gpu_limit: bool) -> dict[str, Any]:
+    resources: dict[str, Any] = {}
+    if container.requests:
+        resources["requests"] = dict(container.requests)
+    limits = dict(container.limits)
+    if gpu_limit:
+        limits[spec.gpu.resource_name] = str(spec.gpu.count)
+    if limits:
+        resources["limits"] = limits
+    if spec.gpu.count and spec.gpu.sharing == "DRA":
+        # One claim, referenced by both containers: both see the same GPU.
+        resources["claims"] = [{"name": "gpu"}]
+    return resources
+
+
+def _env(pairs: Mapping[str, str], extra: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in pairs.items()]
+    env += [{"name": k, "value": v} for k, v in extra if k not in pairs]
+    return env
+
+
+def _mounts(spec: SessionSpec, *, checkpoints_read_only: bool) -> list[dict[str, Any]]:
+    mounts: list[dict[str, Any]] = [
+        {"name": "run", "mountPath": defaults.RUN_DIR},
+        {"name": "shm", "mountPath": "/dev/shm"},
+        {"name": "checkpoints", "mountPath": defaults.CHECKPOINT_DIR, "readOnly": checkpoints_read_only},
+    ]
+    if spec.model.claim_name:
+        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+    return mounts
+
+
+def _vllm_container(spec: SessionSpec, n: Names) -> dict[str, Any]:
+    args = ["--model", model_dir(spec)]
+    if spec.model.served_name:
+        args += ["--served-model-name", spec.model.served_name]
+    args += ["--checkpoint-dir", defaults.CHECKPOINT_DIR, "--run-dir", defaults.RUN_DIR]
+    args += ["--port", str(defaults.VLLM_HTTP_PORT), "--", *spec.vllm.args]
+    health = {"httpGet": {"path": "/health", "port": "http"}}
+    base_env = {
+        defaults.ENV_RUN_DIR: defaults.RUN_DIR,
+        defaults.ENV_CHECKPOINT_DIR: defaults.CHECKPOINT_DIR,
+        defaults.ENV_TOKEN_FILE: f"{TOKEN_MOUNT}/{spec.auth.token_key}",
+        RESTORE_ENV: spec.model.restore,
+    }
+    if spec.gpu.mps:
+        # vllm starts first, so `hogwild vllm` starts the MPS daemon (before any CUDA) for both clients.
+        base_env.update({**mps.serving_env(mps.POD_DIRS), mps.ENV_START_DAEMON: "1"})
+    device_plugin = spec.gpu.count > 0 and spec.gpu.sharing == "DevicePlugin"
+    return {
+        "name": "vllm",
+        "image": spec.images.vllm,
+        "imagePullPolicy": spec.images.pull_policy,
+        # Native sidecar: started first, stopped last (see the module docstring).
+        "restartPolicy": "Always",
+        "command": ["hogwild", "vllm"],
+        "args": args,
+        "env": _env(base_env, spec.vllm.env),
+        "ports": [{"name": "http", "containerPort": defaults.VLLM_HTTP_PORT, "protocol": "TCP"}],
+        "resources": _resources(spec.vllm, spec, gpu_limit=device_plugin),
+        "volumeMounts": [
+            *_mounts(spec, checkpoints_read_only=True),
+            {"name": "token", "mountPath": TOKEN_MOUNT, "readOnly": True},
+        ],
+        # Loading a large model takes minutes: the startup probe allows 30, and gates the trainer's start.
+        "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": 180},
+        "readinessProbe": {**health, "periodSeconds": 10, "failureThreshold": 3},
+        "livenessProbe": {**health, "periodSeconds": 20, "failureThreshold": 6},
+    }
+
+
+def _trainer_container(spec: SessionSpec, n: Names) -> dict[str, Any]:
+    base_env: dict[str, str] = {
+        defaults.ENV_RUN_DIR: defaults.RUN_DIR,
+        defaults.ENV_CHECKPOINT_DIR: defaults.CHECKPOINT_DIR,
+        CURVE_ENV: CURVE_MOUNT,
+        RESTORE_ENV: spec.model.restore,
+    }
+    if spec.gpu.count > 0 and spec.gpu.sharing == "DevicePlugin":
+        # Device-plugin fallback: only vLLM requests the GPU; the trainer sees every GPU of the node and picks
+        # the one whose UUID the weight manifest names. This escapes the scheduler's accounting (nothing stops
+        # it from touching other pods' GPUs) and needs the NVIDIA runtime to accept the variable from an
+        # unprivileged container. DRA has neither problem; use it where the cluster has it.
+        base_env["NVIDIA_VISIBLE_DEVICES"] = "all"
+    if spec.gpu.mps:
+        # Unverified on a cluster: MPS between containers relies on the pod's shared IPC and PID namespaces
+        # (shareProcessNamespace), the pipe dir on the shared /run/hogwild emptyDir, and one UID (1000 in
+        # both images): a client of another user would wait for the daemon's server to go idle.
+        base_env.update(mps.trainer_env(mps.POD_DIRS, spec.gpu.mps.trainer_share_percent))
+    env = _env(base_env, spec.trainer.env)
+    # The desired hyperparameters live in a ConfigMap the operator keeps current: a restarted trainer starts
+    # with them, and changing them never changes (so never restarts) the pod.
+    env.append({"name": CONFIG_ENV, "valueFrom": {"configMapKeyRef": {"name": n.config, "key": CONFIG_KEY}}})
+    probe = {"tcpSocket": {"port": "metrics"}}
+    return {
+        "name": "trainer",
+        "image": spec.images.trainer,
+        "imagePullPolicy": spec.images.pull_policy,
+        "command": ["hogwild", "worker"],
+        "args": [
+            "--run-dir",
+            defaults.RUN_DIR,
+            "--checkpoint-dir",
+            defaults.CHECKPOINT_DIR,
+            "--metrics-port",
+            str(defaults.WORKER_METRICS_PORT),
+            "--control-port",
+            str(defaults.WORKER_CONTROL_PORT),
+            "--config",
+            f"$({CONFIG_ENV})",
+        ],
+        "env": env,
+        "ports": [
+            {"name": "metrics", "containerPort": defaults.WORKER_METRICS_PORT, "protocol": "TCP"},
+            {"name": "control", "containerPort": defaults.WORKER_CONTROL_PORT, "protocol": "TCP"},
+        ],
+        "resources": _resources(spec.trainer, spec, gpu_limit=False),
+        "volumeMounts": [
+            *_mounts(spec, checkpoints_read_only=False),
+            {"name": "curve", "mountPath": CURVE_MOUNT, "readOnly": True},
+        ],
+        "readinessProbe": {**probe, "periodSeconds": 10},
+        "livenessProbe": {**probe, "periodSeconds": 20, "failureThreshold": 6},
+    }
+
+
+def _volumes(spec: SessionSpec, n: Names) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "run", "emptyDir": {"medium": "Memory"}},
+        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": n.pvc}},
+        {"name": "token", "secret": {"secretName": n.token_secret, "defaultMode": 0o400}},
+        {
+            "name": "curve",
+            "secret": {
+                "secretName": n.curve_secret,
+                "defaultMode": 0o400,
+                "items": [{"key": key, "path": key} for key in WORKER_CURVE_FILES],
+            },
+        },
+    ]
+    if spec.model.claim_name:
+        volumes.append(
+            {"name": "model", "persistentVolumeClaim": {"claimName": spec.model.claim_name, "readOnly": True}}
+        )
+    return volumes
+
+
+def build_pod(session: SessionRef, spec: SessionSpec) -> dict[str, Any]:
+    """The session's pod, with its hash annotation (a changed hash means: replace the pod)."""
+    n = names(session, spec)
+    annotations = dict(spec.pod.annotations)
+    if spec.metrics_enabled:
+        annotations.update(
+            {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(defaults.WORKER_METRICS_PORT),
+                "prometheus.io/path": "/metrics",
+            }
+        )
+    meta = metadata(session, n.pod, "session")
+    meta["labels"] = {**spec.pod.labels, **meta["labels"]}
+    meta["annotations"] = annotations
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Always",
+        # Legacy CUDA IPC needs one PID namespace between exporter and importer (FACTS.md).
+        "shareProcessNamespace": True,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": spec.pod.grace_period_s,
+        "initContainers": [_vllm_container(spec, n)],
+        "containers": [_trainer_container(spec, n)],
+        "volumes": _volumes(spec, n),
+    }
+    if spec.gpu.count and spec.gpu.sharing == "DRA":
+        claim = (
+            {"resourceClaimName": spec.gpu.claim_name}
+            if spec.gpu.claim_name
+            else {"resourceClaimTemplateName": spec.gpu.claim_template_name}
+        )
+        pod_spec["resourceClaims"] = [{"name": "gpu", **claim}]
+    if spec.pod.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.pod.node_selector)
+    if spec.pod.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.pod.tolerations]
+    if spec.pod.priority_class:
+        pod_spec["priorityClassName"] = spec.pod.priority_class
+    if spec.pod.service_account:
+        pod_spec["serviceAccountName"] = spec.pod.service_account
+    if spec.images.pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s} for s in spec.images.pull_secrets]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+    meta["annotations"][POD_HASH_ANNOTATION] = pod_hash(pod)
+    return pod
+
+
+def pod_hash(pod: Mapping[str, Any]) -> str:
+    """Hash of what a pod was built from: its spec, labels and annotations (but not the hash itself)."""
+    meta = pod.get("metadata", {})
+    annotations = {k: v for k, v in meta.get("annotations", {}).items() if k != POD_HASH_ANNOTATION}
+    content = {"labels": meta.get("labels", {}), "annotations": annotations, "spec": pod.get("spec", {})}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
