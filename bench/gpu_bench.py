@@ -81,6 +81,9 @@ CANDIDATES: list[tuple[str, dict[str, Any], int, int, int]] = [
     ("worker-default", {"native": True}, 2, 2048, 4),
     ("worker-yield", {"native": True, "yield_when_busy": True}, 2, 2048, 4),
     ("worker-off", {**_OFF, "native": True}, 2, 2048, 4),
+    # More chunks in flight: fewer pipeline stalls at points (idle-server speed), more queued at an arrival.
+    ("worker-depth3", {"native": True, "depth": 3}, 2, 2048, 4),
+    ("worker-depth4", {"native": True, "depth": 4}, 2, 2048, 4),
 ]
 DEFAULT_CANDIDATE = "worker-default"
 
