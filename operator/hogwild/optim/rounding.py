@@ -36,6 +36,10 @@ _MIX1 = 0x7FEB352D
 _MIX2 = 0x2C1B3C6D
 _BLOCK_M, _BLOCK_N = 8, 256
 _NO_COEF, _COLUMN_COEFS, _ROW_COEFS, _ONE_COEF = 0, 1, 2, 3
+# Device copies of the fused kernel's pointer tables, by content (see `_device_table`): a model has a few
+# dozen buckets, and a table whose gradients move each step is dropped after this many newer ones.
+_TABLES: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+_TABLES_KEPT = 256
 
 
 def splitmix64(value: int) -> int:
@@ -131,17 +135,30 @@ def apply_updates_(
     *,
     decay: float,
     rounding: str,
-    keys: Sequence[tuple[int, int]],
     compensations: Sequence[Tensor | None],
+    keys: Sequence[tuple[int, int]] | None = None,
+    seeds: Sequence[int] | None = None,
+    steps: Sequence[int] | None = None,
 ) -> None:
     """`apply_update_` for parameters of one shape: `directions[i]` and `coefs[i]` (or the float) go with
-    `params[i]`; `directions` may be one stacked (k, ...) tensor.
+    `params[i]`; `directions` may be one stacked (k, ...) tensor. The noise of `params[i]` is `keys[i]`, or
+    `noise_keys(seeds[i], steps[i])`.
 
     On CUDA with Triton, bf16 stochastic rounding is one kernel launch for the whole list: it reads each
     parameter and direction once and writes the parameter once, with the same random bits as the eager path.
+    Given seeds and one step for all, the kernel derives the keys itself, so that its pointer table stays the
+    same from step to step (see `_fused_updates_`).
     """
-    if params and _fusable(params, directions, coefs, rounding):
-        _fused_updates_(params, directions, coefs, decay, keys)
+    fused = bool(params) and _fusable(params, directions, coefs, rounding)
+    if keys is None:
+        if seeds is None or steps is None:
+            raise ValueError("apply_updates_ needs keys, or seeds and steps")
+        if fused and len(set(steps)) == 1:
+            _fused_updates_(params, directions, coefs, decay, seeds, steps[0])
+            return
+        keys = [noise_keys(seed, step) for seed, step in zip(seeds, steps, strict=True)]
+    if fused:
+        _fused_updates_(params, directions, coefs, decay, keys, None)
         return
     for i, (param, key, compensation) in enumerate(zip(params, keys, compensations, strict=True)):
         coef = coefs[i] if isinstance(coefs, Tensor) else coefs
@@ -212,29 +229,61 @@ def _matrix_shape(shape: torch.Size) -> tuple[int, int]:
     return shape[0], cols
 
 
+def _device_table(rows: tuple[int, ...], device: torch.device) -> Tensor:
+    """`rows` as an int64 tensor on `device`, made once per distinct content and then reused.
+
+    Why: a bucket's table (parameter addresses, seeds) is the same every step, and making it costs a host
+    allocation, a pinned copy and a copy launch. The cache is keyed by the content, so a hit is exactly the
+    table a fresh copy would give. A miss copies from a fresh pinned tensor (the caching host allocator does
+    not hand that block out again before the copy from it is done), so no pending copy reads rewritten memory.
+    """
+    key = (device, rows)
+    table = _TABLES.pop(key, None)  # popped and put back: the dict's order is the least recently used first
+    if table is None:
+        host = torch.tensor(rows, dtype=torch.int64)
+        if device.type == "cuda":
+            host = host.pin_memory()  # so that the copy does not wait for the GPU to drain
+        table = host.to(device, non_blocking=True)
+        while len(_TABLES) >= _TABLES_KEPT:
+            del _TABLES[next(iter(_TABLES))]
+    _TABLES[key] = table
+    return table
+
+
 def _fused_updates_(
     params: Sequence[Tensor],
     directions: Sequence[Tensor] | Tensor,
     coefs: Tensor | float,
     decay: float,
-    keys: Sequence[tuple[int, int]],
+    noise: Sequence[tuple[int, int]] | Sequence[int],
+    step: int | None,
 ) -> None:
-    """Launch `_update_kernel` once over the list: program (row tile, column tile, i) updates `params[i]`."""
+    """Launch `_update_kernel` once over the list: program (row tile, column tile, i) updates `params[i]`.
+
+    `noise` is each parameter's keys (`step` None), or its seed, the kernel deriving the keys of `step` as
+    `noise_keys` does. A stacked `directions` is passed as one tensor: with seeds, the table then holds only
+    what stays the same from step to step.
+    """
     first = params[0]
     if first.numel() == 0:
         return
     rows, cols = _matrix_shape(first.shape)
+    stacked = isinstance(directions, Tensor)
     if isinstance(directions, Tensor):
-        step = directions.stride(0) * directions.element_size()
-        d_ptrs = [directions.data_ptr() + i * step for i in range(len(params))]
+        d_ptrs = [0] * len(params)
         d_bf16 = directions.dtype == torch.bfloat16
     else:
         d_ptrs = [d.data_ptr() for d in directions]
         d_bf16 = directions[0].dtype == torch.bfloat16
-    # One row per tensor: parameter address, direction address, the two noise keys. Pinned, so that the
-    # copy to the GPU does not wait for the GPU to drain.
-    table_rows = [[p.data_ptr(), d, k[0], k[1]] for p, d, k in zip(params, d_ptrs, keys, strict=True)]
-    table = torch.tensor(table_rows, dtype=torch.int64).pin_memory().to(first.device, non_blocking=True)
+    # One row per tensor: parameter address, direction address (0 when stacked), then the seed and 0, or
+    # the two noise keys.
+    flat: list[int] = []
+    for param, d_ptr, own in zip(params, d_ptrs, noise, strict=True):
+        flat += (param.data_ptr(), d_ptr)
+        flat += (own, 0) if isinstance(own, int) else own  # type: ignore[arg-type]
+    table = _device_table(tuple(flat), first.device)
+    d_arg, d_stride = (directions, directions.stride(0)) if isinstance(directions, Tensor) else (table, 0)
+    # (a stacked direction is read from its own address: the table need not change when it moves)
     scalar, coef_arg, coef_kind = 1.0, table, _NO_COEF
     if isinstance(coefs, Tensor):
         coef_arg = coefs
@@ -249,17 +298,35 @@ def _fused_updates_(
         scalar = float(coefs)
     grid = (triton.cdiv(rows, _BLOCK_M), triton.cdiv(cols, _BLOCK_N), len(params))
     _update_kernel[grid](
-        table, coef_arg, rows, cols, float(decay), scalar,
-        COEF=coef_kind, D_BF16=d_bf16, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
+        table, d_arg, d_stride, coef_arg, rows, cols, float(decay), scalar, 0 if step is None else step,
+        COEF=coef_kind, STACKED=stacked, D_BF16=d_bf16, DERIVE=step is not None,
+        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
     )  # fmt: skip
 
 
 if triton is not None:
 
     @triton.jit
+    def _splitmix64(z):  # type: ignore[no-untyped-def]
+        # `splitmix64` in uint64 arithmetic (wraps mod 2^64 by definition); the constants are its.
+        z = z + 0x9E3779B97F4A7C15
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+        return z ^ (z >> 31)
+
+    @triton.jit
+    def _noise_keys(seed, step):  # type: ignore[no-untyped-def]
+        # `noise_keys(seed, step)`: derive_seed(seed, step, 0x5EED) starts from 0, so 0 ^ seed is the seed.
+        z = _splitmix64(seed.to(tl.uint64))
+        z = _splitmix64(z ^ step.to(tl.uint64))
+        z = _splitmix64(z ^ 0x5EED) >> 1
+        return ((z & 0x7FFFFFFF) | 1).to(tl.uint32), ((z >> 32) & 0x7FFFFFFF).to(tl.uint32)
+
+    @triton.jit(do_not_specialize=["step"])  # a new step must not compile a new variant (step 1, 16, ...)
     def _update_kernel(  # type: ignore[no-untyped-def]
-        table_ptr, c_ptr, rows, cols, decay, scalar,
-        COEF: tl.constexpr, D_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        table_ptr, d_base, d_stride, c_ptr, rows, cols, decay, scalar, step,
+        COEF: tl.constexpr, STACKED: tl.constexpr, D_BF16: tl.constexpr, DERIVE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         t = tl.program_id(2)
         row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -267,12 +334,17 @@ if triton is not None:
         mask = (row < rows)[:, None] & (col < cols)[None, :]
         offs = row.to(tl.int64)[:, None] * cols + col[None, :]
         p_ptr = tl.load(table_ptr + 4 * t).to(tl.pointer_type(tl.bfloat16))
-        if D_BF16:
+        if STACKED:
+            d_ptr = d_base + t.to(tl.int64) * d_stride
+        elif D_BF16:
             d_ptr = tl.load(table_ptr + 4 * t + 1).to(tl.pointer_type(tl.bfloat16))
         else:
             d_ptr = tl.load(table_ptr + 4 * t + 1).to(tl.pointer_type(tl.float32))
-        key_mul = tl.load(table_ptr + 4 * t + 2).to(tl.uint32)
-        key_add = tl.load(table_ptr + 4 * t + 3).to(tl.uint32)
+        if DERIVE:
+            key_mul, key_add = _noise_keys(tl.load(table_ptr + 4 * t + 2), step)
+        else:
+            key_mul = tl.load(table_ptr + 4 * t + 2).to(tl.uint32)
+            key_add = tl.load(table_ptr + 4 * t + 3).to(tl.uint32)
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
         d = tl.load(d_ptr + offs, mask=mask).to(tl.float32)
         if COEF == 1:  # one factor per column
