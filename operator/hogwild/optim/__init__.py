@@ -5,13 +5,7 @@
 weights without losing them.
 """
 
-from hogwild.optim.apollo import (
-    APOLLO_MINI_SCALE,
-    SCALE_TYPES,
-    Apollo,
-    projection_matrix,
-    validate_hyperparameters,
-)
+from hogwild.optim.apollo import APOLLO_MINI_SCALE, Apollo, projection_matrix
 from hogwild.optim.factory import (
     OPTIMIZER_HOT_FIELDS,
     OPTIMIZER_RESET_FIELDS,
@@ -23,6 +17,7 @@ from hogwild.optim.factory import (
     param_groups,
     state_bytes,
 )
+from hogwild.optim.hyperparameters import SCALE_TYPES, validate_hyperparameters
 from hogwild.optim.rounding import ROUNDINGS, apply_update_, apply_updates_, stochastic_round_bf16_
 
 __all__ = [

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from hogwild.optim import plan
 from hogwild.optim.buckets import (
     GradBuffer,
     MomentBucket,
@@ -47,9 +48,9 @@ from hogwild.optim.buckets import (
     same_shape_groups,
     scaling_factors,
 )
-from hogwild.optim.rounding import ROUNDINGS, apply_updates_, derive_seed, noise_keys
+from hogwild.optim.hyperparameters import validate_hyperparameters
+from hogwild.optim.rounding import apply_updates_, derive_seed
 
-SCALE_TYPES = ("channel", "tensor")
 APOLLO_MINI_SCALE = math.sqrt(128.0)
 # The largest weight `prepare_grads` gives a buffer by default. A buffer moves ~8 bytes per element more
 # through the backward (the memset, then autograd adds into it instead of keeping its fresh gradient); for
@@ -57,60 +58,6 @@ APOLLO_MINI_SCALE = math.sqrt(128.0)
 # step 15.0 -> 11.1 ms with every projected weight buffered, but the backward +3 ms at 1.5B (+15 ms at 7B);
 # with this limit 12.2 ms and the backward within noise (7B: step 40.7 -> 39.4 ms, backward within noise).
 PREPARED_MAX_ELEMENTS = 1 << 22
-
-
-def _number(name: str, value: Any, low: float, *, low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < low or (low_open and value == low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
-
-
-def _integer(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _betas(value: Any) -> None:
-    if not isinstance(value, list | tuple) or len(value) != 2:
-        raise ValueError(f"betas must be a pair of numbers in [0, 1), got {value!r}")
-    for i, beta in enumerate(value):
-        _number(f"betas[{i}]", beta, 0.0)
-        if beta >= 1.0:
-            raise ValueError(f"betas[{i}] must be < 1, got {beta!r}")
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-
-
-def _flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
-
-
-_CHECKS: dict[str, Callable[[Any], object]] = {
-    "lr": lambda v: _number("lr", v, 0.0),
-    "betas": _betas,
-    "eps": lambda v: _number("eps", v, 0.0, low_open=True),
-    "weight_decay": lambda v: _number("weight_decay", v, 0.0),
-    "rank": lambda v: _integer("rank", v, 1),
-    "scale_type": lambda v: _choice("scale_type", v, SCALE_TYPES),
-    "update_proj_gap": lambda v: _integer("update_proj_gap", v, 1),
-    "scale": lambda v: _number("scale", v, 0.0, low_open=True),
-    "norm_growth_limit": lambda v: None if v is None else _number("norm_growth_limit", v, 1.0),
-    "rounding": lambda v: _choice("rounding", v, ROUNDINGS),
-    "seed": lambda v: _integer("seed", v, 0),
-    "low_rank": lambda v: _flag("low_rank", v),
-}
-
-
-def validate_hyperparameters(values: Mapping[str, Any]) -> None:
-    """Raise ValueError, naming the field, for any out-of-range hyperparameter in `values` (others ignored)."""
-    for name, check in _CHECKS.items():
-        if name in values:
-            check(values[name])
 
 
 def projection_matrix(
@@ -179,6 +126,8 @@ class Apollo(Optimizer):
         self._stacked_projections: dict[tuple[int, ...], tuple[tuple[_RefreshKey, ...], Tensor]] = {}
         self._bucket_cache: dict[tuple[int, ...], MomentBucket] = {}
         self._grad_buffers: dict[tuple[int, ...], GradBuffer] = {}  # see prepare_grads
+        self._held: set[int] = set()  # ids of the parameters with a buffer
+        self._plans: dict[int, plan.GroupPlan] = {}  # by position of the param group; see `plan`
         # Called before each same-shape bucket of a step, when set: the worker's serving protection waits there
         # while vLLM is busy, so the step is pieces of a few ms, not ~30-60 ms (bench/RESULTS.md). Not state.
         self.preemption_point: Callable[[], None] | None = None
@@ -210,6 +159,7 @@ class Apollo(Optimizer):
         the gradient part of its update is 0.
         """
         old, self._grad_buffers = self._grad_buffers, {}
+        self._held = set()
         for group in self.param_groups:
             projected = []
             for param in group["params"]:
@@ -229,16 +179,16 @@ class Apollo(Optimizer):
                     buffer = GradBuffer.zeros(members)
                 buffer.attach()
                 self._grad_buffers[key] = buffer
+                self._held.update(key)
 
     def release_grads(self) -> None:
         """After a step: free every gradient that is not a view of a prepared buffer, as `zero_grad()` would.
 
         Between steps only the buffers stay allocated; the next `prepare_grads` zeroes them.
         """
-        held = {member for key in self._grad_buffers for member in key}
         for group in self.param_groups:
             for param in group["params"]:
-                if id(param) not in held:
+                if id(param) not in self._held:
                     param.grad = None
 
     @torch.no_grad()
@@ -247,27 +197,31 @@ class Apollo(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        index = 0
-        for group in self.param_groups:
-            projected: list[Tensor] = []
-            full: list[Tensor] = []
-            for param in group["params"]:
-                index += 1
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError("Apollo does not support sparse gradients")
-                low_rank = self.projects(param, group)
-                self._ensure_state(param, group, index, low_rank)
-                self.state[param]["step"] += 1
-                (projected if low_rank else full).append(param)
-            for same_shape in same_shape_groups(projected):
+        start = 0
+        for position, group in enumerate(self.param_groups):
+            own = self._plan(position, group, start)
+            start += len(group["params"])
+            for state in own.states:
+                state["step"] += 1
+            for bucket in own.projected:
                 self._point()
-                self._apollo_update(same_shape, group)
-            for same_shape in same_shape_groups(full):
+                self._apollo_update(bucket, group)
+            for bucket in own.full:
                 self._point()
-                self._adamw_update(same_shape, group)
+                self._adamw_update(bucket, group)
         return loss
+
+    def _plan(self, position: int, group: dict[str, Any], start: int) -> plan.GroupPlan:
+        """The group's buckets from the last step, or worked out anew when anything they depend on changed."""
+        cached = self._plans.get(position)
+        fits = cached is not None and cached.signature == plan.signature(group, start)
+        if fits and cached is not None and plan.still_valid(cached, self.state):
+            return cached
+        fresh = plan.build(
+            group, start, self.state, self.projects, lambda p, i, low: self._ensure_state(p, group, i, low)
+        )
+        self._plans[position] = fresh
+        return fresh
 
     def _point(self) -> None:
         if self.preemption_point is not None:
@@ -294,21 +248,22 @@ class Apollo(Optimizer):
         if group["rounding"] == "kahan" and param.dtype in (torch.bfloat16, torch.float16):
             state["compensation"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    def _apollo_update(self, params: list[Tensor], group: dict[str, Any]) -> None:
+    def _apollo_update(self, bucket: plan.Bucket, group: dict[str, Any]) -> None:
         """Steps 1-7 for parameters of one shape, batched: a few kernels per bucket, and, unless the gradients
         are a prepared buffer (`prepare_grads`), a projection and a norm per parameter."""
-        bucket = moment_bucket(params, self.state, self._bucket_cache)
-        states = [self.state[p] for p in params]
+        params, states = bucket.params, bucket.states
+        moments = moment_bucket(params, self.state, self._bucket_cache)
         # The bucket's gradients stacked, when they are the views of one prepared buffer; else a list.
-        buffer = self._grad_buffers.get(tuple(id(p) for p in params))
+        buffer = self._grad_buffers.get(bucket.key)
         grads: Tensor | list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
         if buffer is not None and buffer.holds(params):
             grads = buffer.grads
+        steps = [s["step"] for s in states]
         # Steps 1-2: project each gradient onto its random rank-r space.
         r = self._project(params, grads, states, group)
         # Step 3: AdamW moments and the Adam-normalized update, in the projected space.
-        r_tilde = adam_normalized(bucket, r, [s["step"] for s in states], group)
-        coefs = scaling_factors(grads, r, r_tilde, bucket, group)
+        r_tilde = adam_normalized(moments, r, steps, group)
+        coefs = scaling_factors(grads, r, r_tilde, moments, group)
         # Step 7: W <- W (1 - lr wd) - G diag(lr * scale * limiter * s).
         apply_updates_(
             params,
@@ -316,7 +271,8 @@ class Apollo(Optimizer):
             coefs,
             decay=1.0 - group["lr"] * group["weight_decay"],
             rounding=group["rounding"],
-            keys=[noise_keys(s["seed"], s["step"]) for s in states],
+            seeds=bucket.seeds,
+            steps=steps,
             compensations=[s.get("compensation") for s in states],
         )
 
@@ -382,18 +338,20 @@ class Apollo(Optimizer):
         self._stacked_projections[bucket] = (keys, stacked)
         return stacked
 
-    def _adamw_update(self, params: list[Tensor], group: dict[str, Any]) -> None:
-        bucket = moment_bucket(params, self.state, self._bucket_cache)
-        states = [self.state[p] for p in params]
+    def _adamw_update(self, bucket: plan.Bucket, group: dict[str, Any]) -> None:
+        params, states = bucket.params, bucket.states
+        moments = moment_bucket(params, self.state, self._bucket_cache)
         grads = torch.stack([p.grad for p in params]).float()  # type: ignore[misc]
-        normalized = adam_normalized(bucket, grads, [s["step"] for s in states], group)
+        steps = [s["step"] for s in states]
+        normalized = adam_normalized(moments, grads, steps, group)
         apply_updates_(
             params,
             normalized,
             group["lr"],
             decay=1.0 - group["lr"] * group["weight_decay"],
             rounding=group["rounding"],
-            keys=[noise_keys(s["seed"], s["step"]) for s in states],
+            seeds=bucket.seeds,
+            steps=steps,
             compensations=[s.get("compensation") for s in states],
         )
 
@@ -407,6 +365,7 @@ class Apollo(Optimizer):
         self._projections.clear()
         self._stacked_projections.clear()
         self._bucket_cache.clear()
+        self._plans.clear()  # the states are new dicts; a plan would notice, this says it
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, param in zip(saved_ids, params, strict=True):

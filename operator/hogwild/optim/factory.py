@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from hogwild.config import HOT_FIELDS, OPTIMIZERS, STATE_RESET_FIELDS
-from hogwild.optim.apollo import APOLLO_MINI_SCALE, Apollo, validate_hyperparameters
+from hogwild.optim.apollo import APOLLO_MINI_SCALE, Apollo
+from hogwild.optim.hyperparameters import validate_hyperparameters
 
 OPTIMIZER_FIELDS = frozenset(
     {

@@ -1,0 +1,99 @@
+"""Which parameters of a param group an APOLLO step updates, and in which buckets: worked out once, then reused.
+
+Why: at 1.5B the step is host-bound (bench/NOTES-gpu.md), and sorting 338 parameters into buckets, checking
+each one's state and reading its seed every step cost about as much host time as the launches. None of that
+changes between steps unless one of the things in `signature` does, or a state is replaced (load_state_dict),
+so a `GroupPlan` keeps it. Hyperparameters that only enter the arithmetic (lr, betas, eps, weight_decay,
+scale, scale_type, norm_growth_limit, update_proj_gap) are not part of a plan: the step reads them from the
+group every time, so a hot change applies on the next step.
+
+Bookkeeping only: no tensor arithmetic here.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from hogwild.optim.buckets import same_shape_groups
+
+
+@dataclass
+class Bucket:
+    """Parameters of one shape, dtype, gradient dtype and device (at most buckets.CHUNK), stepped together."""
+
+    params: list[Tensor]
+    states: list[dict[str, Any]]
+    key: tuple[int, ...]  # the members' ids: what the moment buckets, buffers and projections are cached by
+    seeds: list[int]  # each member's state["seed"]: the rounding noise derives from it
+
+
+@dataclass
+class GroupPlan:
+    signature: tuple[Any, ...]
+    stepped: list[Tensor]  # the parameters with a gradient, in order
+    states: list[dict[str, Any]]  # their states, the very dicts (load_state_dict replaces them)
+    projected: list[Bucket]  # APOLLO buckets
+    full: list[Bucket]  # AdamW buckets
+
+
+def signature(group: Mapping[str, Any], start: int) -> tuple[Any, ...]:
+    """What a plan depends on besides the states: which parameters (and where the group starts among all
+    of them: seeds derive from that index), which have gradients of what dtype and layout, and what decides
+    whether a weight is projected and how big its moments are."""
+    params = group["params"]
+    grads = [p.grad for p in params]
+    return (
+        start,
+        group["rank"],
+        group["low_rank"],
+        tuple(map(id, params)),
+        tuple(None if g is None else (g.dtype, g.layout) for g in grads),
+    )
+
+
+def still_valid(plan: GroupPlan, state: Mapping[Tensor, dict[str, Any]]) -> bool:
+    return all(map(operator.is_, map(state.__getitem__, plan.stepped), plan.states))
+
+
+def build(
+    group: Mapping[str, Any],
+    start: int,
+    state: Mapping[Tensor, dict[str, Any]],
+    projects: Callable[[Tensor, Mapping[str, Any]], bool],
+    ensure_state: Callable[[Tensor, int, bool], None],
+) -> GroupPlan:
+    """The plan of `group` as the step would find it parameter by parameter: states made or remade
+    (`ensure_state(param, index, low_rank)`, index counting from 1 over all groups) and buckets in order."""
+    stepped: list[Tensor] = []
+    projected: list[Tensor] = []
+    full: list[Tensor] = []
+    for index, param in enumerate(group["params"], start=start + 1):
+        if param.grad is None:
+            continue
+        if param.grad.is_sparse:
+            raise RuntimeError("Apollo does not support sparse gradients")
+        low_rank = projects(param, group)
+        ensure_state(param, index, low_rank)
+        stepped.append(param)
+        (projected if low_rank else full).append(param)
+
+    def buckets(params: list[Tensor]) -> list[Bucket]:
+        out = []
+        for members in same_shape_groups(params):
+            states = [state[p] for p in members]
+            key = tuple(id(p) for p in members)
+            out.append(Bucket(members, states, key, [s["seed"] for s in states]))
+        return out
+
+    return GroupPlan(
+        signature=signature(group, start),
+        stepped=stepped,
+        states=[state[p] for p in stepped],
+        projected=buckets(projected),
+        full=buckets(full),
+    )
