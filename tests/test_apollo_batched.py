@@ -376,3 +376,30 @@ def test_resume_with_prepared_grads_continues_bit_for_bit() -> None:
         give_grads(optimizer, params, step_grads(step, params, False), prepared=True)
         optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(through, params, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("shapes", "element_budget", "expected_sizes"),
+    [
+        ([(4, 4)] * 28, 1 << 28, [28]),  # small weights: one bucket up to CHUNK
+        ([(4, 4)] * 70, 1 << 28, [24, 24, 22]),  # over CHUNK: near-equal, not 32 + 32 + 6
+        ([(16, 16)] * 28, 256 * 14, [14, 14]),  # the element budget: 14 + 14
+        ([(16, 16)] * 3, 100, [1, 1, 1]),  # a weight over the budget still gets a bucket of its own
+        ([(4, 4), (2, 8), (4, 4), (2, 8)], 1 << 28, [2, 2]),  # by shape, in order of first appearance
+    ],
+)
+def test_bucket_sizes(
+    monkeypatch: pytest.MonkeyPatch,
+    shapes: list[tuple[int, int]],
+    element_budget: int,
+    expected_sizes: list[int],
+) -> None:
+    """Buckets are the worker's preemptible pieces: bounded in parameters and in elements, and balanced."""
+    from hogwild.optim import buckets
+
+    monkeypatch.setattr(buckets, "BUCKET_ELEMENTS", element_budget)
+    params = [torch.zeros(shape) for shape in shapes]
+    groups = buckets.same_shape_groups(params, grads=False)
+    assert [len(group) for group in groups] == expected_sizes
+    assert sorted(id(p) for group in groups for p in group) == sorted(id(p) for p in params)
+    assert all(len({tuple(p.shape) for p in group}) == 1 for group in groups)
