@@ -37,7 +37,7 @@ def same_shape_groups(params: list[Tensor], *, grads: bool = True) -> list[list[
     for param in params:
         grad_dtype = param.grad.dtype if grads else param.dtype  # type: ignore[union-attr]
         groups.setdefault((tuple(param.shape), param.dtype, grad_dtype, param.device), []).append(param)
-    buckets = []
+    buckets: list[list[Tensor]] = []
     for group in groups.values():
         most = max(1, min(CHUNK, BUCKET_ELEMENTS // max(1, group[0].numel())))
         count = -(-len(group) // most)
