@@ -79,6 +79,28 @@ def test_metrics_move_with_training_checkpoints_and_errors(pod: Pod) -> None:
     assert after['hogwild_worker_requests_total{type="train"}'] == 2
 
 
+def test_checkpoint_interval_and_unsaved_training_follow_the_worker(pod: Pod) -> None:
+    """What HogwildCheckpointTooOld compares: the configured interval, hot changes included, and whether the
+    served weights hold steps that no checkpoint has."""
+    worker = pod.worker(config={"checkpoint_interval_s": 600})
+    worker.wait_connected()
+    seen = {"connected": scrape(worker)}
+    worker.call("train", samples=[FACT], steps=1)
+    seen["trained"] = scrape(worker)
+    worker.call("checkpoint")
+    worker.call("configure", changes={"checkpoint_interval_s": 3600})
+    seen["checkpointed, then reconfigured"] = scrape(worker)
+
+    assert {
+        when: (s["hogwild_worker_checkpoint_interval_seconds"], s["hogwild_worker_trained_since_checkpoint"])
+        for when, s in seen.items()
+    } == {
+        "connected": (600, 0),
+        "trained": (600, 1),
+        "checkpointed, then reconfigured": (3600, 0),
+    }
+
+
 def stats(skipped: bool) -> StepStats:
     return StepStats(
         step=1,

@@ -2,6 +2,10 @@
 
 Each worker owns a private CollectorRegistry, so several workers (tests) can live in one process. The
 checkpoint age is computed at scrape time from the last checkpoint's timestamp.
+
+The configured checkpoint interval (following hot reconfiguration) and whether the served weights hold
+unsaved steps are exported too: the alert HogwildCheckpointTooOld compares the checkpoint age with each
+session's own interval, and stays quiet when a checkpoint already holds every step.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from hogwild.config import TrainingConfig
 from hogwild.worker.trainer import StepStats
 
 PREFIX = "hogwild_worker_"
@@ -50,6 +55,14 @@ class WorkerMetrics:
         self.checkpoint_age_seconds = gauge("checkpoint_age_seconds", "Seconds since the last checkpoint")
         self._last_checkpoint_time: float | None = None
         self.checkpoint_age_seconds.set_function(self._checkpoint_age_s)
+        self.checkpoint_interval_seconds = gauge(
+            "checkpoint_interval_seconds",
+            "Configured seconds between interval checkpoints (0: interval checkpoints off)",
+        )
+        # Set by the service with set_function: it reads the marker that survives worker restarts.
+        self.trained_since_checkpoint = gauge(
+            "trained_since_checkpoint", "1 while the served weights hold applied steps that no checkpoint has"
+        )
         self.connected = gauge("connected", "1 while the served weights are mapped")
         self.paused = gauge("paused", "1 while training is paused")
         self.busy = gauge("busy", "1 while a train request runs")
@@ -60,6 +73,11 @@ class WorkerMetrics:
 
     def _checkpoint_age_s(self) -> float:
         return time.time() - self._last_checkpoint_time if self._last_checkpoint_time else 0.0
+
+    def observe_config(self, config: TrainingConfig) -> None:
+        """The settings dashboards and alerts compare against: at start and after every configure."""
+        self.paused.set(int(config.paused))
+        self.checkpoint_interval_seconds.set(config.checkpoint_interval_s)
 
     def observe_step(self, stats: StepStats) -> None:
         self.step_seconds.observe(stats.seconds)

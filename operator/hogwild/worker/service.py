@@ -83,7 +83,8 @@ class WorkerService:
         self._last_checkpoint_mono = time.monotonic()
         if newest is not None:
             metrics.set_last_checkpoint(newest.time)
-        metrics.paused.set(int(config.paused))
+        metrics.observe_config(config)
+        metrics.trained_since_checkpoint.set_function(lambda: float(self.trained_since_checkpoint))
         # Model code imports take seconds: do them now, while vLLM loads, not after it exports its weights.
         threading.Thread(target=prewarm_imports, name="prewarm-imports", daemon=True).start()
 
@@ -198,7 +199,7 @@ class WorkerService:
             reply = self.trainer.configure(request.changes)
         except ConfigError as err:
             raise ProtocolError("invalid", str(err)) from None
-        self.metrics.paused.set(int(self.trainer.config.paused))
+        self.metrics.observe_config(self.trainer.config)
         self.gate.update(self.trainer.config.protection)
         log.info(
             "configured",
