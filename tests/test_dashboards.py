@@ -111,6 +111,7 @@ REQUIRED_METRICS = [
             "hogwild_worker_skipped_steps_total",
             "hogwild_worker_optimizer_state_bytes",
             "hogwild_worker_last_checkpoint_timestamp",
+            "hogwild_worker_checkpoint_interval_seconds",
         },
         id="training",
     ),
