@@ -154,7 +154,7 @@ class TrainLoop:
         """Bench-only keys: `native` (the worker's own pieces, see below); `granularity` "layer" | "linear" (the gate's preemption points) or "step"
         (Trainer's own yield before a step); `tail` (points inside the clip and the optimizer step);
         `chunked_head` (the output head and the loss in preemptible chunks); `embed_point` (a point before
-        the input embedding, default on); `depth` (chunks allowed in flight, default 2)."""
+        the input embedding, default on); `depth` (chunks allowed in flight; default: the gate's adaptive depth)."""
         from hogwild.config import ServingProtection, validate_changes
         from hogwild.worker.protection import install_preemption_points
 
@@ -164,7 +164,8 @@ class TrainLoop:
         tail = bool(values.pop("tail", False))
         head = bool(values.pop("chunked_head", False))
         embeddings = bool(values.pop("embed_point", True))
-        self.gate.max_in_flight = int(values.pop("depth", 2))
+        depth = values.pop("depth", None)  # chunks in flight; default: the gate's own (ChunkQueue)
+        self.gate.queue.fixed_depth = None if depth is None else int(depth)
         settings = validate_changes({"protection": values})["protection"]
         self.trainer.configure({"protection": values})
         # `native`: the worker's own path, as `hogwild.worker.service` wires it: the gate's point is the

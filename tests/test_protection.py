@@ -75,6 +75,67 @@ def test_a_point_waits_only_while_the_server_is_busy(
     assert (time.monotonic() - started >= 0.05) is bool(waits)
 
 
+class FakeEvent:
+    """A CUDA event stand-in (the queue logic is host code; no GPU here): completes when synchronized, and
+    its GPU time since another event is the sum of the chunk lengths between them."""
+
+    def __init__(self, log: list[str], clock: list[float]) -> None:
+        self.log, self.clock = log, clock
+        self.at = 0.0
+
+    def record(self) -> None:
+        self.at = self.clock[0]
+
+    def synchronize(self) -> None:
+        self.log.append(f"sync@{self.at:g}")
+
+    def elapsed_time(self, other: FakeEvent) -> float:
+        return (other.at - self.at) * 1e3
+
+
+@pytest.mark.parametrize(
+    ("chunk_s", "fixed_depth", "waits_at", "expected_depth"),
+    [
+        pytest.param(0.0003, None, (), 4, id="short-chunks-queue-deep"),
+        pytest.param(0.0015, None, (), 1, id="long-chunks-one-at-a-time"),
+        pytest.param(0.0008, None, (), 2, id="budget-over-chunk"),
+        pytest.param(0.0015, 3, (), 3, id="fixed-depth-wins"),
+        # A wait between points would read as a 20 ms chunk; it is not sampled, so the depth stays.
+        pytest.param(0.0003, None, (5, 9), 4, id="waits-not-counted"),
+    ],
+)
+def test_chunk_queue_depth_follows_measured_chunks(
+    chunk_s: float, fixed_depth: int | None, waits_at: tuple[int, ...], expected_depth: int
+) -> None:
+    from hogwild.worker.protection import ChunkQueue
+
+    log: list[str] = []
+    clock = [0.0]
+    queue = ChunkQueue(budget_s=0.002, fixed_depth=fixed_depth, new_event=lambda: FakeEvent(log, clock))
+    assert queue.depth() == (fixed_depth or 2)  # nothing measured yet
+    for index in range(20):
+        queue.mark()
+        if index in waits_at:
+            queue.waited()
+            clock[0] += 0.020  # the serving step the point waited for
+        clock[0] += chunk_s  # the chunk launched after the point
+    assert queue.depth() == expected_depth
+    assert len(queue._pending) == expected_depth - 1  # after a mark: at most depth - 1 left unfinished
+    assert queue.chunk_s == pytest.approx(chunk_s, rel=1e-6) or fixed_depth is not None
+
+
+def test_chunk_queue_waits_oldest_first() -> None:
+    from hogwild.worker.protection import ChunkQueue
+
+    log: list[str] = []
+    clock = [0.0]
+    queue = ChunkQueue(fixed_depth=2, new_event=lambda: FakeEvent(log, clock))
+    for _ in range(4):
+        queue.mark()
+        clock[0] += 1.0
+    assert log == ["sync@0", "sync@1", "sync@2"]  # each point waits for the chunk before the last
+
+
 def test_a_busy_server_delays_training_at_most_max_wait() -> None:
     gate = ServingGate(Fixed(True), ServingProtection(yield_when_busy=True, max_wait_s=0.02))
     started = time.monotonic()

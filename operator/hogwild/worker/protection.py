@@ -10,9 +10,9 @@ training work queued when a serving step arrives:
   vLLM's `/metrics` (`hogwild.worker.serving_load`).
 - `ServingGate.point()` is a preemption point. `install_preemption_points` puts one before the forward and
   the backward of the input embedding, every decoder layer, every projection inside it, and the output head,
-  so training work is cut into chunks of about a millisecond. At each point the trainer first waits until the
-  chunk before the last one has finished on the GPU (so at most about two chunks are ever queued), then, while
-  the server reports requests in flight, it launches nothing, up to `max_wait_s` per point. A server that is
+  so training work is cut into chunks of about a millisecond. At each point the trainer first waits until at
+  most ~QUEUE_BUDGET_S of its work is left queued on the GPU (`ChunkQueue`), then, while the server reports
+  requests in flight, it launches nothing, up to `max_wait_s` per point. A server that is
   never idle (continuous batching under steady traffic) would then slow training to a trickle, so the gate
   also keeps `min_training_share` of wall time for training: it stops waiting while the trailing fraction of
   time spent waiting (over ~`SHARE_WINDOW_S`) is above 1 - min_training_share.
@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,10 @@ from hogwild.worker.serving_load import LoadProbe
 log = logging.getLogger("hogwild.worker")
 
 POLL_S = 0.0002
+# GPU time of training work the gate lets be queued at a point (ChunkQueue): what a serving step that
+# arrives then may have to wait behind. From 1 to MAX_DEPTH chunks.
+QUEUE_BUDGET_S = 0.002
+MAX_DEPTH = 4
 # Time constant of the trailing fraction of wall time the gate spends waiting (min_training_share).
 SHARE_WINDOW_S = 5.0
 
@@ -58,6 +63,60 @@ class GateStats:
     share_kept: int = 0  # waits limited (or skipped) to keep min_training_share of the time for training
 
 
+class ChunkQueue:
+    """The training chunks launched but maybe not yet run on the GPU, bounded by their measured GPU time.
+
+    At each point `mark` ends the chunk launched since the previous point with an event, then waits for the
+    oldest chunks until at most `depth() - 1` are unfinished, so the one launched next makes `depth()`. The
+    depth is QUEUE_BUDGET_S over the chunks' recent GPU time (an average of the time between the events of
+    consecutive points), from 1 to MAX_DEPTH; `fixed_depth` overrides it.
+
+    Why not a fixed count: two chunks in flight was ~0.3 ms of queued work at 1.5B but ~3 ms at 7B (one
+    backward projection is ~1.5 ms there), and a serving step that arrived behind them lost about twice that
+    to time-slicing (bench --timeline). Where chunks are short, a deeper queue keeps the GPU fed while the
+    host reaches the next point.
+    """
+
+    def __init__(
+        self,
+        budget_s: float = QUEUE_BUDGET_S,
+        fixed_depth: int | None = None,
+        new_event: Callable[[], Any] = lambda: torch.cuda.Event(enable_timing=True),
+    ) -> None:
+        self.budget_s = budget_s
+        self.fixed_depth = fixed_depth
+        self.chunk_s = 0.0  # recent GPU time of a chunk; 0 until measured
+        self._new_event = new_event
+        self._pending: deque[tuple[Any, bool]] = deque()  # (event, the chunk before it began after a wait)
+        self._last_done: Any = None
+        self._after_wait = False
+
+    def depth(self) -> int:
+        if self.fixed_depth is not None:
+            return max(1, self.fixed_depth)
+        if self.chunk_s <= 0.0:
+            return 2
+        return max(1, min(MAX_DEPTH, int(self.budget_s / self.chunk_s)))
+
+    def waited(self) -> None:
+        """The point waited after `mark`: the next chunk's event-to-event time would hold the wait."""
+        self._after_wait = True
+
+    def mark(self) -> None:
+        event = self._new_event()
+        event.record()
+        self._pending.append((event, self._after_wait))
+        self._after_wait = False
+        while len(self._pending) > self.depth() - 1:
+            done, after_wait = self._pending.popleft()
+            done.synchronize()
+            if self._last_done is not None and not after_wait:
+                # Capped: a gap between steps (host work, a sync) is not a chunk's length.
+                sample = min(self._last_done.elapsed_time(done) / 1e3, 4 * self.budget_s)
+                self.chunk_s = sample if self.chunk_s == 0.0 else 0.8 * self.chunk_s + 0.2 * sample
+            self._last_done = done
+
+
 class ServingGate:
     """Preemption points for the training step; see the module docstring."""
 
@@ -65,15 +124,14 @@ class ServingGate:
         self,
         probe: LoadProbe | None,
         settings: ServingProtection | None = None,
-        max_in_flight: int = 2,
+        queue: ChunkQueue | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.probe = probe
         self.settings = settings or ServingProtection()
-        self.max_in_flight = max_in_flight
+        self.queue = queue or ChunkQueue()
         self.stats = GateStats()
-        self._previous: torch.cuda.Event | None = None
         self._clock, self._sleep = clock, sleep
         # Trailing fraction of wall time spent waiting at points (an exponential average over SHARE_WINDOW_S).
         self.waited_fraction = 0.0
@@ -108,15 +166,7 @@ class ServingGate:
             return
         self.stats.points += 1
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            # Bound the queued work: let the GPU run at most the chunk launched since the previous point
-            # (and the one launched next), so a serving step that arrives waits for at most ~2 chunks.
-            event = torch.cuda.Event()
-            event.record()
-            if self.max_in_flight <= 1:
-                event.synchronize()  # nothing queued at all: no overlap of launch and compute either
-            elif self._previous is not None:
-                self._previous.synchronize()
-            self._previous = event
+            self.queue.mark()
         started = self._clock()
         self._account(started, waiting=False)  # since the last point: training (or idle between steps)
         if not self.probe.busy():
@@ -135,6 +185,7 @@ class ServingGate:
             self._sleep(POLL_S)
         ended = self._clock()
         self._account(ended, waiting=True)
+        self.queue.waited()
         self.stats.waits += 1
         self.stats.waited_s += ended - started
 
