@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hogwild.optim.kernels import channel_norms_
+
 CHUNK = 32  # most parameters in one bucket (bounds the transient projected tensors)
 # Most weight elements in one bucket. A bucket is one piece of GPU work between the worker's preemption
 # points: 28 x 13.7M elements (the 1.5B MLP weights) took ~1.5 ms and were the slowest serving requests'
@@ -199,12 +201,11 @@ def scaling_factors(
         dim = 1 if m <= n else 2  # r is (k, rank, n) or (k, m, rank)
         ratio = _norm_ratio(r, r_tilde, (dim,))
         # ||G diag(s)|| without forming it: sqrt(sum_j s_j^2 ||G[:, j]||^2).
-        if stacked:
+        if isinstance(grads, Tensor):  # (not `stacked`: mypy narrows on isinstance only)
             channel_norms = torch.linalg.vector_norm(grads, dim=dim, keepdim=True, dtype=torch.float32)
         else:
-            channel_norms = torch.empty_like(ratio)
-            for out, grad in zip(channel_norms, grads, strict=True):
-                torch.linalg.vector_norm(grad, dim=dim - 1, keepdim=True, dtype=torch.float32, out=out)
+            # One kernel for the bucket on CUDA (bf16), else one norm per gradient: separate allocations.
+            channel_norms = channel_norms_(torch.empty_like(ratio), grads, dim - 1)
         update_norm = torch.linalg.vector_norm(ratio * channel_norms, dim=(1, 2)).mul_(scale)
     else:
         # Step 4 (tensor-wise): one factor for the whole weight.
