@@ -257,12 +257,16 @@ def _fused_updates_(
     decay: float,
     noise: Sequence[tuple[int, int]] | Sequence[int],
     step: int | None,
+    *,
+    tiles: tuple[int, int] = (_BLOCK_M, _BLOCK_N),
+    num_warps: int | None = None,
 ) -> None:
     """Launch `_update_kernel` once over the list: program (row tile, column tile, i) updates `params[i]`.
 
     `noise` is each parameter's keys (`step` None), or its seed, the kernel deriving the keys of `step` as
     `noise_keys` does. A stacked `directions` is passed as one tensor: with seeds, the table then holds only
-    what stays the same from step to step.
+    what stays the same from step to step. `tiles` (rows, columns) and `num_warps` (Triton's default when None)
+    are for bench/gpu_kernels.py: each element's result does not depend on them.
     """
     first = params[0]
     if first.numel() == 0:
@@ -296,11 +300,12 @@ def _fused_updates_(
             coef_kind = _ROW_COEFS  # an (m, 1) column: one factor per row
     else:
         scalar = float(coefs)
-    grid = (triton.cdiv(rows, _BLOCK_M), triton.cdiv(cols, _BLOCK_N), len(params))
+    block_m, block_n = tiles
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n), len(params))
     _update_kernel[grid](
         table, d_arg, d_stride, coef_arg, rows, cols, float(decay), scalar, 0 if step is None else step,
         COEF=coef_kind, STACKED=stacked, D_BF16=d_bf16, DERIVE=step is not None,
-        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
+        BLOCK_M=block_m, BLOCK_N=block_n, **({} if num_warps is None else {"num_warps": num_warps}),
     )  # fmt: skip
 
 
