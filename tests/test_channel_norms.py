@@ -111,3 +111,44 @@ def test_cpu_gradients_take_the_per_gradient_norms() -> None:
     kernels.channel_norms_(out, grads, 1)
     for own, grad in zip(out, grads, strict=True):
         assert torch.equal(own, torch.linalg.vector_norm(grad, dim=1, keepdim=True, dtype=torch.float32))
+
+
+SCALING_CHILD = """
+import torch
+from hogwild.optim import buckets, kernels
+
+kernels.fusable_norms = lambda out, grads: True  # CPU tensors through the interpreted kernel
+generator = torch.Generator().manual_seed(3)
+group = {"scale": 2.0, "scale_type": "channel", "norm_growth_limit": 1.01, "lr": 1e-3}
+for k, m, n, rank in ((3, 40, 300, 4), (2, 300, 40, 4)):
+    grads = torch.randn(k, m, n, generator=generator).to(torch.bfloat16)
+    r_shape = (k, rank, n) if m <= n else (k, m, rank)
+    r, r_tilde = torch.randn(r_shape, generator=generator), torch.randn(r_shape, generator=generator)
+    out = []
+    for given in (grads, list(grads.unbind(0))):
+        bucket = buckets.MomentBucket([], r, r, torch.full((k,), 0.5), [])
+        out.append(buckets.scaling_factors(given, r, r_tilde, bucket, group))
+    rel = ((out[1] - out[0]).abs() / out[0].abs().clamp_min(1e-30)).max().item()
+    print(f"RESULT|{m}x{n}|{rel}")
+"""
+
+
+@needs_triton
+def test_scaling_factors_of_a_gradient_list_through_the_kernel_match_the_stacked_ones() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "operator")}
+    done = subprocess.run(
+        [sys.executable, "-c", SCALING_CHILD],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rels = {
+        line.split("|")[1]: float(line.split("|")[2])
+        for line in done.stdout.splitlines()
+        if "RESULT|" in line
+    }
+    assert set(rels) == {"40x300", "300x40"}
+    assert all(rel < 1e-5 for rel in rels.values()), rels
