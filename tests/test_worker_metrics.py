@@ -7,18 +7,23 @@ for the skipped-step path, which a process cannot be made to hit on demand.
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hogwild.config import TrainingConfig
 from hogwild.protocol import ProtocolError
 from hogwild.testing.exporter import ExporterProcess
 from hogwild.testing.worker_process import WorkerProcess
 from hogwild.worker.metrics import WorkerMetrics
+from hogwild.worker.service import WorkerService, WorkerSettings
 from hogwild.worker.trainer import StepStats
 from worker_helpers import FACT, Pod, exporter_process, pod_of
 
@@ -79,31 +84,106 @@ def test_metrics_move_with_training_checkpoints_and_errors(pod: Pod) -> None:
     assert after['hogwild_worker_requests_total{type="train"}'] == 2
 
 
-def test_checkpoint_interval_and_unsaved_training_follow_the_worker(pod: Pod) -> None:
-    """What HogwildCheckpointTooOld compares: the configured interval, hot changes included, and whether the
-    served weights hold steps that no checkpoint has."""
+def test_checkpoint_interval_follows_hot_configure(pod: Pod) -> None:
+    """What HogwildCheckpointTooOld compares the unsaved age with: the configured interval, hot changes too."""
     worker = pod.worker(config={"checkpoint_interval_s": 600})
     worker.wait_connected()
-    seen = {"connected": scrape(worker)}
-    worker.call("train", samples=[FACT], steps=1)
-    seen["trained"] = scrape(worker)
-    worker.call("checkpoint")
+    before = scrape(worker)["hogwild_worker_checkpoint_interval_seconds"]
     worker.call("configure", changes={"checkpoint_interval_s": 3600})
-    seen["checkpointed, then reconfigured"] = scrape(worker)
-
-    assert {
-        when: (s["hogwild_worker_checkpoint_interval_seconds"], s["hogwild_worker_trained_since_checkpoint"])
-        for when, s in seen.items()
-    } == {
-        "connected": (600, 0),
-        "trained": (600, 1),
-        "checkpointed, then reconfigured": (3600, 0),
-    }
+    assert (before, scrape(worker)["hogwild_worker_checkpoint_interval_seconds"]) == (600, 3600)
 
 
-def stats(skipped: bool) -> StepStats:
+# ---- hogwild_worker_unsaved_since_timestamp through a sequence of events --------------------------------------
+UNSAVED = "hogwild_worker_unsaved_since_timestamp"
+CONFIG = {"checkpoint_interval_s": 3600}  # no interval checkpoint within the test
+
+
+class Session:
+    """One pod's worker, restarted as the events say; `worker` is the one running now."""
+
+    def __init__(self, pod: Pod) -> None:
+        self.pod = pod
+        self.worker = pod.worker(config=CONFIG)
+        self.worker.wait_connected()
+
+    def step(self) -> None:
+        self.worker.call("train", samples=[FACT], steps=1)
+
+    def checkpoint(self) -> None:
+        self.worker.call("checkpoint")
+
+    def failed_checkpoint(self) -> None:
+        """The checkpoint volume refuses the write (a file where the checkpoint dir should be)."""
+        directory = self.pod.checkpoint_dir
+        aside = directory.with_name("checkpoints-aside")
+        if directory.exists():
+            directory.rename(aside)
+        directory.write_text("not a directory")
+        try:
+            with pytest.raises(ProtocolError) as failed:
+                self.worker.call("checkpoint")
+            assert failed.value.code == "internal"
+        finally:
+            directory.unlink()
+            if aside.exists():
+                aside.rename(directory)
+
+    def kill_and_restart(self) -> None:
+        """kill -9 (no final checkpoint), then a new worker process on the same run dir: vLLM lives on."""
+        self.worker.kill()
+        self.worker = self.pod.worker(config=CONFIG)
+        self.worker.wait_connected()
+
+    def stop_and_restart(self) -> None:
+        """SIGTERM (final checkpoint when something is unsaved), then a new worker process."""
+        assert self.worker.terminate() == 0
+        self.worker = self.pod.worker(config=CONFIG)
+        self.worker.wait_connected()
+
+
+NEW, SAME = "new", "same"  # set to the event's time; unchanged from the row before
+UNSAVED_EVENTS: list[tuple[str, str | float]] = [
+    ("connected", 0.0),
+    ("step", NEW),
+    ("step", SAME),  # the first unsaved step counts, not the newest
+    ("failed_checkpoint", SAME),
+    ("kill_and_restart", SAME),  # the marker in the run dir outlives the worker process
+    ("step", SAME),
+    ("checkpoint", 0.0),
+    ("kill_and_restart", 0.0),  # resumed from the checkpoint: nothing unsaved until the next step
+    ("failed_checkpoint", 0.0),  # a failure with nothing unsaved makes nothing unsaved
+    ("step", NEW),
+    ("stop_and_restart", 0.0),  # the SIGTERM checkpoint saved it
+    ("step", NEW),
+    ("checkpoint", 0.0),
+]
+
+
+def test_unsaved_since_follows_steps_checkpoints_and_restarts(pod: Pod) -> None:
+    """The gauge HogwildCheckpointTooOld ages, scraped from the worker after each event. A skipped step (not
+    finite) cannot be made to happen in a process on demand: test_a_skipped_step_leaves_nothing_unsaved."""
+    session = Session(pod)
+    seen: list[tuple[str, str | float]] = []
+    previous = scrape(session.worker)[UNSAVED]
+    seen.append(("connected", previous))
+    for event, _ in UNSAVED_EVENTS[1:]:
+        started = time.time()
+        getattr(session, event)()
+        finished = time.time()
+        value = scrape(session.worker)[UNSAVED]
+        if value and value == previous:
+            seen.append((event, SAME))
+        elif value and started <= value <= finished:
+            seen.append((event, NEW))
+        else:
+            seen.append((event, value))
+        previous = value
+    assert seen == UNSAVED_EVENTS
+
+
+def stats(skipped: bool, step: int = 1) -> StepStats:
     return StepStats(
-        step=1,
+        step=step,
         loss=float("nan") if skipped else 2.0,
         grad_norm=1.0,
         update_norm=0.5,
@@ -133,3 +213,46 @@ def test_each_worker_has_its_own_registry() -> None:
     first, second = WorkerMetrics(), WorkerMetrics(CollectorRegistry())
     first.observe_step(stats(False))
     assert parse(generate_latest(second.registry).decode())["hogwild_worker_steps_total"] == 0
+
+
+# ---- the unsaved marker in process: the paths a worker process cannot be made to take on demand -------------
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[WorkerService]:
+    """A real WorkerService and its metrics, "mapped" to an exporter nonce without weights: only the marker
+    bookkeeping runs (no step, no checkpoint write)."""
+    settings = WorkerSettings(run_dir=tmp_path / "run", checkpoint_dir=tmp_path / "checkpoints")
+    settings.run_dir.mkdir()
+    worker = WorkerService(settings, TrainingConfig(), WorkerMetrics())
+    worker.watcher.mapped = cast(
+        Any, SimpleNamespace(manifest=SimpleNamespace(exporter=SimpleNamespace(nonce="n1")))
+    )
+    yield worker
+    worker.watcher.mapped = None
+    worker.shutdown()
+
+
+def unsaved_since(worker: WorkerService) -> float:
+    return parse(generate_latest(worker.metrics.registry).decode())[UNSAVED]
+
+
+def test_a_skipped_step_leaves_nothing_unsaved(service: WorkerService) -> None:
+    """Skipped (loss or gradient not finite): the weights and optimizer state are bit for bit what they were."""
+    service._on_step(stats(skipped=True))
+    assert unsaved_since(service) == 0
+    before = time.time()
+    service._on_step(stats(skipped=False))
+    assert before <= unsaved_since(service) <= time.time()
+
+
+def test_a_checkpoint_between_a_step_and_its_callback_holds_that_step(service: WorkerService) -> None:
+    """A checkpoint waiting for the trainer's lock runs as soon as a step lets go of it, before that step's
+    on_step callback: the callback must not mark the step the checkpoint already holds as unsaved."""
+    mapped = service.mapped
+    assert mapped is not None
+    service._on_step(stats(skipped=False, step=1))
+    service.trainer.counters.step = 1
+    service._saved_now(mapped)  # what checkpoint() does under the lock, after writing step 1
+    service._on_step(stats(skipped=False, step=1))  # step 1's late callback
+    late = unsaved_since(service)
+    service._on_step(stats(skipped=False, step=2))
+    assert (late, unsaved_since(service) > 0) == (0, True)

@@ -3,9 +3,13 @@
 Each worker owns a private CollectorRegistry, so several workers (tests) can live in one process. The
 checkpoint age is computed at scrape time from the last checkpoint's timestamp.
 
-The configured checkpoint interval (following hot reconfiguration) and whether the served weights hold
-unsaved steps are exported too: the alert HogwildCheckpointTooOld compares the checkpoint age with each
-session's own interval, and stays quiet when a checkpoint already holds every step.
+The configured checkpoint interval (following hot reconfiguration) and since when the served weights hold
+unsaved steps are exported too: the alert HogwildCheckpointTooOld fires when training has stayed unsaved
+for three of the session's own intervals. `unsaved_since_timestamp` is the wall time of the first applied
+step that no checkpoint has, 0 when a checkpoint holds everything: it comes from the service's marker file
+(hogwild.worker.persistence), so it survives a worker restart, stays put through a failed checkpoint and
+drops to 0 with a successful one. A skipped step (loss or gradient not finite) changes no weight and sets
+nothing.
 """
 
 from __future__ import annotations
@@ -60,8 +64,9 @@ class WorkerMetrics:
             "Configured seconds between interval checkpoints (0: interval checkpoints off)",
         )
         # Set by the service with set_function: it reads the marker that survives worker restarts.
-        self.trained_since_checkpoint = gauge(
-            "trained_since_checkpoint", "1 while the served weights hold applied steps that no checkpoint has"
+        self.unsaved_since_timestamp = gauge(
+            "unsaved_since_timestamp",
+            "Unix time of the first applied step that no checkpoint has (0: a checkpoint holds every step)",
         )
         self.connected = gauge("connected", "1 while the served weights are mapped")
         self.paused = gauge("paused", "1 while training is paused")

@@ -4,14 +4,18 @@
 weights under HF names, the trainer's state, where the weights came from) and what comes back out. Callers
 hold the trainer's lock, so no step changes the weights halfway through.
 
-"Trained since the last checkpoint" is a marker file in the run dir named after the exporter's nonce: it
-survives a worker restart (the run dir outlives the container) but not a vLLM restart (vLLM then serves the
-newest checkpoint, so nothing is unsaved). A restarted worker thus knows whether vLLM's weights hold training
-that no checkpoint has, and the SIGTERM checkpoint is skipped when nothing would be lost.
+"Unsaved since" is a marker file in the run dir named after the exporter's nonce, holding the wall time of
+the first applied step that no checkpoint has: it survives a worker restart (the run dir outlives the
+container) but not a vLLM restart (vLLM then serves a checkpoint or the base model: nothing it serves is
+unsaved). A restarted worker thus knows whether, and since when, vLLM's weights hold training that no
+checkpoint has, and the SIGTERM checkpoint is skipped when nothing would be lost. A successful checkpoint
+removes the file; a failed one leaves it, time and all; a skipped step (loss or gradient not finite)
+changes neither the weights nor the optimizer state, so it does not create it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,20 +81,37 @@ def resume_point(
     return next((c for c in checkpoints if str(c.path) == model_path), None)
 
 
-class TrainedMarker:
-    """Whether the served weights (of one exporter) hold training that no checkpoint has."""
+class UnsavedMarker:
+    """Since when the served weights (of one exporter) hold training that no checkpoint has.
+
+    The file's content is the Unix time of the first unsaved change. An empty or unreadable one (a crash
+    mid-write, or a marker from a worker that wrote no time) falls back to the file's mtime: it was created
+    at that change too."""
 
     def __init__(self, run_dir: Path, nonce: str) -> None:
         self.path = run_dir / f".hogwild-trained-{nonce}"
 
-    @property
-    def set(self) -> bool:
-        return self.path.exists()
+    def since(self) -> float | None:
+        """The time of the first unsaved change, or None when everything is saved."""
+        try:
+            text = self.path.read_text().strip()
+            return float(text) if text else self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            try:
+                return self.path.stat().st_mtime
+            except OSError:
+                return None
 
-    def update(self, trained: bool) -> None:
-        if trained == self.path.exists():
+    def mark(self, when: float) -> None:
+        """A change no checkpoint has, made at `when`: recorded unless an earlier one already is."""
+        if self.path.exists():
             return
-        if trained:
-            self.path.touch()
-        else:
-            self.path.unlink(missing_ok=True)
+        tmp = self.path.with_name(f".tmp{self.path.name}")
+        tmp.write_text(f"{when!r}\n")
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        """A checkpoint now holds everything the served weights hold."""
+        self.path.unlink(missing_ok=True)

@@ -5,7 +5,8 @@ configure) answer at once; train runs on its own thread and checkpoint/restore o
 answering while they run. Each job replies through `done` when it finishes. One train at a time (a second
 gets `busy`), and one checkpoint or restore at a time.
 
-What "trained since the last checkpoint" means, and what a checkpoint holds: hogwild.worker.persistence.
+What "unsaved since" means (the marker behind trained_since_checkpoint, the SIGTERM checkpoint and the
+hogwild_worker_unsaved_since_timestamp gauge), and what a checkpoint holds: hogwild.worker.persistence.
 Mapping the served weights (and following vLLM's restarts): hogwild.worker.watcher.
 """
 
@@ -72,6 +73,11 @@ class WorkerService:
         self._maintenance_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._training = self._writing = False
+        # The (exporter nonce, step) the newest checkpoint of these weights holds, and a lock that keeps the
+        # marker's check and change in one piece: a checkpoint waiting for the trainer's lock runs right
+        # after a step, before that step's on_step callback, and must not be undone by it.
+        self._saved: tuple[str, int] | None = None
+        self._unsaved_lock = threading.Lock()
         removed = checkpoint.sweep_temporary(settings.checkpoint_dir)
         if removed:
             log.info(
@@ -84,7 +90,7 @@ class WorkerService:
         if newest is not None:
             metrics.set_last_checkpoint(newest.time)
         metrics.observe_config(config)
-        metrics.trained_since_checkpoint.set_function(lambda: float(self.trained_since_checkpoint))
+        metrics.unsaved_since_timestamp.set_function(lambda: self.unsaved_since or 0.0)
         # Model code imports take seconds: do them now, while vLLM loads, not after it exports its weights.
         threading.Thread(target=prewarm_imports, name="prewarm-imports", daemon=True).start()
 
@@ -245,7 +251,7 @@ class WorkerService:
                     "not_connected", "the served weights are not mapped; nothing to checkpoint"
                 )
             written = persistence.save(self.settings.checkpoint_dir, self.trainer, mapped, reason)
-            self._set_trained(False)
+            self._saved_now(mapped)
         removed = checkpoint.prune(self.settings.checkpoint_dir, self.trainer.config.checkpoint_keep)
         self.last_checkpoint = written.checkpoint
         self._last_checkpoint_mono = time.monotonic()
@@ -288,8 +294,12 @@ class WorkerService:
             except checkpoint.CheckpointError as err:
                 raise ProtocolError("invalid", str(err)) from None
             newest = checkpoint.newest_complete(self.settings.checkpoint_dir)
-            # Rolled back to an older checkpoint: persist the rollback with the next checkpoint.
-            self._set_trained(newest is None or newest.path != found.path or not request.weights)
+            if newest is None or newest.path != found.path or not request.weights:
+                # Rolled back to an older checkpoint: persist the rollback with the next checkpoint. Unsaved
+                # since now, or since earlier if steps were already unsaved (the earlier time is kept).
+                self._unsaved_at(mapped, time.time())
+            else:
+                self._saved_now(mapped)
         reply = {
             "step": self.trainer.counters.step,
             "path": str(found.path),
@@ -299,27 +309,44 @@ class WorkerService:
         log.info("restored", extra={"event": "restored", **reply})
         return reply
 
-    # ---- trained-since-checkpoint marker ------------------------------------------------------------------
-    def _marker(self) -> persistence.TrainedMarker | None:
-        if self.mapped is None:
-            return None
-        return persistence.TrainedMarker(self.settings.run_dir, self.mapped.manifest.exporter.nonce)
+    # ---- the unsaved-since marker -------------------------------------------------------------------------
+    def _marker(self, mapped: MappedModel) -> persistence.UnsavedMarker:
+        return persistence.UnsavedMarker(self.settings.run_dir, mapped.manifest.exporter.nonce)
+
+    @property
+    def unsaved_since(self) -> float | None:
+        """Wall time of the first change to the served weights that no checkpoint has; None: all saved."""
+        mapped = self.mapped
+        return self._marker(mapped).since() if mapped is not None else None
 
     @property
     def trained_since_checkpoint(self) -> bool:
-        marker = self._marker()
-        return marker is not None and marker.set
+        return self.unsaved_since is not None
 
-    def _set_trained(self, trained: bool) -> None:
-        marker = self._marker()
-        if marker is not None:
-            marker.update(trained)
+    def _saved_now(self, mapped: MappedModel) -> None:
+        """Under the trainer's lock: a checkpoint (or a restore of the newest one) holds the served weights."""
+        with self._unsaved_lock:
+            self._saved = (mapped.manifest.exporter.nonce, self.trainer.counters.step)
+            self._marker(mapped).clear()
+
+    def _unsaved_at(self, mapped: MappedModel, when: float) -> None:
+        with self._unsaved_lock:
+            self._saved = None
+            self._marker(mapped).mark(when)
 
     def _on_step(self, stats: StepStats) -> None:
         self.metrics.observe_step(stats)
         self.metrics.optimizer_state_bytes.set(self.trainer.optimizer_state_bytes)
-        if not stats.skipped:
-            self._set_trained(True)
+        if stats.skipped:  # the weights and the optimizer state are what they were: nothing new to save
+            return
+        mapped = self.mapped
+        if mapped is None:
+            return
+        when = time.time()
+        with self._unsaved_lock:
+            if self._saved == (mapped.manifest.exporter.nonce, stats.step):
+                return  # a checkpoint taken right after this step, before this callback, already holds it
+            self._marker(mapped).mark(when)
 
     # ---- the watcher and the interval checkpoint ---------------------------------------------------------
     def tick(self) -> None:
