@@ -97,41 +97,61 @@ def test_alert_says_which_session_and_what_to_do(rule: AlertRule) -> None:
     assert len(rule.annotations["description"]) > 60
 
 
-# ---- HogwildCheckpointTooOld: the threshold is three of the session's own checkpoint intervals ----------------
-CHECKPOINT_CASE_MINUTES = 40  # the alert's `for` (10m) and its 30-minute step window both fit
+# ---- HogwildCheckpointTooOld: training unsaved for longer than three of the session's own intervals ----------
+CASE_MINUTES = 240  # evaluated at 4 h: room for an unsaved age of 3.2 h plus the alert's `for` (10m)
+EVAL_S = CASE_MINUTES * 60
 
 
 @dataclass(frozen=True)
 class CheckpointCase:
     interval_s: int
-    age_s: int  # how old the newest checkpoint is, held for the whole case
+    unsaved_age_s: int | None  # how long the served weights have held unsaved steps; None: nothing unsaved
     fires_after: str | None  # the summary's duration when the alert fires, None when it stays quiet
-    unsaved: bool = True  # trained_since_checkpoint
-    training: bool = True  # steps applied in the last 30 minutes
+    # held: the age is held at unsaved_age_s for the whole case (the gauge moves with the clock), which tests
+    # the threshold alone with `for` met. Not held: the first unsaved step really was applied unsaved_age_s
+    # before the evaluation (the gauge is 0 until then, then constant), `for` included.
+    held: bool = True
 
 
 CHECKPOINT_CASES = [
-    pytest.param(CheckpointCase(60, 160, None), id="1min-interval-2.7x-quiet"),
-    pytest.param(CheckpointCase(60, 200, "3m 20s"), id="1min-interval-3.3x-fires"),
-    pytest.param(CheckpointCase(600, 1700, None), id="10min-interval-2.8x-quiet"),
-    pytest.param(CheckpointCase(600, 1900, "31m 40s"), id="10min-interval-3.2x-fires"),
-    pytest.param(CheckpointCase(3600, 2000, None), id="1h-interval-past-the-old-fixed-30min-quiet"),
-    pytest.param(CheckpointCase(3600, 10000, None), id="1h-interval-2.8x-quiet"),
-    pytest.param(CheckpointCase(3600, 11000, "3h 3m 20s"), id="1h-interval-3.1x-fires"),
-    pytest.param(CheckpointCase(0, 100_000, None), id="interval-off-never-fires"),
-    pytest.param(CheckpointCase(60, 600, None, unsaved=False), id="old-but-nothing-unsaved-quiet"),
-    pytest.param(CheckpointCase(60, 600, None, training=False), id="old-but-no-recent-steps-quiet"),
+    pytest.param(CheckpointCase(60, 168, None), id="1min-interval-2.8x-quiet"),
+    pytest.param(CheckpointCase(60, 192, "3m 12s"), id="1min-interval-3.2x-fires"),
+    pytest.param(CheckpointCase(600, 1680, None), id="10min-interval-2.8x-quiet"),
+    pytest.param(CheckpointCase(600, 1920, "32m 0s"), id="10min-interval-3.2x-fires"),
+    pytest.param(CheckpointCase(3600, 10080, None), id="1h-interval-2.8x-quiet"),
+    pytest.param(CheckpointCase(3600, 11520, "3h 12m 0s"), id="1h-interval-3.2x-fires"),
+    # A new session (no checkpoint yet) whose first step was 20 minutes ago: what fired falsely when the
+    # rule measured the age of a checkpoint that did not exist (timestamp 0).
+    pytest.param(CheckpointCase(3600, 1200, None, held=False), id="new-session-first-step-20min-ago-quiet"),
+    pytest.param(CheckpointCase(600, 2700, "45m 0s", held=False), id="10min-interval-unsaved-45min-fires"),
+    # Over the threshold (30 min) for only 5 minutes: pending, not firing.
+    pytest.param(CheckpointCase(600, 2100, None, held=False), id="10min-interval-before-for-passes-quiet"),
+    pytest.param(CheckpointCase(60, None, None), id="nothing-unsaved-quiet"),
+    pytest.param(CheckpointCase(0, 7200, None), id="interval-off-unsaved-2h-quiet"),
+    pytest.param(CheckpointCase(0, 1200, None, held=False), id="interval-off-new-session-quiet"),
 ]
 
 
+def unsaved_since_values(case: CheckpointCase) -> str:
+    """hogwild_worker_unsaved_since_timestamp, one sample a minute from 0 to EVAL_S."""
+    n = CASE_MINUTES
+    if case.unsaved_age_s is None:
+        return f"0x{n}"
+    if case.held:  # at time t the gauge is t - age (negative early on: `> 0` drops those samples)
+        return f"{-case.unsaved_age_s}+60x{n}"
+    since = EVAL_S - case.unsaved_age_s
+    assert since % 60 == 0 and 0 < since < EVAL_S, case
+    first = since // 60  # the minute of the first unsaved step
+    return f"0x{first - 1} {since}x{n - first}"
+
+
 def checkpoint_case_file(case: CheckpointCase) -> dict[str, Any]:
-    """A promtool test of one session whose newest checkpoint is always `age_s` old at evaluation."""
-    n = CHECKPOINT_CASE_MINUTES
+    """A promtool test of one session, evaluated at EVAL_S."""
     labels = '{namespace="ml", session="s"}'
     expected: list[dict[str, Any]] = []
     if case.fires_after is not None:
         annotations = {
-            "summary": f"ml/s has not checkpointed for {case.fires_after}",
+            "summary": f"ml/s holds training unsaved for {case.fires_after}",
             "description": RULE_BY_NAME["HogwildCheckpointTooOld"].annotations["description"],
         }
         labels_out = {"severity": "warning", "namespace": "ml", "session": "s"}
@@ -145,28 +165,38 @@ def checkpoint_case_file(case: CheckpointCase) -> dict[str, Any]:
                 "input_series": [
                     {
                         "series": f"hogwild_worker_checkpoint_interval_seconds{labels}",
-                        "values": f"{case.interval_s}x{n}",
+                        "values": f"{case.interval_s}x{CASE_MINUTES}",
                     },
-                    # The timestamp moves with the clock (samples every 60 s), so the age stays age_s.
+                    {
+                        "series": f"hogwild_worker_unsaved_since_timestamp{labels}",
+                        "values": unsaved_since_values(case),
+                    },
+                    # No checkpoint ever written: the rule must not care.
                     {
                         "series": f"hogwild_worker_last_checkpoint_timestamp{labels}",
-                        "values": f"{-case.age_s}+60x{n}",
-                    },
-                    {
-                        "series": f"hogwild_worker_trained_since_checkpoint{labels}",
-                        "values": f"{int(case.unsaved)}x{n}",
-                    },
-                    {
-                        "series": f"hogwild_worker_steps_total{labels}",
-                        "values": f"0+1x{n}" if case.training else f"5x{n}",
+                        "values": f"0x{CASE_MINUTES}",
                     },
                 ],
                 "alert_rule_test": [
-                    {"eval_time": f"{n}m", "alertname": "HogwildCheckpointTooOld", "exp_alerts": expected}
+                    {
+                        "eval_time": f"{CASE_MINUTES}m",
+                        "alertname": "HogwildCheckpointTooOld",
+                        "exp_alerts": expected,
+                    }
                 ],
             }
         ],
     }
+
+
+def test_the_held_series_really_hold_the_age() -> None:
+    """Guards the table: the last sample of a held series is EVAL_S - age, a delayed one starts on time."""
+    held = unsaved_since_values(CheckpointCase(600, 1920, None)).split("+")
+    assert int(held[0]) + 60 * CASE_MINUTES == EVAL_S - 1920
+    delayed = unsaved_since_values(CheckpointCase(3600, 1200, None, held=False)).split()
+    zeros, value = (int(x) for x in delayed[0].split("x")), delayed[1].split("x")
+    assert sum(zeros) + 1 == (EVAL_S - 1200) // 60  # 0 at minutes 0 .. 219
+    assert int(value[0]) == EVAL_S - 1200 and int(value[1]) == CASE_MINUTES - 220
 
 
 @pytest.mark.parametrize("case", CHECKPOINT_CASES)
