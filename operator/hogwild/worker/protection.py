@@ -21,7 +21,7 @@ training work queued when a serving step arrives:
   thing in preemptible pieces (the trainer's `pieces`), and APOLLO has a point between its buckets.
 
 Measured on an H100 (bench/RESULTS.md): with all of the above, serving p99 under a half-capacity load rose
-1.06x at 7B and 1.30x at 1.5B, while training kept about half of its idle-server speed. Layer-level points
+1.13-1.14x at 1.5B and 1.19-1.22x at 7B, while training kept 0.46-0.49 of its idle-server speed. Layer-level points
 alone gave about 2x, a 50 % duty cycle 7x, and no protection let the serving queue grow without bound.
 
 Settings come from `hogwild.config.ServingProtection` and apply hot (`ServingGate.update`). With
