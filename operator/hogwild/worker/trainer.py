@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from hogwild.config import TrainingConfig, apply_changes, config_to_dict
+from hogwild.optim import factory
 from hogwild.protocol import ProtocolError, Sample, TrainRequest
 from hogwild.worker import batches, pieces
 from hogwild.worker.batches import Encoded, StepBatch
@@ -37,41 +38,11 @@ STATE_FORMAT = 1
 def build_optimizer(
     named_params: Sequence[tuple[str, torch.Tensor]], config: TrainingConfig
 ) -> torch.optim.Optimizer:
-    """The optimizer `config.optimizer` names (hogwild.optim's factory; torch AdamW if it is not there)."""
-    try:
-        from hogwild.optim import factory
-    except ImportError:
-        factory = None  # type: ignore[assignment]
-    if factory is None:
-        return torch.optim.AdamW(
-            [p for _, p in named_params],
-            lr=config.lr,
-            betas=config.betas,
-            eps=config.eps,
-            weight_decay=config.weight_decay,
-        )
+    """The optimizer `config.optimizer` names, over the model's param groups (hogwild.optim's factory).
+
+    No fallback to torch's AdamW: an import error in hogwild.optim must fail loudly, not train on quietly with
+    another optimizer whose state a checkpoint would then carry."""
     return factory.build_optimizer(factory.param_groups(named_params), config)
-
-
-def apply_hot(optimizer: torch.optim.Optimizer, changes: Mapping[str, Any]) -> None:
-    try:
-        from hogwild.optim import factory
-    except ImportError:
-        for group in optimizer.param_groups:
-            group.update({k: v for k, v in changes.items() if k in {"lr", "betas", "eps", "weight_decay"}})
-        return
-    factory.apply_hot_update(optimizer, changes)
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
-    if optimizer is None:
-        return 0
-    return sum(
-        v.numel() * v.element_size()
-        for state in optimizer.state.values()
-        for v in state.values()
-        if isinstance(v, torch.Tensor)
-    )
 
 
 def duty_cycle_sleep_s(compute_s: float, max_duty_cycle: float) -> float:
@@ -218,7 +189,7 @@ class Trainer:
                 extra={"event": "optimizer_reset", "optimizer": self.config.optimizer},
             )
         elif hot:
-            apply_hot(self.optimizer, hot)
+            factory.apply_hot_update(self.optimizer, hot)
 
     # ---- one step ---------------------------------------------------------------------------------------
     def encode(self, samples: Sequence[Sample]) -> list[Encoded]:
@@ -414,4 +385,4 @@ class Trainer:
 
     @property
     def optimizer_state_bytes(self) -> int:
-        return optimizer_state_bytes(self.optimizer)
+        return 0 if self.optimizer is None else factory.state_bytes(self.optimizer)
