@@ -32,7 +32,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,44 +48,14 @@ from gpu_common import (
     cuda_times_ms,
     device_info,
     load_results,
+    log,
     matmul_peak_tflops,
     median,
     merge_results,
-    now_s,
 )
+from gpu_interference import default_figures, keep_earlier, part_interference
 
 TRAIN_TOKENS_PER_STEP = 16384
-# (name, protection settings, micro-batch, sequence length, accumulation). Every row trains 16,384 tokens a
-# step; "granularity: step" waits only before a whole step (Trainer's own yield), "layer" at every layer.
-_YIELD = {"yield_when_busy": True}
-_OFF = {"yield_when_busy": False}  # explicit: the config's default is on
-_FINE = {**_YIELD, "granularity": "linear", "tail": True, "chunked_head": True}
-CANDIDATES: list[tuple[str, dict[str, Any], int, int, int]] = [
-    ("off", _OFF, 2, 2048, 4),
-    ("duty-0.5", {**_OFF, "max_duty_cycle": 0.5}, 2, 2048, 4),
-    ("duty-0.25", {**_OFF, "max_duty_cycle": 0.25}, 2, 2048, 4),
-    ("yield-step", {**_YIELD, "granularity": "step"}, 2, 2048, 4),
-    ("yield-layer-4k", _YIELD, 2, 2048, 4),
-    ("yield-layer-2k", _YIELD, 1, 2048, 8),
-    ("yield-layer-1k", _YIELD, 1, 1024, 16),
-    ("yield-linear-4k", {**_YIELD, "granularity": "linear"}, 2, 2048, 4),
-    ("yield-linear-4k-tail", {**_YIELD, "granularity": "linear", "tail": True}, 2, 2048, 4),
-    ("yield-linear-2k-tail", {**_YIELD, "granularity": "linear", "tail": True}, 1, 2048, 8),
-    ("yield-layer-1k-tail", {**_YIELD, "tail": True}, 1, 1024, 16),
-    ("yield-fine-4k-noembed", {**_FINE, "embed_point": False}, 2, 2048, 4),
-    ("yield-fine-4k-depth1", {**_FINE, "depth": 1}, 2, 2048, 4),
-    ("yield-fine-4k", _FINE, 2, 2048, 4),
-    ("yield-fine-2k", _FINE, 1, 2048, 8),
-    ("yield-fine-1k", _FINE, 1, 1024, 16),
-    # The worker as shipped: its own preemptible pieces, settings from hogwild.config's defaults.
-    ("worker-default", {"native": True}, 2, 2048, 4),
-    ("worker-yield", {"native": True, "yield_when_busy": True}, 2, 2048, 4),
-    ("worker-off", {**_OFF, "native": True}, 2, 2048, 4),
-    # More chunks in flight: fewer pipeline stalls at points (idle-server speed), more queued at an arrival.
-    ("worker-depth3", {"native": True, "depth": 3}, 2, 2048, 4),
-    ("worker-depth4", {"native": True, "depth": 4}, 2, 2048, 4),
-]
-DEFAULT_CANDIDATE = "worker-default"
 
 
 class Context:
@@ -118,10 +88,6 @@ class Context:
         self.mapped = None
         if self.server is not None:
             self.server.close()
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def sync() -> None:
@@ -334,186 +300,6 @@ def part_train(ctx: Context) -> dict[str, Any]:
         figures["mfu"] = 6 * n_params * best[0] / (peak * 1e12)
         figures["train_variant"] = best[1]
         figures["train_tokens_per_s_eager"] = (figures.get("train_eager") or {}).get("tokens_per_s")
-    return figures
-
-
-# ---- interference ----------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def mps_daemon(root: Path) -> Iterator[Path]:
-    """The worker's own user-space MPS daemon (`hogwild.mps_daemon`, private pipe and log dirs under `root`),
-    for this process's children: they inherit the dirs, so they become its clients. Yields the log dir."""
-    from hogwild import mps
-    from hogwild.mps_daemon import MpsDaemon
-
-    dirs = mps.MpsDirs.under(root)
-    daemon = MpsDaemon.start(dirs)
-    os.environ.update(mps.daemon_env(dirs))
-    log(f"MPS control daemon started ({daemon.binary}, pipe {dirs.pipe})")
-    try:
-        yield Path(dirs.log)
-    finally:
-        daemon.stop()
-        for name in mps.daemon_env(dirs):
-            os.environ.pop(name, None)
-        log("MPS control daemon told to quit")
-
-
-def part_interference(ctx: Context) -> dict[str, Any]:
-    """The trade-off curve; with `--mps PCT`, both processes are MPS clients and the trainer gets PCT % of
-    the SMs, and the figures go under `interference_mps[PCT]` instead of the main keys."""
-    if not ctx.args.mps:
-        return interference(ctx)
-    from hogwild import mps
-
-    with mps_daemon(Path(tempfile.mkdtemp(prefix="hogwild-mps-"))) as mps_log:
-        try:
-            figures = interference(ctx, {mps.ENV_THREAD_PERCENTAGE: str(mps.check_share(ctx.args.mps))})
-        finally:
-            ctx.close()  # the server is an MPS client: it goes before the daemon
-            ctx.server = None
-            for path in sorted(mps_log.glob("*.log")):
-                (ctx.out / f"mps-{path.name}").write_text(path.read_text(errors="replace")[-20000:])
-    return {"interference_mps": {str(ctx.args.mps): figures}}
-
-
-def interference(ctx: Context, trainer_env: dict[str, str] | None = None) -> dict[str, Any]:
-    args = ctx.args
-    server = ctx.start_server()
-    trainer = Child(
-        [str(Path(__file__).parent / "gpu_trainer.py"), "--run-dir", str(ctx.run_dir)],
-        ctx.out / "trainer.log",
-        env=trainer_env,
-    )
-    log(f"trainer ready: {trainer.ready}")
-    window_s, idle_s = args.window_s, args.idle_s
-    small = ctx.shape == "tiny"
-    try:
-        figures: dict[str, Any] = {}
-        capacity = server.call("load", mode="saturate", seconds=window_s)
-        log(f"serving alone, saturated: {capacity}")
-        name, protection, micro, seq, accumulation = CANDIDATES[0]
-        trainer.call(
-            "start",
-            micro_batch=1 if small else micro,
-            seq=64 if small else seq,
-            accumulation=accumulation,
-            protection=protection,
-        )
-        saturated = server.call("load", mode="saturate", seconds=window_s)
-        rate = trainer.call("rate", begin=saturated["begin"], end=saturated["end"])
-        trainer.call("stop")
-        log(f"serving saturated beside full-speed training: {saturated}; training {rate}")
-        half = capacity["steps_per_s"] / 2
-        alone = server.call("load", mode=args.arrivals, rate=half, seconds=window_s)
-        log(f"serving alone at half capacity ({half:.1f} steps/s): {alone}")
-        figures.update({
-            "serve_tokens_per_s_alone": capacity["tokens_per_s"],
-            "serve_tokens_per_s_training": saturated["tokens_per_s"],
-            "serve_p50_ms_saturated_alone": capacity["p50_ms"],
-            "serve_p99_ms_saturated_alone": capacity["p99_ms"],
-            "serve_p50_ms_saturated_training": saturated["p50_ms"],
-            "serve_p99_ms_saturated_training": saturated["p99_ms"],
-            "train_tokens_per_s_beside_saturated_server": rate["tokens_per_s"],
-            "serve_half_load_steps_per_s": half,
-            "serve_step_tokens": server.ready["step_tokens"],
-            "serve_cuda_graph": server.ready.get("cuda_graph"),
-            "serve_arrivals": args.arrivals,
-            "serve_p50_ms_alone": alone["p50_ms"],
-            "serve_p99_ms_alone": alone["p99_ms"],
-        })  # fmt: skip
-        curve = []
-        wanted = args.candidates.split(",") if args.candidates else [c[0] for c in CANDIDATES]
-        for name, protection, micro, seq, accumulation in CANDIDATES:
-            if name not in wanted:
-                continue
-            if small:
-                micro, seq = 1, 64
-            trainer.call(
-                "start", micro_batch=micro, seq=seq, accumulation=accumulation, protection=protection,
-                timeline=args.timeline,
-            )  # fmt: skip
-            begin = now_s()
-            time.sleep(idle_s)
-            idle = trainer.call("rate", begin=begin, end=now_s())
-            loaded = server.call(
-                "load", mode=args.arrivals, rate=half, seconds=window_s, detail=args.timeline
-            )
-            busy = trainer.call("rate", begin=loaded["begin"], end=loaded["end"])
-            if args.timeline:
-                write_collisions(
-                    ctx, name, loaded, trainer.call("timeline", begin=loaded["begin"] - 1, end=loaded["end"])
-                )
-            stopped = trainer.call("stop")
-            row = {
-                "name": name, "protection": protection, "micro_batch": [micro, seq], "accumulation": accumulation,
-                "serve_p50_ms": loaded["p50_ms"], "serve_p99_ms": loaded["p99_ms"], "serve_max_ms": loaded["max_ms"],
-                "p99_ratio": loaded["p99_ms"] / alone["p99_ms"],
-                "train_tokens_per_s_idle_server": idle["tokens_per_s"], "train_tokens_per_s_loaded_server": busy["tokens_per_s"],
-                "kept_fraction": busy["tokens_per_s"] / idle["tokens_per_s"] if idle["tokens_per_s"] else None,
-                "train_steps_loaded": busy["steps"], "serve_steps": loaded["steps"], "gate": stopped,
-                "serve_p99_ms_alone": alone["p99_ms"], "date": time.strftime("%Y-%m-%d"),
-            }  # fmt: skip
-            log(f"candidate {name}: {json.dumps(row)}")
-            curve.append(row)
-            with open(ctx.out / f"interference-{ctx.shape}.jsonl", "a") as f:  # survives a killed part
-                f.write(json.dumps({"base": figures, "row": row}) + "\n")
-        figures["protection_curve"] = curve
-        figures.update(default_figures(curve, DEFAULT_CANDIDATE))
-        return figures
-    finally:
-        trainer.close()
-
-
-def write_collisions(ctx: Context, name: str, loaded: dict[str, Any], timeline: dict[str, Any]) -> None:
-    """`--timeline`: the slowest requests of a loaded window against the trainer's points, to a file and the log."""
-    from gpu_timeline import collision_report
-
-    requests = loaded.pop("requests", [])
-    report = collision_report(requests, [tuple(p) for p in timeline.get("points", [])])
-    path = ctx.out / f"timeline-{ctx.shape}-{name}.json"
-    path.write_text(
-        json.dumps({"report": report, "requests": requests, "points": timeline.get("points", [])})
-    )
-    log(
-        f"collisions {name}: {report['requests']} requests, {report.get('points')} points, GPU median {report.get('gpu_median_ms')}"
-    )
-    for row in report.get("slow", []):
-        trail = ", ".join(f"{t:+.1f} {label} {held:.1f}" for t, label, held in row["trainer"][:40])
-        log(
-            f"  {row['latency_ms']:.1f} ms: late {row['late_ms']:.1f}, before GPU {row['before_gpu_ms']:.1f}, "
-            f"GPU {row['gpu_ms']:.1f} (+{row['gpu_extra_ms']:.1f}); trainer: {trail}"
-        )
-    log(f"  last point before launch, slowest: {report.get('last_labels_slow')}")
-    log(f"  last point before launch, all: {report.get('last_labels_all')}")
-
-
-def default_figures(curve: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    """The must-show keys at the default protection setting (and the unprotected p99), from the curve."""
-    figures: dict[str, Any] = {}
-    default = next((row for row in curve if row["name"] == name), None)
-    if default is not None:
-        figures.update({
-            "protection_default": name,
-            "serve_p99_ms_training": default["serve_p99_ms"],
-            "train_tokens_per_s_idle_server": default["train_tokens_per_s_idle_server"],
-            "train_tokens_per_s_loaded_server": default["train_tokens_per_s_loaded_server"],
-        })  # fmt: skip
-    off = next((row for row in curve if row["name"] == "off"), None)
-    if off is not None:
-        figures["serve_p99_ms_training_unprotected"] = off["serve_p99_ms"]
-    return figures
-
-
-def keep_earlier(entry: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
-    """A run that measured some candidates replaces those rows of the curve and keeps the others (each row
-    carries its own run's baseline and date); MPS figures merge by SM share."""
-    figures = dict(figures)
-    if "protection_curve" in figures:
-        fresh = {row["name"] for row in figures["protection_curve"]}
-        kept = [row for row in entry.get("protection_curve") or [] if row["name"] not in fresh]
-        figures["protection_curve"] = kept + figures["protection_curve"]
-    if "interference_mps" in figures:
-        figures["interference_mps"] = {**(entry.get("interference_mps") or {}), **figures["interference_mps"]}
     return figures
 
 

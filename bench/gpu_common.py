@@ -342,3 +342,8 @@ def merge_results(path_in: Path, path_out: Path, shape: str, figures: Mapping[st
 def now_s() -> float:
     """A clock every process of the machine shares (CLOCK_MONOTONIC): windows are compared across them."""
     return time.monotonic()
+
+
+def log(message: str) -> None:
+    """A timestamped line on stdout: the device call's output tail is what comes back."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
