@@ -8,17 +8,11 @@ the tile and the reduced one takes several loads and ends in a partial one.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from hogwild.optim import kernels, rounding
-
-ROOT = Path(__file__).resolve().parent.parent
+from triton_helpers import interpreted_results
 
 # (rows, cols, k, dim, keep tile or None for the chosen one). dim 1: row norms, dim 0: column norms.
 CASES = [
@@ -62,17 +56,9 @@ needs_triton = pytest.mark.skipif(rounding.triton is None, reason="needs triton"
 def interpreted() -> dict[int, tuple[float, float, bool, bool]]:
     """case index -> (relative error to float64, relative difference to fp32 vector_norm, zero channel is 0,
     second launch gives the same bits)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "operator")}
-    code = f"CASES = {CASES!r}\n{CHILD}"
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
     out = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT|"):
-            index, rel, rel_eager, zero, same = line.split("|")[1:]
-            out[int(index)] = (float(rel), float(rel_eager), zero == "True", same == "True")
+    for index, rel, rel_eager, zero, same in interpreted_results(f"CASES = {CASES!r}\n{CHILD}"):
+        out[int(index)] = (float(rel), float(rel_eager), zero == "True", same == "True")
     return out
 
 
@@ -135,20 +121,6 @@ for k, m, n, rank in ((3, 40, 300, 4), (2, 300, 40, 4)):
 
 @needs_triton
 def test_scaling_factors_of_a_gradient_list_through_the_kernel_match_the_stacked_ones() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "operator")}
-    done = subprocess.run(
-        [sys.executable, "-c", SCALING_CHILD],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    rels = {
-        line.split("|")[1]: float(line.split("|")[2])
-        for line in done.stdout.splitlines()
-        if "RESULT|" in line
-    }
+    rels = {shape: float(rel) for shape, rel in interpreted_results(SCALING_CHILD)}
     assert set(rels) == {"40x300", "300x40"}
     assert all(rel < 1e-5 for rel in rels.values()), rels

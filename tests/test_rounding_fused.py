@@ -9,18 +9,12 @@ difference would be the random bits, i.e. the keys.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from hogwild.optim import rounding
 from hogwild.optim.rounding import apply_updates_, noise_keys
-
-ROOT = Path(__file__).resolve().parent.parent
+from triton_helpers import interpreted_results
 
 CHILD = """
 import itertools, torch
@@ -58,17 +52,11 @@ needs_triton = pytest.mark.skipif(rounding.triton is None, reason="needs triton"
 @pytest.fixture(scope="module")
 def interpreted() -> dict[tuple[str, str, str, str, str], tuple[bool, bool]]:
     """(stacked, derive, coef shape, direction dtype, step shift) -> (weights moved, fused == eager)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "operator")}
-    code = f"COMBOS = {COMBOS!r}\n{CHILD}"
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
     out = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT|"):
-            stacked, derive, coef_shape, direction, shift, moved, same = line.split("|")[1:]
-            out[(stacked, derive, coef_shape, direction, shift)] = (moved == "True", same == "True")
+    for stacked, derive, coef_shape, direction, shift, moved, same in interpreted_results(
+        f"COMBOS = {COMBOS!r}\n{CHILD}"
+    ):
+        out[(stacked, derive, coef_shape, direction, shift)] = (moved == "True", same == "True")
     return out
 
 
