@@ -24,7 +24,8 @@ from hogwild.optim.buckets import same_shape_groups
 
 @dataclass
 class Bucket:
-    """Parameters of one shape, dtype, gradient dtype and device (at most buckets.CHUNK), stepped together."""
+    """Parameters of one shape, dtype, gradient dtype and device (see buckets.same_shape_groups for how many),
+    stepped together."""
 
     params: list[Tensor]
     states: list[dict[str, Any]]
