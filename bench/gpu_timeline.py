@@ -72,10 +72,21 @@ class PointRecorder:
                 return f"bwd{tuple(local['_grad'].shape)}"
             if local.get("same_shape"):  # APOLLO's point before a bucket
                 return f"optim{tuple(local['same_shape'][0].shape)}x{len(local['same_shape'])}"
-            if frame.f_code.co_name not in ("point", "_point", "__call__"):
+            if frame.f_code.co_name not in (
+                "point",
+                "_point",
+                "__call__",
+                "in_pieces",
+                "<listcomp>",
+                "<genexpr>",
+            ):
                 return frame.f_code.co_name
             frame = frame.f_back
         return "?"
+
+    def clear(self) -> None:
+        with self._lock:
+            self.records = []
 
     def take(self, begin: float, end: float) -> list[Point]:
         with self._lock:

@@ -207,7 +207,7 @@ class TrainLoop:
     ) -> dict[str, Any]:
         self.stop()
         self._protection(protection)
-        self.point.take(0.0, 0.0)
+        self.point.clear()
         self.point.recording = timeline
         batch = token_batch(micro_batch, seq, accumulation, self.vocab, self.device)
         self.completions = []

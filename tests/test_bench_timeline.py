@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from gpu_timeline import PointRecorder, collision_report
-from hogwild.worker.protection import install_preemption_points
+from hogwild.worker.protection import in_pieces, install_preemption_points
 
 # (arrival, launched, done, gpu_ms): three ordinary requests and one that waited 5 ms for the GPU.
 REQUESTS = [
@@ -67,6 +67,9 @@ def test_empty_window() -> None:
     assert collision_report([], POINTS) == {"requests": 0}
 
 
+FUNCTION = "test_recorder_labels_module_hooks_and_callers"
+
+
 def test_recorder_labels_module_hooks_and_callers() -> None:
     """Forward hooks are named by module, backward hooks by gradient shape, direct calls by their caller."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
@@ -82,10 +85,12 @@ def test_recorder_labels_module_hooks_and_callers() -> None:
             recorder()
 
         clip_piece()
+        for _ in in_pieces([1, 2, 3], 2, recorder):  # a piece helper's point is named by its consumer
+            pass
     finally:
         remove()
     labels = [label for _, _, label in recorder.take(0.0, 1e9)]
-    assert labels == ["fwd:0", "fwd:1", "bwd(5, 2)", "bwd(5, 3)", "clip_piece"]
+    assert labels == ["fwd:0", "fwd:1", "bwd(5, 2)", "bwd(5, 3)", "clip_piece", *2 * [FUNCTION]]
     assert len(calls) == len(labels)
     assert recorder.take(0.0, 1e9) == []
 

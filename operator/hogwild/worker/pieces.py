@@ -93,28 +93,18 @@ class UpdateNormSample:
         self.stride = max(1, math.ceil(sum(p.numel() for p in flat) / UPDATE_NORM_SAMPLE_ELEMENTS))
         self.samples = [p[:: self.stride] for p in flat]  # views: they see the step's in-place writes
         self.point = point
-        self.before: list[torch.Tensor] = []
-        for chunk in self._chunks(self.samples):
-            self.before.extend(sample.float() for sample in chunk)
+        self.before = [sample.float() for piece in self._pieces(self.samples) for sample in piece]
 
-    def _chunks(self, items: Sequence[torch.Tensor]) -> Iterator[Sequence[torch.Tensor]]:
-        """`items` in pieces, a point before each (lazily: the point runs when the piece is about to start)."""
-        size = CLIP_CHUNK if self.point is not None else max(1, len(items))
-        for start in range(0, len(items), size):
-            if self.point is not None:
-                self.point()
-            yield items[start : start + size]
+    def _pieces(self, items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+        return protection.in_pieces(items, CLIP_CHUNK, self.point)
 
     def norm(self) -> float:
         """The change since the sample was taken, scaled up to all elements (one device sync)."""
-        squares = []
-        start = 0
-        for chunk in self._chunks(self.samples):
-            before = self.before[start : start + len(chunk)]
-            start += len(chunk)
+        squares = [
             # bf16 minus fp32 promotes to fp32: one kernel for the difference, one for its norm.
-            norms = [torch.linalg.vector_norm(now - was) for now, was in zip(chunk, before, strict=True)]
-            squares.append(torch.stack(norms).square().sum())
+            torch.stack([torch.linalg.vector_norm(now - was) for now, was in piece]).square().sum()
+            for piece in self._pieces(list(zip(self.samples, self.before, strict=True)))
+        ]
         if not squares:
             return 0.0
         return math.sqrt(float(torch.stack(squares).sum()) * self.stride)

@@ -12,17 +12,18 @@ training work queued when a serving step arrives:
   the backward of the input embedding, every decoder layer, every projection inside it, and the output head,
   so training work is cut into chunks of about a millisecond. At each point the trainer first waits until at
   most ~QUEUE_BUDGET_S of its work is left queued on the GPU (`ChunkQueue`), then, while the server reports
-  requests in flight, it launches nothing, up to `max_wait_s` per point. A server that is
-  never idle (continuous batching under steady traffic) would then slow training to a trickle, so the gate
+  requests in flight, it launches nothing, up to `max_wait_s` per point. A server that is never idle
+  (continuous batching under steady traffic) would then slow training to a trickle, so the gate
   also keeps `min_training_share` of wall time for training: it stops waiting while the trailing fraction of
   time spent waiting (over ~`SHARE_WINDOW_S`) is above 1 - min_training_share.
-- Two pieces of a training step are long and outside any module: the output head with the loss over the
-  whole vocabulary, and the gradient clip. `chunked_head_backward` and `preemptible_clip` compute the same
-  thing in preemptible pieces (the trainer's `pieces`), and APOLLO has a point between its buckets.
+- Some pieces of a training step are long and outside any module: the output head with the loss over the
+  whole vocabulary, the gradient clip, and the update norm's weight sample. `chunked_head_backward`,
+  `preemptible_clip` and `pieces.UpdateNormSample` compute the same things in preemptible pieces (`in_pieces`),
+  and APOLLO has a point between its buckets.
 
 Measured on an H100 (bench/RESULTS.md): with all of the above, serving p99 under a half-capacity load rose
-1.13-1.14x at 1.5B and 1.19-1.22x at 7B, while training kept 0.46-0.49 of its idle-server speed. Layer-level points
-alone gave about 2x, a 50 % duty cycle 7x, and no protection let the serving queue grow without bound.
+1.13-1.14x at 1.5B and 1.19-1.22x at 7B, while training kept 0.46-0.49 of its idle-server speed. Layer-level
+points alone gave about 2x, a 50 % duty cycle 7x, and no protection let the serving queue grow without bound.
 
 Settings come from `hogwild.config.ServingProtection` and apply hot (`ServingGate.update`). With
 `yield_when_busy` off, a point costs one Python call and does nothing.
@@ -34,9 +35,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -44,6 +45,7 @@ from hogwild.config import ServingProtection
 from hogwild.worker.serving_load import LoadProbe
 
 log = logging.getLogger("hogwild.worker")
+T = TypeVar("T")
 
 POLL_S = 0.0002
 # GPU time of training work the gate lets be queued at a point (ChunkQueue): what a serving step that
@@ -272,6 +274,18 @@ def install_preemption_points(
     return remove
 
 
+def in_pieces(items: Sequence[T], size: int, point: Callable[[], None] | None) -> Iterator[Sequence[T]]:
+    """`items` in slices of `size`, `point` called before each one is handed out (lazily, so the point runs
+    just before that piece's work is launched); with no point, all of `items` as one piece."""
+    if point is None:
+        if items:
+            yield items
+        return
+    for start in range(0, len(items), size):
+        point()
+        yield items[start : start + size]
+
+
 def preemptible_clip(
     params: Iterable[torch.Tensor], max_norm: float, point: Callable[[], None], chunk: int = 32
 ) -> float:
@@ -282,16 +296,14 @@ def preemptible_clip(
     if not grads:
         return 0.0
     squares = []
-    for start in range(0, len(grads), chunk):
-        point()
-        norms = torch._foreach_norm(grads[start : start + chunk], 2.0)
+    for piece in in_pieces(grads, chunk, point):
+        norms = torch._foreach_norm(list(piece), 2.0)
         squares.append(torch.linalg.vector_norm(torch.stack(norms)) ** 2)
     norm = torch.stack(squares).sum().sqrt()
     if max_norm > 0 and torch.isfinite(norm):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for start in range(0, len(grads), chunk):
-            point()
-            torch._foreach_mul_(grads[start : start + chunk], coef)
+        for piece in in_pieces(grads, chunk, point):
+            torch._foreach_mul_(list(piece), coef)
     return float(norm)
 
 
