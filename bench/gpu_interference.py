@@ -54,6 +54,9 @@ CANDIDATES: list[tuple[str, dict[str, Any], int, int, int]] = [
     # More chunks in flight: fewer pipeline stalls at points (idle-server speed), more queued at an arrival.
     ("worker-depth3", {"native": True, "depth": 3}, 2, 2048, 4),
     ("worker-depth4", {"native": True, "depth": 4}, 2, 2048, 4),
+    # Before/after of the split projections (preemptible_linear), and a smaller queue budget on top.
+    ("worker-nosplit", {"native": True, "split_matmuls": False}, 2, 2048, 4),
+    ("worker-budget1ms", {"native": True, "queue_budget_ms": 1.0}, 2, 2048, 4),
 ]
 DEFAULT_CANDIDATE = "worker-default"
 

@@ -135,7 +135,7 @@ class TrainLoop:
         self.gate = ServingGate(HintFileProbe(Path(args.run_dir) / HINT_NAME))
         # Every point goes through the recorder, which only records while a `start(timeline=True)` runs.
         self.point = PointRecorder(self.gate.point, self.mapped.module, now_s)
-        self.granularity = ("layer", True)
+        self.granularity = ("layer", True, True)
         self.remove_points = install_preemption_points(self.mapped.module, self.point, "layer")
         self.remove_tail: Callable[[], None] | None = None
         self.remove_head: Callable[[], None] | None = None
@@ -154,9 +154,11 @@ class TrainLoop:
         """Bench-only keys: `native` (the worker's own pieces, see below); `granularity` "layer" | "linear" (the gate's preemption points) or "step"
         (Trainer's own yield before a step); `tail` (points inside the clip and the optimizer step);
         `chunked_head` (the output head and the loss in preemptible chunks); `embed_point` (a point before
-        the input embedding, default on); `depth` (chunks allowed in flight; default: the gate's adaptive depth)."""
+        the input embedding, default on); `depth` (chunks allowed in flight; default: the gate's adaptive depth);
+        `queue_budget_ms` (the adaptive depth's budget; default protection.QUEUE_BUDGET_S); `split_matmuls`
+        (projections above preemptible_linear.PIECE_FLOPS in pieces, default on as in the worker)."""
         from hogwild.config import ServingProtection, validate_changes
-        from hogwild.worker.protection import install_preemption_points
+        from hogwild.worker.protection import QUEUE_BUDGET_S, install_preemption_points
 
         values = dict(protection or {})
         native = bool(values.pop("native", False))
@@ -166,6 +168,9 @@ class TrainLoop:
         embeddings = bool(values.pop("embed_point", True))
         depth = values.pop("depth", None)  # chunks in flight; default: the gate's own (ChunkQueue)
         self.gate.queue.fixed_depth = None if depth is None else int(depth)
+        budget_ms = values.pop("queue_budget_ms", None)
+        self.gate.queue.budget_s = QUEUE_BUDGET_S if budget_ms is None else float(budget_ms) / 1e3
+        split = bool(values.pop("split_matmuls", True))
         settings = validate_changes({"protection": values})["protection"]
         self.trainer.configure({"protection": values})
         # `native`: the worker's own path, as `hogwild.worker.service` wires it: the gate's point is the
@@ -178,12 +183,12 @@ class TrainLoop:
         else:
             self.trainer.serving_busy = None
             self.gate.update(settings)
-            if (granularity, embeddings) != self.granularity:
+            if (granularity, embeddings, split) != self.granularity:
                 self.remove_points()
                 self.remove_points = install_preemption_points(
-                    self.mapped.module, self.point, granularity, embeddings
+                    self.mapped.module, self.point, granularity, embeddings, split
                 )
-                self.granularity = (granularity, embeddings)
+                self.granularity = (granularity, embeddings, split)
         if self.remove_tail is not None:
             self.remove_tail()
             self.remove_tail = None
