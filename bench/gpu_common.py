@@ -231,8 +231,14 @@ def serve_commands(handlers: Mapping[str, Callable[..., dict[str, Any]]], ready:
 
 
 # ---- timing ------------------------------------------------------------------------------------------------
-def cuda_times_ms(fn: Callable[[], Any], *, reps: int, warmup: int = 2) -> list[float]:
-    """Each call of `fn` timed with CUDA events (after `warmup` untimed calls); a host clock on CPU."""
+def cuda_times_ms(
+    fn: Callable[[], Any], *, reps: int, warmup: int = 2, host_ms: list[float] | None = None
+) -> list[float]:
+    """Each call of `fn` timed with CUDA events (after `warmup` untimed calls); a host clock on CPU.
+
+    `host_ms`, when given, receives each call's host time (until `fn` returns, no sync): a call whose host
+    time is close to its CUDA time is launch-bound, not GPU-bound.
+    """
     for _ in range(warmup):
         fn()
     cuda = torch.cuda.is_available()
@@ -247,7 +253,10 @@ def cuda_times_ms(fn: Callable[[], Any], *, reps: int, warmup: int = 2) -> list[
             continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        launched = time.perf_counter()
         fn()
+        if host_ms is not None:
+            host_ms.append(1e3 * (time.perf_counter() - launched))
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
