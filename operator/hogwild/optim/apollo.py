@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hogwild.optim import plan
+from hogwild.optim import kernels, plan
 from hogwild.optim.buckets import (
     GradBuffer,
     MomentBucket,
@@ -259,11 +259,11 @@ class Apollo(Optimizer):
         if buffer is not None and buffer.holds(params):
             grads = buffer.grads
         steps = [s["step"] for s in states]
-        # Steps 1-2: project each gradient onto its random rank-r space.
-        r = self._project(params, grads, states, group)
-        # Step 3: AdamW moments and the Adam-normalized update, in the projected space.
-        r_tilde = adam_normalized(moments, r, steps, group)
-        coefs = scaling_factors(grads, r, r_tilde, moments, group)
+        # Steps 1-2: project each gradient onto its random rank-r space (and, where one kernel can, take
+        # the channel norms of step 5 in the same pass over the gradients).
+        r, channel_norms = self._project(params, grads, states, group)
+        # Steps 3-6: the moments and the Adam-normalized R~ (one kernel with the ratio on CUDA), the scale.
+        coefs = scaling_factors(grads, r, None, moments, group, channel_norms=channel_norms, steps=steps)
         # Step 7: W <- W (1 - lr wd) - G diag(lr * scale * limiter * s).
         apply_updates_(
             params,
@@ -282,21 +282,30 @@ class Apollo(Optimizer):
         grads: list[Tensor] | Tensor,
         states: list[dict[str, Any]],
         group: dict[str, Any],
-    ) -> Tensor:
-        """R for each gradient, stacked: (k, r, n) when m <= n, else (k, m, r); fp32.
+    ) -> tuple[Tensor, Tensor | None]:
+        """R for each gradient, stacked: (k, r, n) when m <= n, else (k, m, r); fp32. And the gradients'
+        channel norms, (k, 1, n) or (k, m, 1), when they came with it; else None.
 
-        Stacked gradients take one `bmm` with the stacked projections (the same matrices, so the same R).
+        On CUDA, bf16 gradients with channel-wise scaling take `kernels.project_with_norms`: one read of
+        each gradient for both R and the norms (else `scaling_factors` reads it a second time for them). That
+        R is the kernel's fp32 accumulator, whereas a bf16 matmul rounds R to bf16 before `.float()`: more
+        accurate, and so not the same bits as the paths below. Elsewhere, stacked gradients take one `bmm`
+        with the stacked projections (the same matrices, so the same R as one matmul per gradient); the
+        per-gradient path keeps its own matmuls, and on CPU both are bit for bit what they were.
         """
         m, n = grads[0].shape
         wide = m <= n
+        if group["scale_type"] == "channel" and kernels.fusable_projection(grads, group["rank"]):
+            stacked = self._stacked_projection(params, states, group, grads[0].dtype)
+            return kernels.project_with_norms(stacked, grads)
         if isinstance(grads, Tensor):
             stacked = self._stacked_projection(params, states, group, grads.dtype)
-            return (torch.bmm(stacked, grads) if wide else torch.bmm(grads, stacked)).float()
+            return (torch.bmm(stacked, grads) if wide else torch.bmm(grads, stacked)).float(), None
         projected = [
             self._projection(p, s, group, g.dtype) @ g if wide else g @ self._projection(p, s, group, g.dtype)
             for p, g, s in zip(params, grads, states, strict=True)
         ]
-        return torch.stack(projected).float()
+        return torch.stack(projected).float(), None
 
     def _projection(
         self, param: Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hogwild.optim import moments_kernel
 from hogwild.optim.kernels import channel_norms_
 
 CHUNK = 32  # most parameters in one bucket (bounds the transient projected tensors)
@@ -181,17 +182,57 @@ def _norm_ratio(r: Tensor, r_tilde: Tensor, dims: tuple[int, ...]) -> Tensor:
     return ratio.where(has_gradient, 0.0)
 
 
+def _moments_and_ratio(
+    bucket: MomentBucket,
+    r: Tensor,
+    r_tilde: Tensor | None,
+    steps: Sequence[int] | None,
+    group: Mapping[str, Any],
+    dims: tuple[int, ...],
+    channel_norms: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Step 4's ratio ||R~|| / ||R|| along `dims`, after step 3 (the moments of R, with `steps`) when
+    `r_tilde` is None; and, when the fused kernel took `channel_norms`, each member's update norm.
+
+    Fused (`moments_kernel`): one launch for the moments, the ratio and scale * ||ratio * channel norms||
+    where the eager ops were ~12 launches over R-sized tensors, a bucket of a step that is partly host-bound.
+    Taken for channel-wise scaling of fp32 contiguous R and moments on CUDA with Triton. Everywhere else (CPU,
+    no Triton, tensor-wise APOLLO-Mini, other dtypes) `adam_normalized` and `_norm_ratio` run, bit for bit
+    as before; they are also the kernel's reference.
+    """
+    if r_tilde is not None:
+        return _norm_ratio(r, r_tilde, dims), None
+    assert steps is not None, "the moments of R need the members' step counts"
+    exp_avg, exp_avg_sq = bucket.exp_avg, bucket.exp_avg_sq
+    channel_wise = group["scale_type"] == "channel" and len(dims) == 1
+    if channel_wise and moments_kernel.fusable(r, exp_avg, exp_avg_sq, channel_norms, dims[0]):
+        corrections = moments_kernel.bias_corrections(steps, group["betas"], r.device)
+        return moments_kernel.moments_and_ratio_(
+            r, exp_avg, exp_avg_sq, corrections, dim=dims[0], betas=group["betas"], eps=group["eps"],
+            channel_norms=channel_norms, scale=group["scale"],
+        )  # fmt: skip
+    return _norm_ratio(r, adam_normalized(bucket, r, list(steps), group), dims), None
+
+
 def scaling_factors(
     grads: Sequence[Tensor] | Tensor,
     r: Tensor,
-    r_tilde: Tensor,
+    r_tilde: Tensor | None,
     bucket: MomentBucket,
     group: Mapping[str, Any],
+    *,
+    channel_norms: Tensor | None = None,
+    steps: Sequence[int] | None = None,
 ) -> Tensor:
     """Steps 4-6 for a bucket: lr * scale * limiter * s, shaped (k, 1, n), (k, m, 1) or (k, 1, 1).
 
     `grads` is a list of the bucket's gradients, or all of them stacked (k, m, n): then each norm below is
-    one kernel for the bucket instead of one per gradient, with the same result.
+    one kernel for the bucket instead of one per gradient, with the same result. `channel_norms`, (k, 1, n)
+    or (k, m, 1) fp32, are the gradients' channel norms when the projection took them
+    (`kernels.project_with_norms`): then channel-wise scaling does not read the gradients again.
+
+    `r_tilde` None: step 3 is done here too, the moments of R into `bucket` with the members' `steps`; on
+    CUDA that takes one kernel with the ratio (see `_moments_and_ratio`).
     """
     k, scale = r.shape[0], group["scale"]
     m, n = grads[0].shape
@@ -199,17 +240,21 @@ def scaling_factors(
     if group["scale_type"] == "channel":
         # Step 4 (channel-wise): one factor per column (or row) of the larger side.
         dim = 1 if m <= n else 2  # r is (k, rank, n) or (k, m, rank)
-        ratio = _norm_ratio(r, r_tilde, (dim,))
+        ratio, fused_norm = _moments_and_ratio(bucket, r, r_tilde, steps, group, (dim,), channel_norms)
         # ||G diag(s)|| without forming it: sqrt(sum_j s_j^2 ||G[:, j]||^2).
-        if isinstance(grads, Tensor):  # (not `stacked`: mypy narrows on isinstance only)
-            channel_norms = torch.linalg.vector_norm(grads, dim=dim, keepdim=True, dtype=torch.float32)
+        if channel_norms is None:
+            if isinstance(grads, Tensor):  # (not `stacked`: mypy narrows on isinstance only)
+                channel_norms = torch.linalg.vector_norm(grads, dim=dim, keepdim=True, dtype=torch.float32)
+            else:
+                # One kernel for the bucket on CUDA (bf16), else one norm per gradient: separate allocations.
+                channel_norms = channel_norms_(torch.empty_like(ratio), grads, dim - 1)
+        if fused_norm is not None:
+            update_norm = fused_norm  # the kernel took the norms of G with the ratio
         else:
-            # One kernel for the bucket on CUDA (bf16), else one norm per gradient: separate allocations.
-            channel_norms = channel_norms_(torch.empty_like(ratio), grads, dim - 1)
-        update_norm = torch.linalg.vector_norm(ratio * channel_norms, dim=(1, 2)).mul_(scale)
+            update_norm = torch.linalg.vector_norm(ratio * channel_norms, dim=(1, 2)).mul_(scale)
     else:
         # Step 4 (tensor-wise): one factor for the whole weight.
-        ratio = _norm_ratio(r, r_tilde, (1, 2))
+        ratio, _ = _moments_and_ratio(bucket, r, r_tilde, steps, group, (1, 2), None)
         if stacked:
             grad_norms = torch.linalg.vector_norm(grads, dim=(1, 2), dtype=torch.float32)
         else:
