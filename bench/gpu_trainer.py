@@ -132,6 +132,7 @@ class TrainLoop:
         self.mapped = map_model(manifest)
         self.map_s = time.perf_counter() - started
         self.trainer = build_trainer(self.mapped, optimizer=args.optimizer, lr=1e-6, clip_grad_norm=1.0)
+        self.run_dir = args.run_dir
         self.gate = ServingGate(HintFileProbe(Path(args.run_dir) / HINT_NAME))
         # Every point goes through the recorder, which only records while a `start(timeline=True)` runs.
         self.point = PointRecorder(self.gate.point, self.mapped.module, now_s)
@@ -156,7 +157,8 @@ class TrainLoop:
         `chunked_head` (the output head and the loss in preemptible chunks); `embed_point` (a point before
         the input embedding, default on); `depth` (chunks allowed in flight; default: the gate's adaptive depth);
         `queue_budget_ms` (the adaptive depth's budget; default protection.QUEUE_BUDGET_S); `split_matmuls`
-        (projections above preemptible_linear.PIECE_FLOPS in pieces, default on as in the worker)."""
+        (projections above preemptible_linear.PIECE_FLOPS in pieces, default on as in the worker); `device_wait`
+        (points wait in the GPU stream on the hint's gate word, hogwild.worker.device_gate; default off)."""
         from hogwild.config import ServingProtection, validate_changes
         from hogwild.worker.protection import QUEUE_BUDGET_S, install_preemption_points
 
@@ -171,6 +173,7 @@ class TrainLoop:
         budget_ms = values.pop("queue_budget_ms", None)
         self.gate.queue.budget_s = QUEUE_BUDGET_S if budget_ms is None else float(budget_ms) / 1e3
         split = bool(values.pop("split_matmuls", True))
+        self._device_wait(bool(values.pop("device_wait", False)))
         settings = validate_changes({"protection": values})["protection"]
         self.trainer.configure({"protection": values})
         # `native`: the worker's own path, as `hogwild.worker.service` wires it: the gate's point is the
@@ -200,6 +203,19 @@ class TrainLoop:
         if head:
             self.remove_head = chunked_head(self.trainer, self.point)
         self.duty = settings.max_duty_cycle
+
+    def _device_wait(self, wanted: bool) -> None:
+        from hogwild.worker.device_gate import try_device_gate
+        from hogwild.worker.serving_load import HINT_NAME
+
+        if wanted and self.gate.device is None:
+            device = try_device_gate(Path(self.run_dir) / HINT_NAME, self.gate.settings, self.gate.stats)
+            if device is None:
+                raise RuntimeError("device_wait: the GPU-side gate could not start here (see the log)")
+            self.gate.use_device(device)
+        elif not wanted and self.gate.device is not None:
+            self.gate.device.close(torch.cuda.synchronize)
+            self.gate.use_device(None)
 
     def start(
         self,
@@ -276,6 +292,8 @@ class TrainLoop:
             "peak_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
         }
         self.gate.stats = type(stats)()
+        if self.gate.device is not None:
+            self.gate.device.stats = self.gate.stats
         return out
 
 

@@ -38,13 +38,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from hogwild.config import ServingProtection
 from hogwild.worker import preemptible_linear
 from hogwild.worker.serving_load import LoadProbe
+
+if TYPE_CHECKING:  # device_gate imports this module
+    from hogwild.worker.device_gate import DeviceGate
 
 log = logging.getLogger("hogwild.worker")
 T = TypeVar("T")
@@ -136,6 +139,8 @@ class ServingGate:
         self.settings = settings or ServingProtection()
         self.queue = queue or ChunkQueue()
         self.stats = GateStats()
+        # Where set (`use_device`), points wait in the GPU stream instead (hogwild.worker.device_gate).
+        self.device: DeviceGate | None = None
         self._clock, self._sleep = clock, sleep
         # Trailing fraction of wall time spent waiting at points (an exponential average over SHARE_WINDOW_S).
         self.waited_fraction = 0.0
@@ -161,12 +166,23 @@ class ServingGate:
     def update(self, settings: ServingProtection) -> None:
         """Hot change: the next point uses the new settings."""
         self.settings = settings
+        if self.device is not None:
+            self.device.update(settings)
+
+    def use_device(self, device: DeviceGate | None) -> None:
+        """Wait in the GPU stream from the next point on (None: on the host again)."""
+        self.device = device
+        if device is not None:
+            device.update(self.settings)
 
     def busy(self) -> bool:
         return self.probe is not None and self.probe.busy()
 
     def point(self) -> None:
         if not self.settings.yield_when_busy or self.probe is None:
+            return
+        if self.device is not None:
+            self.device.wait_here()
             return
         self.stats.points += 1
         if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -23,8 +23,15 @@ HINT_NAME = "serving-load"
 # Layout of the hint file: magic, version, requests in flight, update counter, wall time of the update.
 _HINT = struct.Struct("<4sIqqd")
 _HINT_MAGIC = b"HWSL"
-_HINT_VERSION = 1
+_HINT_VERSION = 2  # 2: the gate word below; a reader takes 1 too (without it)
+_VERSIONS = (1, 2)
 HINT_BYTES = 64
+# The gate word (4 bytes) that a GPU can wait on (`hogwild.worker.device_gate`): the server writes its first
+# byte (1: no request in flight), the trainer its second (1: train anyway). One writer per byte, so plain
+# byte stores never overwrite the other side's.
+GATE_OFFSET = _HINT.size
+SERVER_IDLE_BYTE = GATE_OFFSET
+TRAINER_OPEN_BYTE = GATE_OFFSET + 1
 # A hint that says "busy" but has not changed for this long comes from a writer that died mid-request.
 HINT_STALE_S = 10.0
 
@@ -47,7 +54,8 @@ class LoadHint:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
-            f.write(_HINT.pack(_HINT_MAGIC, _HINT_VERSION, 0, 0, time.time()).ljust(HINT_BYTES, b"\0"))
+            header = _HINT.pack(_HINT_MAGIC, _HINT_VERSION, 0, 0, time.time())
+            f.write((header + b"\1").ljust(HINT_BYTES, b"\0"))  # idle: no request yet
         os.replace(tmp, self.path)
         self._file = open(self.path, "r+b")  # noqa: SIM115 - kept open for the mapping's lifetime
         self._map = mmap.mmap(self._file.fileno(), HINT_BYTES)
@@ -58,6 +66,7 @@ class LoadHint:
         self.active = active
         self._updates += 1
         self._map[: _HINT.size] = _HINT.pack(_HINT_MAGIC, _HINT_VERSION, active, self._updates, time.time())
+        self._map[SERVER_IDLE_BYTE] = 0 if active > 0 else 1
 
     def close(self) -> None:
         with contextlib.suppress(ValueError, OSError):
@@ -70,7 +79,7 @@ def read_hint(buffer: bytes) -> tuple[int, float] | None:
     if len(buffer) < _HINT.size:
         return None
     magic, version, active, _, updated = _HINT.unpack_from(buffer)
-    if magic != _HINT_MAGIC or version != _HINT_VERSION:
+    if magic != _HINT_MAGIC or version not in _VERSIONS:
         return None
     return int(active), float(updated)
 

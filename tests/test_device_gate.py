@@ -1,0 +1,138 @@
+"""Serving protection in the GPU stream (worker/device_gate.py) and the hint file's gate word it waits on.
+
+The decision and the hint's bytes are pure and run here. The GPU tests run the real driver calls
+(cuMemHostRegister on the hint file's page, cuStreamWaitValue32) on the GPU machine: a kernel enqueued after a
+point must not run while the server's byte says busy, and must run once it says idle or the watchdog opens
+the trainer's byte.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hogwild.config import ServingProtection
+from hogwild.worker import serving_load
+from hogwild.worker.device_gate import Observation, run_anyway
+from hogwild.worker.serving_load import HintFileProbe, LoadHint, read_hint
+
+DEFAULT = ServingProtection()
+
+
+@pytest.mark.parametrize(
+    ("settings", "seen", "reason"),
+    [
+        pytest.param(DEFAULT, Observation(False, False, 0.0, 0.0), None, id="idle-server"),
+        pytest.param(DEFAULT, Observation(True, False, 0.01, 0.5), None, id="busy-server-holds"),
+        pytest.param(
+            ServingProtection(yield_when_busy=False), Observation(True, False, 0.0, 0.0), "off", id="off"
+        ),
+        pytest.param(DEFAULT, Observation(True, True, 0.0, 0.0), "stale", id="dead-writer"),
+        pytest.param(DEFAULT, Observation(True, False, 1.0, 0.0), "max_wait", id="busy-past-max-wait"),
+        pytest.param(DEFAULT, Observation(True, False, 0.1, 0.95), "share", id="share-exhausted"),
+        pytest.param(
+            ServingProtection(min_training_share=0.0),
+            Observation(True, False, 0.1, 0.99),
+            None,
+            id="no-share",
+        ),
+    ],
+)
+def test_when_the_trainer_runs_anyway(
+    settings: ServingProtection, seen: Observation, reason: str | None
+) -> None:
+    assert run_anyway(settings, seen) == reason
+
+
+@pytest.mark.parametrize(("active", "idle_byte"), [(0, 1), (1, 0), (7, 0)])
+def test_the_server_writes_its_idle_byte(tmp_path: Path, active: int, idle_byte: int) -> None:
+    hint = LoadHint(tmp_path / "serving-load")
+    raw = (tmp_path / "serving-load").read_bytes()
+    assert raw[serving_load.SERVER_IDLE_BYTE] == 1  # a fresh hint: nothing in flight
+    hint.set(active)
+    raw = (tmp_path / "serving-load").read_bytes()
+    assert raw[serving_load.SERVER_IDLE_BYTE] == idle_byte
+    assert raw[serving_load.TRAINER_OPEN_BYTE] == 0  # never the server's to write
+    assert read_hint(raw) is not None and read_hint(raw)[0] == active  # type: ignore[index]
+    hint.close()
+
+
+def test_a_version_1_hint_still_reads(tmp_path: Path) -> None:
+    """A server from before the gate word (version 1) still protects through the host gate."""
+    path = tmp_path / "serving-load"
+    header = serving_load._HINT.pack(serving_load._HINT_MAGIC, 1, 2, 1, time.time())
+    path.write_bytes(header.ljust(serving_load.HINT_BYTES, b"\0"))
+    assert HintFileProbe(path).busy() is True
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _hint_dir(tmp_path: Path) -> Path:
+    """/dev/shm where there is one, as the pod's memory-backed run dir."""
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        path = shm / f"hogwild-test-{tmp_path.name}"
+        path.mkdir(exist_ok=True)
+        return path
+    return tmp_path
+
+
+def _finished_within(event: torch.cuda.Event, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if event.query():
+            return True
+        time.sleep(0.002)
+    return event.query()
+
+
+# How the held kernel is let through: the server goes idle, its hint goes stale, or protection is turned off.
+RELEASES = ["server-idle", "stale-hint", "protection-off", "close"]
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("release", RELEASES)
+def test_work_after_a_point_waits_in_the_gpu_while_the_server_is_busy(tmp_path: Path, release: str) -> None:
+    from hogwild.worker.device_gate import DeviceGate
+    from hogwild.worker.protection import GateStats, ServingGate
+
+    directory = _hint_dir(tmp_path)
+    server = LoadHint(directory / serving_load.HINT_NAME)
+    server.set(1)
+    gate = ServingGate(HintFileProbe(directory / serving_load.HINT_NAME), DEFAULT)
+    stale_s = 0.5 if release == "stale-hint" else 60.0
+    device = DeviceGate(
+        directory / serving_load.HINT_NAME,
+        DEFAULT,
+        lambda: int(torch.cuda.current_stream().cuda_stream),
+        GateStats(),
+        stale_s=stale_s,
+    )
+    gate.use_device(device)
+    target = torch.zeros(1 << 20, device="cuda")
+    torch.cuda.synchronize()
+    server.set(1)  # a fresh update: the stale case counts from here
+    gate.point()
+    target.fill_(1.0)
+    done = torch.cuda.Event()
+    done.record()
+    try:
+        assert not _finished_within(done, 0.1), "the kernel ran while the server was busy"
+        if release == "server-idle":
+            server.set(0)
+        elif release == "protection-off":
+            gate.update(ServingProtection(yield_when_busy=False))
+        elif release == "close":
+            device.close(torch.cuda.synchronize)  # opens the trainer's byte first, so this returns
+        assert _finished_within(done, 2.0), f"still held after {release}"
+        assert float(target.sum()) == float(1 << 20)
+        assert device.stats.points == 1
+    finally:
+        if release != "close":
+            device.close(torch.cuda.synchronize)
+        server.close()
