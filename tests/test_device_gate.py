@@ -105,6 +105,8 @@ def test_work_after_a_point_waits_in_the_gpu_while_the_server_is_busy(tmp_path: 
     server = LoadHint(directory / serving_load.HINT_NAME)
     server.set(1)
     gate = ServingGate(HintFileProbe(directory / serving_load.HINT_NAME), DEFAULT)
+    target = torch.zeros(1 << 20, device="cuda")  # also makes this thread's CUDA context current
+    torch.cuda.synchronize()
     stale_s = 0.5 if release == "stale-hint" else 60.0
     device = DeviceGate(
         directory / serving_load.HINT_NAME,
@@ -114,8 +116,6 @@ def test_work_after_a_point_waits_in_the_gpu_while_the_server_is_busy(tmp_path: 
         stale_s=stale_s,
     )
     gate.use_device(device)
-    target = torch.zeros(1 << 20, device="cuda")
-    torch.cuda.synchronize()
     server.set(1)  # a fresh update: the stale case counts from here
     gate.point()
     target.fill_(1.0)

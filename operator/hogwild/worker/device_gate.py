@@ -274,6 +274,7 @@ def try_device_gate(
 
     if not (torch.cuda.is_available() and Path(hint_path).exists()):
         return None
+    torch.cuda.synchronize()  # the driver calls below need this thread's CUDA context current
     try:
         return DeviceGate(hint_path, settings, lambda: int(torch.cuda.current_stream().cuda_stream), stats)
     except (DeviceGateError, OSError, ValueError) as err:
