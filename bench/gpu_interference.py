@@ -57,9 +57,9 @@ CANDIDATES: list[tuple[str, dict[str, Any], int, int, int]] = [
     # Before/after of the split projections (preemptible_linear), and a smaller queue budget on top.
     ("worker-nosplit", {"native": True, "split_matmuls": False}, 2, 2048, 4),
     ("worker-budget1ms", {"native": True, "queue_budget_ms": 1.0}, 2, 2048, 4),
-    # Points that wait in the GPU stream (device_gate) instead of on the host: no host queue bound.
-    ("worker-device", {"native": True, "device_wait": True}, 2, 2048, 4),
-    ("worker-device-nosplit", {"native": True, "device_wait": True, "split_matmuls": False}, 2, 2048, 4),
+    # The worker's points waiting on the host (ChunkQueue), as before the GPU-side wait (device_gate).
+    ("worker-host", {"native": True, "gpu_wait": False}, 2, 2048, 4),
+    ("worker-host-nosplit", {"native": True, "gpu_wait": False, "split_matmuls": False}, 2, 2048, 4),
 ]
 DEFAULT_CANDIDATE = "worker-default"
 

@@ -157,8 +157,9 @@ class TrainLoop:
         `chunked_head` (the output head and the loss in preemptible chunks); `embed_point` (a point before
         the input embedding, default on); `depth` (chunks allowed in flight; default: the gate's adaptive depth);
         `queue_budget_ms` (the adaptive depth's budget; default protection.QUEUE_BUDGET_S); `split_matmuls`
-        (projections above preemptible_linear.PIECE_FLOPS in pieces, default on as in the worker); `device_wait`
-        (points wait in the GPU stream on the hint's gate word, hogwild.worker.device_gate; default off)."""
+        (projections above preemptible_linear.PIECE_FLOPS in pieces, default on as in the worker). A native
+        candidate waits in the GPU stream (hogwild.worker.device_gate) as the worker does, unless its
+        `gpu_wait` setting is off."""
         from hogwild.config import ServingProtection, validate_changes
         from hogwild.worker.protection import QUEUE_BUDGET_S, install_preemption_points
 
@@ -173,8 +174,8 @@ class TrainLoop:
         budget_ms = values.pop("queue_budget_ms", None)
         self.gate.queue.budget_s = QUEUE_BUDGET_S if budget_ms is None else float(budget_ms) / 1e3
         split = bool(values.pop("split_matmuls", True))
-        self._device_wait(bool(values.pop("device_wait", False)))
         settings = validate_changes({"protection": values})["protection"]
+        self._device_wait(native and settings.gpu_wait)
         self.trainer.configure({"protection": values})
         # `native`: the worker's own path, as `hogwild.worker.service` wires it: the gate's point is the
         # trainer's, so with yield_when_busy the head and loss, the clip and the optimizer step run in

@@ -30,6 +30,9 @@ DEFAULT = ServingProtection()
         pytest.param(
             ServingProtection(yield_when_busy=False), Observation(True, False, 0.0, 0.0), "off", id="off"
         ),
+        pytest.param(
+            ServingProtection(gpu_wait=False), Observation(True, False, 0.0, 0.0), "off", id="host-gate"
+        ),
         pytest.param(DEFAULT, Observation(True, True, 0.0, 0.0), "stale", id="dead-writer"),
         pytest.param(DEFAULT, Observation(True, False, 1.0, 0.0), "max_wait", id="busy-past-max-wait"),
         pytest.param(DEFAULT, Observation(True, False, 0.1, 0.95), "share", id="share-exhausted"),
@@ -66,6 +69,89 @@ def test_a_version_1_hint_still_reads(tmp_path: Path) -> None:
     header = serving_load._HINT.pack(serving_load._HINT_MAGIC, 1, 2, 1, time.time())
     path.write_bytes(header.ljust(serving_load.HINT_BYTES, b"\0"))
     assert HintFileProbe(path).busy() is True
+
+
+class FakeDevice:
+    """Stands in for a DeviceGate, whose driver calls need a GPU (those run in the GPU test below): records
+    what the serving gate asks of it."""
+
+    def __init__(self) -> None:
+        self.waits = 0
+        self.settings: list[ServingProtection] = []
+        self.closed = False
+
+    def wait_here(self) -> None:
+        self.waits += 1
+
+    def update(self, settings: ServingProtection) -> None:
+        self.settings.append(settings)
+
+    def close(self, synchronize: object) -> None:
+        self.closed = True
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# (what the factory does on each call, clock advance between points, points, expected: factory calls, GPU
+# waits, host points)
+FACTORY_CASES = [
+    pytest.param(["device"], 0.0, 3, 1, 3, 0, id="starts-once-then-waits-in-the-gpu"),
+    pytest.param([None, "device"], 0.0, 3, 1, 0, 3, id="not-yet-retries-only-after-the-delay"),
+    pytest.param([None, "device"], 11.0, 3, 2, 2, 1, id="not-yet-then-starts"),
+    pytest.param(["error"], 11.0, 3, 1, 0, 3, id="an-error-keeps-the-host-gate-for-good"),
+]
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "advance_s", "points", "calls", "gpu_waits", "host_points"), FACTORY_CASES
+)
+def test_the_gate_starts_its_gpu_wait_when_it_can(
+    outcomes: list[str | None], advance_s: float, points: int, calls: int, gpu_waits: int, host_points: int
+) -> None:
+    from hogwild.worker.device_gate import DeviceGateError
+    from hogwild.worker.protection import ServingGate
+
+    device = FakeDevice()
+    made: list[str | None] = []
+
+    def factory() -> FakeDevice | None:
+        outcome = outcomes[min(len(made), len(outcomes) - 1)]
+        made.append(outcome)
+        if outcome == "error":
+            raise DeviceGateError("no stream memory operations")
+        return device if outcome == "device" else None
+
+    clock = Clock()
+    idle = type("Idle", (), {"busy": lambda self: False})()
+    gate = ServingGate(idle, DEFAULT, clock=clock, device_factory=factory)  # type: ignore[arg-type]
+    for _ in range(points):
+        gate.point()
+        clock.now += advance_s
+    assert len(made) == calls
+    assert device.waits == gpu_waits
+    assert gate.stats.points == host_points
+    gate.close()
+    assert device.closed is bool(gpu_waits)
+
+
+def test_turning_the_gpu_wait_off_hot_goes_back_to_the_host() -> None:
+    from hogwild.worker.protection import ServingGate
+
+    device = FakeDevice()
+    idle = type("Idle", (), {"busy": lambda self: False})()
+    gate = ServingGate(idle, DEFAULT)  # type: ignore[arg-type]
+    gate.use_device(device)  # type: ignore[arg-type]
+    gate.point()
+    gate.update(ServingProtection(gpu_wait=False))
+    gate.point()
+    assert device.waits == 1 and gate.stats.points == 1
+    assert device.settings[-1].gpu_wait is False  # its watchdog opens the trainer's byte: "off"
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -35,27 +35,32 @@ def test_piece_count(
 
 
 @pytest.mark.parametrize(
-    ("rows", "count", "sizes"),
+    ("rows", "count", "align", "sizes"),
     [
-        pytest.param(10, 3, [4, 3, 3], id="near-equal"),
-        pytest.param(9, 3, [3, 3, 3], id="even"),
-        pytest.param(2, 1, [2], id="whole"),
+        pytest.param(10, 3, 1, [4, 4, 2], id="unaligned"),
+        pytest.param(9, 3, 1, [3, 3, 3], id="even"),
+        pytest.param(2, 1, 64, [2], id="whole"),
+        pytest.param(18944, 3, 64, [6336, 6336, 6272], id="7b-gate-weight-gradient"),
+        pytest.param(100, 3, 64, [64, 36], id="fewer-blocks-than-asked"),
     ],
 )
-def test_row_blocks_cover_every_row_once(rows: int, count: int, sizes: list[int]) -> None:
-    blocks = row_blocks(rows, count)
+def test_row_blocks_cover_every_row_once(rows: int, count: int, align: int, sizes: list[int]) -> None:
+    blocks = row_blocks(rows, count, align)
+    assert all(b.start % align == 0 for b in blocks)
     assert [b.stop - b.start for b in blocks] == sizes
     assert blocks[0].start == 0 and blocks[-1].stop == rows
     assert all(a.stop == b.start for a, b in itertools.pairwise(blocks))
 
 
 # (input shape, in, out, bias, input needs grad, weight needs grad, expected points: forward, backward).
-# PIECE_FLOPS is 80, so each of the three matmuls (6 tokens x 5 in x 4 out, 240 FLOPs) is 3 pieces: a point
-# before each piece but the first, and, when the input gradient launched already, before the first weight piece.
+# PIECE_FLOPS is 80 (and blocks start anywhere), so each matmul of 6 tokens x 5 in x 4 out (240 FLOPs) asks for
+# 3 pieces: the forward and the input gradient get 3 blocks of 2 tokens, the weight gradient 2 blocks of 2 of
+# its 4 rows. A point comes before each piece but the first, and before the first weight piece when the input
+# gradient launched already.
 CASES = [
-    ((2, 3, 5), 5, 4, True, True, True, 2, 2 + 3),
-    ((6, 5), 5, 4, False, True, True, 2, 2 + 3),
-    ((6, 5), 5, 4, True, False, True, 2, 2),  # no input gradient: the first weight piece needs no point
+    ((2, 3, 5), 5, 4, True, True, True, 2, 2 + 2),
+    ((6, 5), 5, 4, False, True, True, 2, 2 + 2),
+    ((6, 5), 5, 4, True, False, True, 2, 1),  # no input gradient: the first weight piece needs no point
     ((6, 5), 5, 4, True, True, False, 2, 2),  # frozen weight: only the input gradient's pieces
 ]
 
@@ -76,6 +81,7 @@ def test_pieces_give_the_same_outputs_and_gradients_as_linear(
     backward_points: int,
 ) -> None:
     monkeypatch.setattr(preemptible_linear, "PIECE_FLOPS", 80.0)
+    monkeypatch.setattr(preemptible_linear, "ALIGN_ROWS", 1)
     torch.manual_seed(0)
     layer = torch.nn.Linear(fan_in, fan_out, bias=bias, dtype=torch.float64)
     layer.weight.requires_grad_(weight_grad)
@@ -136,6 +142,7 @@ def test_a_model_with_split_projections_learns_the_same_gradients(
     monkeypatch.setattr(
         preemptible_linear, "PIECE_FLOPS", 2.0 * 8 * 64 * 64
     )  # >= 2 pieces for each projection
+    monkeypatch.setattr(preemptible_linear, "ALIGN_ROWS", 8)
     model = _tiny_lm()
     ids = torch.randint(0, 100, (2, 16))
     model(input_ids=ids).logits.square().mean().backward()

@@ -54,6 +54,7 @@ PROTECTION_FIELDS = {
     "yieldWhenBusy": "yield_when_busy",
     "maxWaitSeconds": "max_wait_s",
     "minTrainingShare": "min_training_share",
+    "gpuWait": "gpu_wait",
 }
 # spec.checkpoint fields that are hyperparameters of the worker (applied hot).
 CHECKPOINT_CONFIG_FIELDS = {"intervalSeconds": "checkpoint_interval_s", "keep": "checkpoint_keep"}

@@ -64,11 +64,13 @@ class Observation:
 def run_anyway(settings: ServingProtection, seen: Observation) -> str | None:
     """Why the trainer's stream should pass its waits now ("off", "stale", "max_wait", "share"), or None.
 
+    "off": protection, or its GPU-side wait, is turned off (hot): waits already enqueued must pass.
+
     The host gate's limits, at the watchdog's resolution: a point waits at most `max_wait_s` (here: a server
     busy that long without a break lets one watchdog period of training through, then the count restarts),
     and training keeps `min_training_share` of the recent wall time.
     """
-    if not settings.yield_when_busy:
+    if not (settings.yield_when_busy and settings.gpu_wait):
         return "off"
     if not seen.busy:
         return None
@@ -124,6 +126,9 @@ class _PinnedHint:
         with open(path, "r+b") as f:
             self.inode = os.fstat(f.fileno()).st_ino
             self.map = mmap.mmap(f.fileno(), serving_load.HINT_BYTES)
+        if serving_load.hint_version(self.map[: serving_load.GATE_OFFSET]) != serving_load.GATE_VERSION:
+            self.map.close()
+            raise DeviceGateError(f"{path} has no gate word (a server from before hint version 2)")
         self.view = (ctypes.c_char * serving_load.HINT_BYTES).from_buffer(self.map)
         self.host = ctypes.addressof(self.view)
         try:
@@ -269,14 +274,14 @@ class DeviceGate:
 def try_device_gate(
     hint_path: str | os.PathLike[str], settings: ServingProtection, stats: GateStats
 ) -> DeviceGate | None:
-    """A DeviceGate on the current CUDA device's streams, or None (logged) where it cannot work here."""
+    """A DeviceGate on the current CUDA device's streams; None while it cannot start yet (no CUDA work on
+    this thread, no hint file); DeviceGateError where it never will (driver, file system, an old writer)."""
     import torch
 
-    if not (torch.cuda.is_available() and Path(hint_path).exists()):
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized() and Path(hint_path).exists()):
         return None
     torch.cuda.synchronize()  # the driver calls below need this thread's CUDA context current
     try:
         return DeviceGate(hint_path, settings, lambda: int(torch.cuda.current_stream().cuda_stream), stats)
-    except (DeviceGateError, OSError, ValueError) as err:
-        log.warning("serving protection stays on the host: %s", err)
-        return None
+    except (OSError, ValueError) as err:
+        raise DeviceGateError(str(err)) from err

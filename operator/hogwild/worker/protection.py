@@ -59,6 +59,8 @@ QUEUE_BUDGET_S = 0.002
 MAX_DEPTH = 4
 # Time constant of the trailing fraction of wall time the gate spends waiting (min_training_share).
 SHARE_WINDOW_S = 5.0
+# How often a gate without its GPU-side wait tries again to set one up (the hint file may not exist yet).
+DEVICE_RETRY_S = 10.0
 
 
 @dataclass
@@ -134,13 +136,18 @@ class ServingGate:
         queue: ChunkQueue | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        device_factory: Callable[[], DeviceGate | None] | None = None,
     ) -> None:
         self.probe = probe
         self.settings = settings or ServingProtection()
         self.queue = queue or ChunkQueue()
         self.stats = GateStats()
-        # Where set (`use_device`), points wait in the GPU stream instead (hogwild.worker.device_gate).
+        # Where set (`use_device`, or made by `device_factory` on a point while settings.gpu_wait), points wait
+        # in the GPU stream instead (hogwild.worker.device_gate). The factory returns None while it cannot
+        # start yet (tried again after DEVICE_RETRY_S) and raises where it never can (then the host it is).
         self.device: DeviceGate | None = None
+        self._device_factory = device_factory
+        self._device_retry_at = 0.0
         self._clock, self._sleep = clock, sleep
         # Trailing fraction of wall time spent waiting at points (an exponential average over SHARE_WINDOW_S).
         self.waited_fraction = 0.0
@@ -169,6 +176,27 @@ class ServingGate:
         if self.device is not None:
             self.device.update(settings)
 
+    def _start_device(self) -> DeviceGate | None:
+        if self._device_factory is None or self._clock() < self._device_retry_at:
+            return None
+        self._device_retry_at = self._clock() + DEVICE_RETRY_S
+        try:
+            device = self._device_factory()
+        except Exception as err:  # the driver, the file or the writer cannot support it: keep the host gate
+            log.warning("serving protection waits on the host: the GPU-side wait cannot start (%s)", err)
+            self._device_factory = None
+            return None
+        if device is not None:
+            log.info("serving protection waits in the GPU stream", extra={"event": "device_gate"})
+            self.use_device(device)
+        return device
+
+    def close(self) -> None:
+        """Let any wait enqueued in the GPU through and release the GPU-side gate (at shutdown)."""
+        if self.device is not None:
+            self.device.close(torch.cuda.synchronize if torch.cuda.is_available() else lambda: None)
+            self.device = None
+
     def use_device(self, device: DeviceGate | None) -> None:
         """Wait in the GPU stream from the next point on (None: on the host again)."""
         self.device = device
@@ -181,9 +209,11 @@ class ServingGate:
     def point(self) -> None:
         if not self.settings.yield_when_busy or self.probe is None:
             return
-        if self.device is not None:
-            self.device.wait_here()
-            return
+        if self.settings.gpu_wait:
+            device = self.device or self._start_device()
+            if device is not None:
+                device.wait_here()
+                return
         self.stats.points += 1
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             self.queue.mark()

@@ -32,7 +32,7 @@ from hogwild.protocol import (
     StatusRequest,
     TrainRequest,
 )
-from hogwild.worker import persistence, protection, serving_load, status
+from hogwild.worker import device_gate, persistence, protection, serving_load, status
 from hogwild.worker.metrics import WorkerMetrics
 from hogwild.worker.model import MappedModel, prewarm_imports
 from hogwild.worker.trainer import StepStats, Trainer
@@ -57,7 +57,16 @@ class WorkerService:
         self.trainer = Trainer(config, on_step=self._on_step)
         # Serving protection: preemption points in every step, which wait while vLLM has requests in flight.
         probe = serving_load.default_probe(settings.run_dir, settings.vllm_metrics_url)
-        self.gate = protection.ServingGate(probe, config.protection)
+        # Points wait in the GPU stream where the driver allows (device_gate), once vLLM's hint file is there.
+        hint = Path(settings.run_dir) / serving_load.HINT_NAME
+
+        def start_device_gate() -> device_gate.DeviceGate | None:
+            return device_gate.try_device_gate(hint, self.gate.settings, self.gate.stats)
+
+        with_hint = isinstance(probe, serving_load.HintFileProbe)  # vLLM's /metrics has no gate word
+        self.gate = protection.ServingGate(
+            probe, config.protection, device_factory=start_device_gate if with_hint else None
+        )
         # The same points inside the pieces no module hook cuts: head and loss, clip, optimizer step.
         self.trainer.preemption_point = self.gate.point
         self.watcher = Watcher(
@@ -379,4 +388,5 @@ class WorkerService:
                 self.checkpoint("shutdown")
             except Exception:
                 log.exception("final checkpoint failed", extra={"event": "checkpoint_failed"})
+        self.gate.close()
         serving_load.close_probe(self.gate.probe)

@@ -25,6 +25,7 @@ _HINT = struct.Struct("<4sIqqd")
 _HINT_MAGIC = b"HWSL"
 _HINT_VERSION = 2  # 2: the gate word below; a reader takes 1 too (without it)
 _VERSIONS = (1, 2)
+GATE_VERSION = 2  # the first version with the gate word
 HINT_BYTES = 64
 # The gate word (4 bytes) that a GPU can wait on (`hogwild.worker.device_gate`): the server writes its first
 # byte (1: no request in flight), the trainer its second (1: train anyway). One writer per byte, so plain
@@ -72,6 +73,14 @@ class LoadHint:
         with contextlib.suppress(ValueError, OSError):
             self._map.close()
             self._file.close()
+
+
+def hint_version(buffer: bytes) -> int | None:
+    """The version of a hint file's header, or None if it is not one."""
+    if len(buffer) < _HINT.size:
+        return None
+    magic, version = _HINT.unpack_from(buffer)[:2]
+    return int(version) if magic == _HINT_MAGIC else None
 
 
 def read_hint(buffer: bytes) -> tuple[int, float] | None:
