@@ -56,7 +56,7 @@ CANDIDATES: list[tuple[str, dict[str, Any], int, int, int]] = [
     ("worker-depth4", {"native": True, "depth": 4}, 2, 2048, 4),
     # Before/after of the split projections (preemptible_linear), and a smaller queue budget on top.
     ("worker-nosplit", {"native": True, "split_matmuls": False}, 2, 2048, 4),
-    ("worker-budget1ms", {"native": True, "queue_budget_ms": 1.0}, 2, 2048, 4),
+    ("worker-host-budget1ms", {"native": True, "gpu_wait": False, "queue_budget_ms": 1.0}, 2, 2048, 4),
     # The worker's points waiting on the host (ChunkQueue), as before the GPU-side wait (device_gate).
     ("worker-host", {"native": True, "gpu_wait": False}, 2, 2048, 4),
     ("worker-host-nosplit", {"native": True, "gpu_wait": False, "split_matmuls": False}, 2, 2048, 4),
