@@ -15,6 +15,10 @@ Three figures, each the median of many steps:
 - `step_fused_host_ms`: the update through the fused path's host side (pointer table and kernel arguments),
   with the launch itself a no-op: what the GPU path's host does, minus pinning and the copy to the device.
 - `step_without_update_ms`: the update left out entirely.
+- `step_cuda_host_ms`: the whole step down the CUDA branches (`cuda_host_only`): every Triton kernel's
+  host side (fusability checks, tables, tiles, output allocations, the limiter's torch ops) with the
+  launches no-ops. The closest CPU figure to the GPU step's host time, less Triton's own launch cost
+  (~35 launches a step, ~30-60 us each on the H100's host: not measured here).
 
 Not a GPU figure: a CPU op costs its dispatch plus (tiny) arithmetic, a CUDA op its dispatch plus a launch.
 Measure the real step with `python bench/gpu_bench.py --part optim --shape 1.5b`.
@@ -42,7 +46,7 @@ from typing import Any
 
 import torch
 
-from hogwild.optim import Apollo, factory, rounding
+from hogwild.optim import Apollo, factory, kernels, moments_kernel, rounding
 from hogwild.optim import apollo as apollo_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,9 +111,9 @@ def fused_host_only() -> Iterator[None]:
     saved = (rounding._fusable, rounding._update_kernel, torch.Tensor.pin_memory)
     original = rounding._fusable
 
-    def fusable(params: Any, directions: Any, coefs: Any, how: str) -> bool:
+    def fusable(params: Any, directions: Any, coefs: Any, how: str, *cache: Any) -> bool:
         # The real check, with the parameters' device taken for CUDA: the bench's are all bf16 on CPU.
-        return original(params, directions, coefs, how) or (how == "stochastic" and _as_cuda(params))
+        return original(params, directions, coefs, how, *cache) or (how == "stochastic" and _as_cuda(params))
 
     rounding._fusable = fusable  # type: ignore[assignment]
     rounding._update_kernel = _NoLaunch()
@@ -118,6 +122,48 @@ def fused_host_only() -> Iterator[None]:
         yield
     finally:
         rounding._fusable, rounding._update_kernel, torch.Tensor.pin_memory = saved  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def cuda_host_only() -> Iterator[None]:
+    """Take every CUDA-only branch of the step on CPU tensors, with each Triton launch a no-op.
+
+    A harness, not the optimizer: `torch.Tensor.is_cuda` reads True (a Python property in front of torch's
+    C one: ~0.1 us more per read, a handful of reads a bucket), the projection, norms, moments and update
+    kernels do nothing (their outputs are whatever `torch.empty` held, so the numbers are meaningless and
+    denormals are flushed to keep garbage from slowing the CPU ops), and device tables are plain CPU
+    tensors (a cache hit costs the same either way; a miss on CUDA also pins and copies). What is left is
+    the Python and torch-dispatch work the CUDA step does around its launches.
+    """
+    saved_kernels = (
+        kernels._projection_kernel,
+        kernels._norms_kernel,
+        moments_kernel._moments_kernel,
+        rounding._update_kernel,
+    )
+    had_is_cuda = "is_cuda" in vars(torch.Tensor)
+    saved_is_cuda = vars(torch.Tensor).get("is_cuda")
+    saved_ranks = kernels.PROJECTION_RANKS
+    kernels.PROJECTION_RANKS = range(1, 257)  # the proxy's rank 4 stands for 64: take the projection kernel
+    torch.set_flush_denormal(True)
+    torch.Tensor.is_cuda = property(lambda self: True)  # type: ignore[assignment,method-assign]
+    kernels._projection_kernel = kernels._norms_kernel = _NoLaunch()
+    moments_kernel._moments_kernel = rounding._update_kernel = _NoLaunch()
+    try:
+        yield
+    finally:
+        (
+            kernels._projection_kernel,
+            kernels._norms_kernel,
+            moments_kernel._moments_kernel,
+            rounding._update_kernel,
+        ) = saved_kernels
+        kernels.PROJECTION_RANKS = saved_ranks
+        if had_is_cuda:
+            torch.Tensor.is_cuda = saved_is_cuda  # type: ignore[assignment,method-assign]
+        else:
+            del torch.Tensor.is_cuda
+        torch.set_flush_denormal(False)  # torch's default
 
 
 def _as_cuda(params: Any) -> bool:
@@ -146,14 +192,14 @@ def time_steps(optimizer: Apollo, reps: int, warmup: int) -> list[float]:
     return times
 
 
-def profile_top(optimizer: Apollo, steps: int, rows: int = 20) -> list[str]:
+def profile_top(optimizer: Apollo, steps: int, rows: int = 20, sort: str = "cumulative") -> list[str]:
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(steps):
         optimizer.step()
     profiler.disable()
     out = io.StringIO()
-    stats = pstats.Stats(profiler, stream=out).sort_stats("cumulative")
+    stats = pstats.Stats(profiler, stream=out).sort_stats(sort)
     stats.print_stats(rows)
     lines = [line.rstrip() for line in out.getvalue().splitlines() if line.strip()]
     start = next(i for i, line in enumerate(lines) if "ncalls" in line)
@@ -167,6 +213,7 @@ def measure(reps: int, warmup: int) -> dict[str, Any]:
         "step_ms": contextlib.nullcontext,
         "step_fused_host_ms": fused_host_only,
         "step_without_update_ms": without_update,
+        "step_cuda_host_ms": cuda_host_only,
     }
     for name, mode in modes.items():
         optimizer = make_optimizer()
@@ -176,6 +223,8 @@ def measure(reps: int, warmup: int) -> dict[str, Any]:
             figures[name.replace("_ms", "_spread_ms")] = [round(min(times), 3), round(max(times), 3)]
             if name == "step_fused_host_ms":
                 figures["profile_fused_host"] = profile_top(optimizer, 20)
+            if name == "step_cuda_host_ms":
+                figures["profile_cuda_host"] = profile_top(optimizer, 20, sort="tottime", rows=25)
         print(f"{name}: median {figures[name]:.3f} ms over {reps}", flush=True)
     optimizer = make_optimizer()
     figures["parameters"] = sum(len(g["params"]) for g in optimizer.param_groups)
@@ -215,7 +264,7 @@ def main() -> None:
         "note": "CPU proxy for the host time of Apollo.step (tiny dims, 1.5B structure); not a GPU figure",
         **figures,
     }
-    for line in figures["profile_fused_host"]:
+    for line in figures["profile_cuda_host"]:
         print(line)
     if args.no_write:
         return
