@@ -61,7 +61,7 @@ def preemptible_tail(trainer: Any, point: Callable[[], None], chunk: int = 32) -
     1.5B, ~60 ms at 7B). Here a point comes before every `chunk` parameters of the clip and before each of
     APOLLO's same-shape buckets, by wrapping the instance's methods; the arithmetic is the same.
     """
-    from hogwild.worker.protection import preemptible_clip
+    from hogwild.worker.pieces import preemptible_clip
 
     optimizer = trainer.optimizer
     wrapped: list[str] = []
@@ -97,7 +97,7 @@ def chunked_head(trainer: Any, point: Callable[[], None], rows: int = 1024) -> C
     on a detached copy of the last hidden state, and the body's backward takes the summed gradient: the
     same loss and gradients (summed in another order), and no full fp32 logits in memory.
     """
-    from hogwild.worker.protection import chunked_head_backward
+    from hogwild.worker.pieces import chunked_head_backward
 
     def backward(batch: Any) -> float:
         device = trainer.named_params[0][1].device

@@ -192,7 +192,7 @@ def _tiny_lm(tied: bool) -> torch.nn.Module:
 def test_the_chunked_head_gives_the_whole_head_gradients(tied: bool) -> None:
     import torch.nn.functional as F
 
-    from hogwild.worker.protection import chunked_head_backward
+    from hogwild.worker.pieces import chunked_head_backward
 
     model = _tiny_lm(tied)
     ids = torch.randint(0, 300, (2, 150))
@@ -215,7 +215,7 @@ def test_the_chunked_head_gives_the_whole_head_gradients(tied: bool) -> None:
 
 
 def test_the_preemptible_clip_matches_torch() -> None:
-    from hogwild.worker.protection import preemptible_clip
+    from hogwild.worker.pieces import preemptible_clip
 
     params = [torch.nn.Parameter(torch.randn(7, 5, dtype=torch.float64)) for _ in range(10)]
     for p in params:

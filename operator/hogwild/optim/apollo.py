@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -58,6 +59,9 @@ APOLLO_MINI_SCALE = math.sqrt(128.0)
 # step 15.0 -> 11.1 ms with every projected weight buffered, but the backward +3 ms at 1.5B (+15 ms at 7B);
 # with this limit 12.2 ms and the backward within noise (7B: step 40.7 -> 39.4 ms, backward within noise).
 PREPARED_MAX_ELEMENTS = 1 << 22
+_STEP = operator.itemgetter("step")
+_EXP_AVG = operator.itemgetter("exp_avg")
+_COMPENSATION = operator.methodcaller("get", "compensation")
 
 
 def projection_matrix(
@@ -214,8 +218,7 @@ class Apollo(Optimizer):
     def _plan(self, position: int, group: dict[str, Any], start: int) -> plan.GroupPlan:
         """The group's buckets from the last step, or worked out anew when anything they depend on changed."""
         cached = self._plans.get(position)
-        fits = cached is not None and cached.signature == plan.signature(group, start)
-        if fits and cached is not None and plan.still_valid(cached, self.state):
+        if cached is not None and plan.fits(cached, group, start) and plan.still_valid(cached, self.state):
             return cached
         fresh = plan.build(
             group, start, self.state, self.projects, lambda p, i, low: self._ensure_state(p, group, i, low)
@@ -252,16 +255,16 @@ class Apollo(Optimizer):
         """Steps 1-7 for parameters of one shape, batched: a few kernels per bucket, and, unless the gradients
         are a prepared buffer (`prepare_grads`), a projection and a norm per parameter."""
         params, states = bucket.params, bucket.states
-        moments = moment_bucket(params, self.state, self._bucket_cache)
+        moments = self._moments(bucket)
         # The bucket's gradients stacked, when they are the views of one prepared buffer; else a list.
         buffer = self._grad_buffers.get(bucket.key)
         grads: Tensor | list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
         if buffer is not None and buffer.holds(params):
             grads = buffer.grads
-        steps = [s["step"] for s in states]
+        steps = list(map(_STEP, states))
         # Steps 1-2: project each gradient onto its random rank-r space (and, where one kernel can, take
         # the channel norms of step 5 in the same pass over the gradients).
-        r, channel_norms = self._project(params, grads, states, group)
+        r, channel_norms = self._project(bucket, grads, steps, group)
         # Steps 3-6: the moments and the Adam-normalized R~ (one kernel with the ratio on CUDA), the scale.
         coefs = scaling_factors(grads, r, None, moments, group, channel_norms=channel_norms, steps=steps)
         # Step 7: W <- W (1 - lr wd) - G diag(lr * scale * limiter * s).
@@ -273,15 +276,23 @@ class Apollo(Optimizer):
             rounding=group["rounding"],
             seeds=bucket.seeds,
             steps=steps,
-            compensations=[s.get("compensation") for s in states],
+            compensations=list(map(_COMPENSATION, states)),
+            cache=bucket.update,
         )
 
+    def _moments(self, bucket: plan.Bucket) -> MomentBucket:
+        """The bucket's moment buffers: those of the last step while intact, else as `moment_bucket` finds them.
+
+        Checked against the plan's states, which while the plan holds are the very dicts of `self.state`:
+        the same test as `MomentBucket.intact` without looking each parameter up by tensor.
+        """
+        moments = bucket.moments
+        if moments is None or not all(map(operator.is_, map(_EXP_AVG, bucket.states), moments.views)):
+            moments = bucket.moments = moment_bucket(bucket.params, self.state, self._bucket_cache)
+        return moments
+
     def _project(
-        self,
-        params: list[Tensor],
-        grads: list[Tensor] | Tensor,
-        states: list[dict[str, Any]],
-        group: dict[str, Any],
+        self, bucket: plan.Bucket, grads: list[Tensor] | Tensor, steps: list[int], group: dict[str, Any]
     ) -> tuple[Tensor, Tensor | None]:
         """R for each gradient, stacked: (k, r, n) when m <= n, else (k, m, r); fp32. And the gradients'
         channel norms, (k, 1, n) or (k, m, 1), when they came with it; else None.
@@ -293,13 +304,14 @@ class Apollo(Optimizer):
         with the stacked projections (the same matrices, so the same R as one matmul per gradient); the
         per-gradient path keeps its own matmuls, and on CPU both are bit for bit what they were.
         """
+        params, states = bucket.params, bucket.states
         m, n = grads[0].shape
         wide = m <= n
         if group["scale_type"] == "channel" and kernels.fusable_projection(grads, group["rank"]):
-            stacked = self._stacked_projection(params, states, group, grads[0].dtype)
+            stacked = self._bucket_projection(bucket, steps, group, grads[0].dtype)
             return kernels.project_with_norms(stacked, grads)
         if isinstance(grads, Tensor):
-            stacked = self._stacked_projection(params, states, group, grads.dtype)
+            stacked = self._bucket_projection(bucket, steps, group, grads.dtype)
             return (torch.bmm(stacked, grads) if wide else torch.bmm(grads, stacked)).float(), None
         projected = [
             self._projection(p, s, group, g.dtype) @ g if wide else g @ self._projection(p, s, group, g.dtype)
@@ -325,6 +337,24 @@ class Apollo(Optimizer):
         self._projections[param] = (key, matrix)
         return matrix
 
+    def _bucket_projection(
+        self, bucket: plan.Bucket, steps: list[int], group: dict[str, Any], dtype: torch.dtype
+    ) -> Tensor:
+        """`_stacked_projection` of the bucket, kept on it for the rest of the refresh period.
+
+        When the members are at one step (as always in a training loop), their refresh keys are
+        (seed, period, rank, dtype) with the plan's seeds and one period: a match of (rank, dtype, period)
+        is a match of every member's key, found without a key per member.
+        """
+        if steps.count(steps[0]) != len(steps):
+            return self._stacked_projection(bucket.params, bucket.states, group, dtype)
+        quick = (group["rank"], dtype, (steps[0] - 1) // group["update_proj_gap"])
+        if bucket.projection is not None and bucket.projection[0] == quick:
+            return bucket.projection[1]
+        stacked = self._stacked_projection(bucket.params, bucket.states, group, dtype)
+        bucket.projection = (quick, stacked)
+        return stacked
+
     def _stacked_projection(
         self, params: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any], dtype: torch.dtype
     ) -> Tensor:
@@ -349,9 +379,9 @@ class Apollo(Optimizer):
 
     def _adamw_update(self, bucket: plan.Bucket, group: dict[str, Any]) -> None:
         params, states = bucket.params, bucket.states
-        moments = moment_bucket(params, self.state, self._bucket_cache)
+        moments = self._moments(bucket)
         grads = torch.stack([p.grad for p in params]).float()  # type: ignore[misc]
-        steps = [s["step"] for s in states]
+        steps = list(map(_STEP, states))
         normalized = adam_normalized(moments, grads, steps, group)
         apply_updates_(
             params,
@@ -361,7 +391,8 @@ class Apollo(Optimizer):
             rounding=group["rounding"],
             seeds=bucket.seeds,
             steps=steps,
-            compensations=[s.get("compensation") for s in states],
+            compensations=list(map(_COMPENSATION, states)),
+            cache=bucket.update,
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -11,6 +11,8 @@ buckets and says what the steps of the algorithm are.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,7 @@ CHUNK = 32  # most parameters in one bucket (bounds the transient projected tens
 # piece moves ~1.5 GB (~0.5 ms), and the 1.5B step has 3 more buckets.
 BUCKET_ELEMENTS = 1 << 28
 _TINY = torch.finfo(torch.float32).tiny
+_GRAD = operator.attrgetter("grad")
 
 
 def same_shape_groups(params: list[Tensor], *, grads: bool = True) -> list[list[Tensor]]:
@@ -140,14 +143,16 @@ class GradBuffer:
         """
         if len(params) != len(self.params):
             return False
+        if not all(map(operator.is_, params, self.params)) or not all(
+            map(operator.is_, map(_GRAD, params), self.views)
+        ):
+            return False
+        # (one pass of C-level maps each: the step asks this of every prepared bucket, every step)
         base, size = self.grads.data_ptr(), self.grads.stride(0) * self.grads.element_size()
         strides = self.grads.stride()[1:]
-        return all(
-            param is own
-            and param.grad is view
-            and view.data_ptr() == base + i * size
-            and view.stride() == strides
-            for i, (param, own, view) in enumerate(zip(params, self.params, self.views, strict=True))
+        where = [base + i * size for i in range(len(self.views))]
+        return list(map(Tensor.data_ptr, self.views)) == where and all(
+            map(operator.eq, map(Tensor.stride, self.views), itertools.repeat(strides))
         )
 
 
@@ -265,7 +270,8 @@ def scaling_factors(
     assert previous is not None
     if limit is not None:
         factor = torch.where(previous > 0, (limit * previous / update_norm).clamp(max=1.0), 1.0)
-        update_norm = update_norm * factor
+        torch.mul(update_norm, factor, out=previous)  # the product, written where a copy_ would put it
         ratio = ratio * factor.view(k, 1, 1)
-    previous.copy_(update_norm)
+    else:
+        previous.copy_(update_norm)
     return ratio.mul_(group["lr"] * scale)

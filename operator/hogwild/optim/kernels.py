@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from hogwild.optim.rounding import _device_table, triton
+from hogwild.optim.rounding import _device_table, ceil_div, next_power_of_2, triton
 
 if triton is not None:
     import triton.language as tl
@@ -112,7 +112,7 @@ def _fused_channel_norms_(
     tile, warps = keep or tile, num_warps or warps
     table = _device_table(tuple(g.data_ptr() for g in grads), out.device)
     kept = rows if dim == 1 else cols
-    grid = (triton.cdiv(kept, tile), len(grads))
+    grid = (ceil_div(kept, tile), len(grads))
     _norms_kernel[grid](
         table, out, rows, cols, ROW_NORMS=dim == 1, BLOCK_KEEP=tile, BLOCK_REDUCE=reduce, num_warps=warps
     )
@@ -149,7 +149,7 @@ def projection_tiles(rows: int, cols: int, k: int, rank: int, device: torch.devi
       3 x [3584, 18944]: 64 (888); the [152064, 3584] embedding: 128 (1188).
     """
     kept = cols if rows <= cols else rows
-    padded_rank = triton.next_power_of_2(rank) if triton is not None else rank
+    padded_rank = next_power_of_2(rank) if triton is not None else rank
     fitting = [t for t in _PROJECTION_KEEP if t * padded_rank <= _PROJECTION_ACCUMULATORS] or [16]
     target = _PROJECTION_PROGRAMS_PER_SM * _sm_count(device)
     tile = next((t for t in fitting if -(-kept // t) * k >= target), fitting[-1])
@@ -194,11 +194,11 @@ def project_with_norms(
     r = torch.empty((k, rank, cols) if wide else (k, rows, rank), dtype=torch.float32, device=device)
     norms = torch.empty((k, 1, cols) if wide else (k, rows, 1), dtype=torch.float32, device=device)
     tile, reduce, warps = projection_tiles(rows, cols, k, rank, device)
-    grid = (triton.cdiv(cols if wide else rows, keep or tile), k)
+    grid = (ceil_div(cols if wide else rows, keep or tile), k)
     stages = {} if num_stages is None else {"num_stages": num_stages}
     _projection_kernel[grid](
         _device_table(addresses, device), projection, r, norms, rows, cols, rank, projection.stride(0),
-        WIDE=wide, BLOCK_KEEP=keep or tile, BLOCK_REDUCE=reduce, BLOCK_RANK=triton.next_power_of_2(rank),
+        WIDE=wide, BLOCK_KEEP=keep or tile, BLOCK_REDUCE=reduce, BLOCK_RANK=next_power_of_2(rank),
         DOT_FP32=_interpreted(), num_warps=num_warps or warps, **stages,
     )  # fmt: skip
     return r, norms

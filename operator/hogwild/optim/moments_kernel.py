@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from hogwild.optim.rounding import triton
+from hogwild.optim.rounding import ceil_div, next_power_of_2, triton
 
 if triton is not None:
     import triton.language as tl
@@ -88,7 +88,7 @@ def bias_corrections(steps: Sequence[int], betas: tuple[float, float], device: t
 def tiles(rank: int) -> tuple[int, int]:
     """(rank block, channel block) of one load: the rank padded to a power of two up to `_RANK_BLOCK`, and
     as many channels as fill `_TILE_ELEMENTS` (at most `_MOST_CHANNELS`)."""
-    rank_block = min(triton.next_power_of_2(rank), _RANK_BLOCK)
+    rank_block = min(next_power_of_2(rank), _RANK_BLOCK)
     return rank_block, min(_TILE_ELEMENTS // rank_block, _MOST_CHANNELS)
 
 
@@ -119,7 +119,7 @@ def moments_and_ratio_(
     assert corrections.shape == (2, k) and corrections.is_contiguous(), "see bias_corrections"
     rank, channels = (r.shape[1], r.shape[2]) if dim == 1 else (r.shape[2], r.shape[1])
     rank_block, channel_block = tiles(rank)
-    programs = triton.cdiv(channels, channel_block)
+    programs = ceil_div(channels, channel_block)
     ratio = torch.empty(ratio_shape(r, dim), dtype=torch.float32, device=r.device)
     with_norms = channel_norms is not None
     partial_norms = torch.empty((k, programs) if with_norms else (1,), dtype=torch.float32, device=r.device)

@@ -12,25 +12,34 @@ Bookkeeping only: no tensor arithmetic here.
 
 from __future__ import annotations
 
+import itertools
 import operator
+import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
 
-from hogwild.optim.buckets import same_shape_groups
+from hogwild.optim.buckets import MomentBucket, same_shape_groups
+from hogwild.optim.rounding import UpdateCache
+
+_GRAD = operator.attrgetter("grad")
 
 
 @dataclass
 class Bucket:
     """Parameters of one shape, dtype, gradient dtype and device (see buckets.same_shape_groups for how many),
-    stepped together."""
+    stepped together; and what the step keeps for them from the last step, each checked before it is used."""
 
     params: list[Tensor]
     states: list[dict[str, Any]]
     key: tuple[int, ...]  # the members' ids: what the moment buckets, buffers and projections are cached by
     seeds: list[int]  # each member's state["seed"]: the rounding noise derives from it
+    moments: MomentBucket | None = None  # valid while `intact` (see apollo.Apollo._moments)
+    update: UpdateCache = field(default_factory=UpdateCache)  # see rounding.UpdateCache
+    # (the members' refresh keys, their projections stacked): see apollo.Apollo._stacked_projection
+    projection: tuple[tuple[Any, ...], Tensor] | None = None
 
 
 @dataclass
@@ -40,6 +49,45 @@ class GroupPlan:
     states: list[dict[str, Any]]  # their states, the very dicts (load_state_dict replaces them)
     projected: list[Bucket]  # APOLLO buckets
     full: list[Bucket]  # AdamW buckets
+    # The gradients `signature` was taken from, by weak reference (a plan must not keep a gradient alive):
+    # while the group's are these very tensors, the signature's gradient part needs no reading.
+    grads: list[Callable[[], Tensor | None]] = field(default_factory=list)
+
+
+def _grad_ref(grad: Tensor | None) -> Callable[[], Tensor | None]:
+    return _none if grad is None else weakref.ref(grad)
+
+
+def _none() -> None:
+    return None
+
+
+def fits(plan: GroupPlan, group: Mapping[str, Any], start: int) -> bool:
+    """`plan.signature == signature(group, start)`, mostly without reading each gradient's dtype and layout.
+
+    Why: at 1.5B building the signature (~340 gradients) each step was a visible share of the step's host
+    time. When every gradient is the very tensor the plan saw (a prepared buffer's views, or gradients a
+    loop keeps), only the parameters and the few numbers are compared; otherwise the signature is taken
+    and the plan remembers the new gradients if it still fits.
+    """
+    params = group["params"]
+    old = plan.signature
+    if (
+        old[0] != start
+        or old[1] != group["rank"]
+        or old[2] != group["low_rank"]
+        or len(params) != len(old[3])
+    ):
+        return False
+    grads = list(map(_GRAD, params))
+    same = len(plan.grads) == len(grads) and all(map(operator.is_, grads, map(operator.call, plan.grads)))
+    # A gradient that was dropped since and freed reads None from its reference too: the count tells.
+    if same and sum(map(operator.is_, grads, itertools.repeat(None))) == old[4].count(None):
+        return tuple(map(id, params)) == old[3]
+    if signature(group, start) != old:
+        return False
+    plan.grads = list(map(_grad_ref, grads))
+    return True
 
 
 def signature(group: Mapping[str, Any], start: int) -> tuple[Any, ...]:
@@ -97,4 +145,5 @@ def build(
         states=[state[p] for p in stepped],
         projected=buckets(projected),
         full=buckets(full),
+        grads=[_grad_ref(p.grad) for p in group["params"]],
     )

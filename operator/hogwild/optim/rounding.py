@@ -17,6 +17,8 @@ without saving any generator, and the eager path and the fused Triton kernel dra
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -40,6 +42,41 @@ _NO_COEF, _COLUMN_COEFS, _ROW_COEFS, _ONE_COEF = 0, 1, 2, 3
 # dozen buckets, and a table whose gradients move each step is dropped after this many newer ones.
 _TABLES: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
 _TABLES_KEPT = 256
+
+
+def ceil_div(value: int, divisor: int) -> int:
+    """`triton.cdiv` for host code: Triton's is a `constexpr_function`, ~3 us a call on the step's host."""
+    return -(-value // divisor)
+
+
+def next_power_of_2(value: int) -> int:
+    """`triton.next_power_of_2` for host code (positive values), without its ~3 us a call."""
+    return 1 << (value - 1).bit_length()
+
+
+@dataclass
+class UpdateCache:
+    """What the fused update works out from one list of parameters, kept for the next call (a bucket's).
+
+    Why: at 1.5B the step's host time exceeded its GPU time, and checking every parameter's dtype, layout
+    and shape and rebuilding the pointer table each step was a good part of it. Valid while `params` is the
+    same list object, of parameters at the same addresses (`pointers`): a parameter whose storage moved
+    (`p.data = ...`) makes everything be worked out again. A parameter's dtype, shape and layout are taken to
+    change only with its storage, as the optimizer's plan takes them (plan.py).
+    """
+
+    params: Sequence[Tensor] | None = None
+    pointers: tuple[int, ...] = ()
+    fusable: bool = False  # the parameters' part of `_fusable`
+    seeds: tuple[int, ...] = ()  # what `seed_table` holds besides the pointers
+    seed_table: Tensor | None = None  # the table of a stacked direction with keys derived on the device
+
+    def current(self, params: Sequence[Tensor]) -> bool:
+        return self.params is params and tuple(map(Tensor.data_ptr, params)) == self.pointers
+
+    def reset(self, params: Sequence[Tensor], fusable: bool) -> None:
+        self.params, self.pointers, self.fusable = params, tuple(map(Tensor.data_ptr, params)), fusable
+        self.seeds, self.seed_table = (), None
 
 
 def splitmix64(value: int) -> int:
@@ -139,6 +176,7 @@ def apply_updates_(
     keys: Sequence[tuple[int, int]] | None = None,
     seeds: Sequence[int] | None = None,
     steps: Sequence[int] | None = None,
+    cache: UpdateCache | None = None,
 ) -> None:
     """`apply_update_` for parameters of one shape: `directions[i]` and `coefs[i]` (or the float) go with
     `params[i]`; `directions` may be one stacked (k, ...) tensor. The noise of `params[i]` is `keys[i]`, or
@@ -147,14 +185,15 @@ def apply_updates_(
     On CUDA with Triton, bf16 stochastic rounding is one kernel launch for the whole list: it reads each
     parameter and direction once and writes the parameter once, with the same random bits as the eager path.
     Given seeds and one step for all, the kernel derives the keys itself, so that its pointer table stays the
-    same from step to step (see `_fused_updates_`).
+    same from step to step (see `_fused_updates_`). `cache`, passed again with the same `params` list each
+    call, keeps what depends only on the parameters (see `UpdateCache`); the result is the same without it.
     """
-    fused = bool(params) and _fusable(params, directions, coefs, rounding)
+    fused = bool(params) and _fusable(params, directions, coefs, rounding, cache)
     if keys is None:
         if seeds is None or steps is None:
             raise ValueError("apply_updates_ needs keys, or seeds and steps")
-        if fused and len(set(steps)) == 1:
-            _fused_updates_(params, directions, coefs, decay, seeds, steps[0])
+        if fused and steps.count(steps[0]) == len(steps):
+            _fused_updates_(params, directions, coefs, decay, seeds, steps[0], cache=cache)
             return
         keys = [noise_keys(seed, step) for seed, step in zip(seeds, steps, strict=True)]
     if fused:
@@ -193,20 +232,32 @@ def _eager_update_(
 
 
 def _fusable(
-    params: Sequence[Tensor], directions: Sequence[Tensor] | Tensor, coefs: Tensor | float, rounding: str
+    params: Sequence[Tensor],
+    directions: Sequence[Tensor] | Tensor,
+    coefs: Tensor | float,
+    rounding: str,
+    cache: UpdateCache | None = None,
 ) -> bool:
+    """Whether `_fused_updates_` takes these; with `cache`, the parameters' part is looked at once, then
+    again only when the cache is no longer current (which this makes it again)."""
     first = params[0]
     if triton is None or rounding != "stochastic" or not first.is_cuda:
         return False
     if isinstance(coefs, Tensor) and (coefs.dtype != torch.float32 or not coefs.is_contiguous()):
         return False
-    if not all(
-        p.dtype == torch.bfloat16
-        and p.is_contiguous()
-        and p.shape == first.shape
-        and p.device == first.device
-        for p in params
-    ):
+    if cache is not None and cache.current(params):
+        params_fusable = cache.fusable
+    else:
+        params_fusable = all(
+            p.dtype == torch.bfloat16
+            and p.is_contiguous()
+            and p.shape == first.shape
+            and p.device == first.device
+            for p in params
+        )
+        if cache is not None:
+            cache.reset(params, params_fusable)
+    if not params_fusable:
         return False
     if isinstance(directions, Tensor):
         stacked_ok = directions.is_contiguous() and directions.shape[1:] == first.shape
@@ -250,6 +301,28 @@ def _device_table(rows: tuple[int, ...], device: torch.device) -> Tensor:
     return table
 
 
+def _table_rows(
+    params: Sequence[Tensor],
+    directions: Sequence[Tensor] | Tensor | None,
+    noise: Sequence[tuple[int, int]] | Sequence[int],
+) -> tuple[int, ...]:
+    """`_update_kernel`'s table: one row per tensor of parameter address, direction address (0 when the
+    directions are stacked, `directions` None), then the seed and 0, or the two noise keys."""
+    if len(noise) != len(params) or (directions is not None and len(directions) != len(params)):
+        raise ValueError("one direction and one seed or pair of keys per parameter")
+    flat = [0] * (4 * len(params))
+    flat[0::4] = map(Tensor.data_ptr, params)
+    if directions is not None:
+        flat[1::4] = map(Tensor.data_ptr, directions)
+    if noise and isinstance(noise[0], int):
+        flat[2::4] = cast("Sequence[int]", noise)
+    else:
+        keys = cast("Sequence[tuple[int, int]]", noise)
+        flat[2::4] = [key[0] for key in keys]
+        flat[3::4] = [key[1] for key in keys]
+    return tuple(flat)
+
+
 def _fused_updates_(
     params: Sequence[Tensor],
     directions: Sequence[Tensor] | Tensor,
@@ -260,32 +333,32 @@ def _fused_updates_(
     *,
     tiles: tuple[int, int] = (_BLOCK_M, _BLOCK_N),
     num_warps: int | None = None,
+    cache: UpdateCache | None = None,
 ) -> None:
     """Launch `_update_kernel` once over the list: program (row tile, column tile, i) updates `params[i]`.
 
     `noise` is each parameter's keys (`step` None), or its seed, the kernel deriving the keys of `step` as
     `noise_keys` does. A stacked `directions` is passed as one tensor: with seeds, the table then holds only
     what stays the same from step to step. `tiles` (rows, columns) and `num_warps` (Triton's default when None)
-    are for bench/gpu_kernels.py: each element's result does not depend on them.
+    are for bench/gpu_kernels.py: each element's result does not depend on them. `cache` must be current for
+    `params` (`_fusable` makes it so): it keeps the table of a stacked direction with seeds between calls.
     """
     first = params[0]
     if first.numel() == 0:
         return
     rows, cols = _matrix_shape(first.shape)
     stacked = isinstance(directions, Tensor)
-    if isinstance(directions, Tensor):
-        d_ptrs = [0] * len(params)
-        d_bf16 = directions.dtype == torch.bfloat16
+    d_bf16 = (directions if isinstance(directions, Tensor) else directions[0]).dtype == torch.bfloat16
+    if cache is not None and stacked and step is not None:
+        seeds = tuple(cast("Sequence[int]", noise))
+        if cache.seed_table is None or cache.seeds != seeds:
+            cache.seeds, cache.seed_table = (
+                seeds,
+                _device_table(_table_rows(params, None, noise), first.device),
+            )
+        table = cache.seed_table
     else:
-        d_ptrs = [d.data_ptr() for d in directions]
-        d_bf16 = directions[0].dtype == torch.bfloat16
-    # One row per tensor: parameter address, direction address (0 when stacked), then the seed and 0, or
-    # the two noise keys.
-    flat: list[int] = []
-    for param, d_ptr, own in zip(params, d_ptrs, noise, strict=True):
-        flat += (param.data_ptr(), d_ptr)
-        flat += (own, 0) if isinstance(own, int) else own  # type: ignore[arg-type]
-    table = _device_table(tuple(flat), first.device)
+        table = _device_table(_table_rows(params, None if stacked else directions, noise), first.device)
     d_arg, d_stride = (directions, directions.stride(0)) if isinstance(directions, Tensor) else (table, 0)
     # (a stacked direction is read from its own address: the table need not change when it moves)
     scalar, coef_arg, coef_kind = 1.0, table, _NO_COEF
@@ -301,7 +374,7 @@ def _fused_updates_(
     else:
         scalar = float(coefs)
     block_m, block_n = tiles
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n), len(params))
+    grid = (ceil_div(rows, block_m), ceil_div(cols, block_n), len(params))
     _update_kernel[grid](
         table, d_arg, d_stride, coef_arg, rows, cols, float(decay), scalar, 0 if step is None else step,
         COEF=coef_kind, STACKED=stacked, D_BF16=d_bf16, DERIVE=step is not None,

@@ -2,9 +2,10 @@
 update norm's weight sample.
 
 Each comes whole or preemptible. Whole is one long piece of GPU work (the head, its fp32 logits and the loss
-are ~10 ms at 1.5B and 4k tokens; the clip ~18 ms at 7B). Preemptible (`hogwild.worker.protection`) is the
-same arithmetic in chunks with a preemption point before each, so a serving step that arrives waits for one
-chunk, not the whole piece. The trainer passes a point (the preemptible form) only while serving protection's
+are ~10 ms at 1.5B and 4k tokens; the clip ~18 ms at 7B). Preemptible (`chunked_head_backward`,
+`preemptible_clip`, `UpdateNormSample` with a point; `hogwild.worker.protection` supplies the point) is the
+same arithmetic in chunks (`in_pieces`) with a preemption point before each, so a serving step that arrives
+waits for one chunk, not the whole piece. The trainer passes a point (the preemptible form) only while serving protection's
 `yield_when_busy` is on: the bench measured that the default protection needs both pieces preemptible
 (bench/RESULTS.md, "Serving protection"), and with protection off the whole form costs nothing extra.
 """
@@ -12,14 +13,16 @@ chunk, not the whole piece. The trainer passes a point (the preemptible form) on
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from hogwild.worker import batches, protection
+from hogwild.worker import batches
 from hogwild.worker.batches import MicroBatch
+
+T = TypeVar("T")
 
 # Tokens per chunk of the preemptible head. A chunk is two pieces (its forward with the loss and the loss's
 # backward; then the head's backward, which also adds into the [vocab, hidden] weight gradient); at 1024 rows
@@ -47,7 +50,7 @@ def micro_batch_backward(
     """
     ids, labels, mask = (t.to(device) for t in (micro.input_ids, micro.labels, micro.attention_mask))
     if point is not None:
-        return protection.chunked_head_backward(
+        return chunked_head_backward(
             module, ids, labels, mask, targets, point, rows=HEAD_ROWS, ignore_index=batches.IGNORE
         )
     logits = module(input_ids=ids, attention_mask=mask).logits
@@ -69,7 +72,7 @@ def grad_norm_and_clip(
 ) -> float:
     """The total gradient norm (returned, before clipping); clips to `max_norm` unless it is 0."""
     if point is not None:
-        return protection.preemptible_clip(params, max_norm, point, CLIP_CHUNK)
+        return preemptible_clip(params, max_norm, point, CLIP_CHUNK)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
@@ -96,7 +99,7 @@ class UpdateNormSample:
         self.before = [sample.float() for piece in self._pieces(self.samples) for sample in piece]
 
     def _pieces(self, items: Sequence[Any]) -> Iterator[Sequence[Any]]:
-        return protection.in_pieces(items, CLIP_CHUNK, self.point)
+        return in_pieces(items, CLIP_CHUNK, self.point)
 
     def norm(self) -> float:
         """The change since the sample was taken, scaled up to all elements (one device sync)."""
@@ -108,3 +111,73 @@ class UpdateNormSample:
         if not squares:
             return 0.0
         return math.sqrt(float(torch.stack(squares).sum()) * self.stride)
+
+
+def in_pieces(items: Sequence[T], size: int, point: Callable[[], None] | None) -> Iterator[Sequence[T]]:
+    """`items` in slices of `size`, `point` called before each one is handed out (lazily, so the point runs
+    just before that piece's work is launched); with no point, all of `items` as one piece."""
+    if point is None:
+        if items:
+            yield items
+        return
+    for start in range(0, len(items), size):
+        point()
+        yield items[start : start + size]
+
+
+def preemptible_clip(
+    params: Iterable[torch.Tensor], max_norm: float, point: Callable[[], None], chunk: int = 32
+) -> float:
+    """Total gradient norm, and clip to `max_norm` (0: no clip), `chunk` parameters at a time with a point
+    before each piece: the same result as `get_total_norm` + `clip_grads_with_norm_`, but preemptible
+    (at 7B the one-piece version is ~18 ms of GPU work). Returns the norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    squares = []
+    for piece in in_pieces(grads, chunk, point):
+        norms = torch._foreach_norm(list(piece), 2.0)
+        squares.append(torch.linalg.vector_norm(torch.stack(norms)) ** 2)
+    norm = torch.stack(squares).sum().sqrt()
+    if max_norm > 0 and torch.isfinite(norm):
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for piece in in_pieces(grads, chunk, point):
+            torch._foreach_mul_(list(piece), coef)
+    return float(norm)
+
+
+def chunked_head_backward(
+    module: Any,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    targets: int,
+    point: Callable[[], None],
+    rows: int = 1024,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Forward and backward of one micro-batch with the output head and the loss in chunks of `rows` tokens.
+
+    The loss is the cross-entropy summed over the micro-batch's targets divided by `targets` (the step's
+    target count), as `Trainer.backward` computes it; returns it (a 0-dim tensor, no sync). The body runs
+    once; the head and the loss run per chunk on a detached copy of the last hidden state, a point before
+    each; then the body's backward takes the summed gradient. Same gradients, and no [tokens, vocab] fp32
+    logits: one piece of ~10 ms (1.5B, 4k tokens) becomes pieces of ~1 ms, and ~7 GB less memory at 7B.
+    """
+    hidden = module.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    shifted = labels[:, 1:].reshape(-1)
+    leaf = flat.detach().requires_grad_()
+    loss_dtype = torch.promote_types(flat.dtype, torch.float32)  # fp32 for bf16, as the trainer computes it
+    total = torch.zeros((), device=flat.device, dtype=loss_dtype)
+    for start in range(0, flat.shape[0], rows):
+        point()
+        logits = module.lm_head(leaf[start : start + rows]).to(loss_dtype)
+        loss = F.cross_entropy(
+            logits, shifted[start : start + rows], ignore_index=ignore_index, reduction="sum"
+        )
+        loss = loss / targets
+        loss.backward()
+        total += loss.detach()
+    flat.backward(leaf.grad)
+    return total

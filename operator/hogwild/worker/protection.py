@@ -1,30 +1,33 @@
 """Serving protection: the trainer computes only while the server is idle, and yields within a step.
 
-Why here and not in the GPU: without MPS, kernels of two processes never overlap; the GPU time-slices between
+Why not leave it to the GPU: without MPS, kernels of two processes never overlap; the GPU time-slices between
 the contexts, and stream priorities do not cross them (FACTS.md, "Training beside serving"). A trainer that
 keeps the GPU busy makes every serving step wait for its share of time slices, and sleeping between whole
 steps (a duty cycle) only makes fewer serving steps slow, not the slow ones faster. What works is not to have
-training work queued when a serving step arrives:
+training work running when a serving step arrives:
 
 - The server publishes how many requests it has in flight in a small shared file, or the worker polls
   vLLM's `/metrics` (`hogwild.worker.serving_load`).
 - `ServingGate.point()` is a preemption point. `install_preemption_points` puts one before the forward and
   the backward of the input embedding, every decoder layer, every projection inside it, and the output head,
   so training work is cut into chunks of about a millisecond; a projection whose matmul is larger than that
-  (7B's MLP, the head's chunks) also runs in pieces with a point before each (`preemptible_linear`). At each point the trainer first waits until at
-  most ~QUEUE_BUDGET_S of its work is left queued on the GPU (`ChunkQueue`), then, while the server reports
-  requests in flight, it launches nothing, up to `max_wait_s` per point. A server that is never idle
-  (continuous batching under steady traffic) would then slow training to a trickle, so the gate
-  also keeps `min_training_share` of wall time for training: it stops waiting while the trailing fraction of
-  time spent waiting (over ~`SHARE_WINDOW_S`) is above 1 - min_training_share.
+  (7B's MLP, the head's chunks) also runs in pieces with a point before each (`preemptible_linear`).
+- At a point the trainer waits while the server reports requests in flight, up to `max_wait_s` per point.
+  Where it can (`settings.gpu_wait`, a hint file, CUDA), it waits in the GPU: the point enqueues a stream wait
+  on the hint's gate word (`hogwild.worker.device_gate`) and the host goes on launching. Otherwise it waits
+  here on the host: first until at most ~QUEUE_BUDGET_S of its work is left queued on the GPU (`ChunkQueue`),
+  then it launches nothing while the server is busy. A server that is never idle (continuous batching under
+  steady traffic) would then slow training to a trickle, so the gate also keeps `min_training_share` of wall
+  time for training: it stops waiting while the trailing fraction of time spent waiting (over
+  ~`SHARE_WINDOW_S`) is above 1 - min_training_share.
 - Some pieces of a training step are long and outside any module: the output head with the loss over the
-  whole vocabulary, the gradient clip, and the update norm's weight sample. `chunked_head_backward`,
-  `preemptible_clip` and `pieces.UpdateNormSample` compute the same things in preemptible pieces (`in_pieces`),
-  and APOLLO has a point between its buckets.
+  whole vocabulary, the gradient clip, and the update norm's weight sample. `hogwild.worker.pieces` computes
+  the same things in preemptible pieces, and APOLLO has a point between its buckets.
 
-Measured on an H100 (bench/RESULTS.md): with all of the above, serving p99 under a half-capacity load rose
-1.13-1.14x at 1.5B and 1.19-1.22x at 7B, while training kept 0.46-0.49 of its idle-server speed. Layer-level
-points alone gave about 2x, a 50 % duty cycle 7x, and no protection let the serving queue grow without bound.
+Measured on an H100 (bench/RESULTS.md), half-capacity load: waiting in the GPU, serving p99 rose 1.06-1.08x at
+1.5B and 1.13x at 7B while training kept 0.57-0.62 and 0.49-0.50 of its idle-server speed; waiting on the host,
+1.12x and 1.17-1.18x, kept 0.47-0.50 and 0.49-0.51. Layer-level points alone gave about 2x, a 50 % duty cycle 7x,
+and no protection let the serving queue grow without bound.
 
 Settings come from `hogwild.config.ServingProtection` and apply hot (`ServingGate.update`). With
 `yield_when_busy` off, a point costs one Python call and does nothing.
@@ -36,9 +39,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,7 +53,6 @@ if TYPE_CHECKING:  # device_gate imports this module
     from hogwild.worker.device_gate import DeviceGate
 
 log = logging.getLogger("hogwild.worker")
-T = TypeVar("T")
 
 POLL_S = 0.0002
 # GPU time of training work the gate lets be queued at a point (ChunkQueue): what a serving step that
@@ -321,7 +323,7 @@ def install_preemption_points(
     for block in blocks:
         handles.append(block.register_forward_pre_hook(before_forward))
         handles.append(block.register_forward_hook(after_forward))
-    # The head too: a 512-row chunk of it (chunked_head_backward) is ~0.8 ms a matmul at 7B.
+    # The head too: a 512-row chunk of it (pieces.chunked_head_backward) is ~0.8 ms a matmul at 7B.
     linears = [b for b in blocks if isinstance(b, torch.nn.Linear)]
     unsplit = (
         preemptible_linear.install(linears, point) if split_matmuls and granularity == "linear" else None
@@ -334,78 +336,6 @@ def install_preemption_points(
             unsplit()
 
     return remove
-
-
-def in_pieces(items: Sequence[T], size: int, point: Callable[[], None] | None) -> Iterator[Sequence[T]]:
-    """`items` in slices of `size`, `point` called before each one is handed out (lazily, so the point runs
-    just before that piece's work is launched); with no point, all of `items` as one piece."""
-    if point is None:
-        if items:
-            yield items
-        return
-    for start in range(0, len(items), size):
-        point()
-        yield items[start : start + size]
-
-
-def preemptible_clip(
-    params: Iterable[torch.Tensor], max_norm: float, point: Callable[[], None], chunk: int = 32
-) -> float:
-    """Total gradient norm, and clip to `max_norm` (0: no clip), `chunk` parameters at a time with a point
-    before each piece: the same result as `get_total_norm` + `clip_grads_with_norm_`, but preemptible
-    (at 7B the one-piece version is ~18 ms of GPU work). Returns the norm before clipping."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    squares = []
-    for piece in in_pieces(grads, chunk, point):
-        norms = torch._foreach_norm(list(piece), 2.0)
-        squares.append(torch.linalg.vector_norm(torch.stack(norms)) ** 2)
-    norm = torch.stack(squares).sum().sqrt()
-    if max_norm > 0 and torch.isfinite(norm):
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for piece in in_pieces(grads, chunk, point):
-            torch._foreach_mul_(list(piece), coef)
-    return float(norm)
-
-
-def chunked_head_backward(
-    module: Any,
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    attention_mask: torch.Tensor,
-    targets: int,
-    point: Callable[[], None],
-    rows: int = 1024,
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Forward and backward of one micro-batch with the output head and the loss in chunks of `rows` tokens.
-
-    The loss is the cross-entropy summed over the micro-batch's targets divided by `targets` (the step's
-    target count), as `Trainer.backward` computes it; returns it (a 0-dim tensor, no sync). The body runs
-    once; the head and the loss run per chunk on a detached copy of the last hidden state, a point before
-    each; then the body's backward takes the summed gradient. Same gradients, and no [tokens, vocab] fp32
-    logits: one piece of ~10 ms (1.5B, 4k tokens) becomes pieces of ~1 ms, and ~7 GB less memory at 7B.
-    """
-    import torch.nn.functional as F
-
-    hidden = module.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    shifted = labels[:, 1:].reshape(-1)
-    leaf = flat.detach().requires_grad_()
-    loss_dtype = torch.promote_types(flat.dtype, torch.float32)  # fp32 for bf16, as the trainer computes it
-    total = torch.zeros((), device=flat.device, dtype=loss_dtype)
-    for start in range(0, flat.shape[0], rows):
-        point()
-        logits = module.lm_head(leaf[start : start + rows]).to(loss_dtype)
-        loss = F.cross_entropy(
-            logits, shifted[start : start + rows], ignore_index=ignore_index, reduction="sum"
-        )
-        loss = loss / targets
-        loss.backward()
-        total += loss.detach()
-    flat.backward(leaf.grad)
-    return total
 
 
 def _backward_point(point: Callable[[], None]) -> Callable[[torch.Tensor], None]:
