@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from hogwild.worker import preemptible_linear
 from hogwild.worker.preemptible_linear import piece_count, piecewise_forward, row_blocks
 from hogwild.worker.protection import install_preemption_points
+from model_helpers import tiny_qwen2
 
 
 @pytest.mark.parametrize(
@@ -120,17 +121,6 @@ def test_small_matmuls_take_torchs_own_linear() -> None:
     assert points == []
 
 
-def _tiny_lm() -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True,
-    )  # fmt: skip
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float64).train()
-
-
 @pytest.mark.parametrize(
     ("split", "extra_points"),
     [pytest.param(False, False, id="whole-projections"), pytest.param(True, True, id="split-projections")],
@@ -143,7 +133,7 @@ def test_a_model_with_split_projections_learns_the_same_gradients(
         preemptible_linear, "PIECE_FLOPS", 2.0 * 8 * 64 * 64
     )  # >= 2 pieces for each projection
     monkeypatch.setattr(preemptible_linear, "ALIGN_ROWS", 8)
-    model = _tiny_lm()
+    model = tiny_qwen2(tied=True, vocab=100)
     ids = torch.randint(0, 100, (2, 16))
     model(input_ids=ids).logits.square().mean().backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}

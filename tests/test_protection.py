@@ -12,6 +12,7 @@ import torch
 from hogwild.config import ServingProtection
 from hogwild.worker.protection import ServingGate, install_preemption_points
 from hogwild.worker.serving_load import HintFileProbe, LoadHint, parse_vllm_load
+from model_helpers import tiny_qwen2
 
 
 class Fixed:
@@ -177,24 +178,13 @@ def test_points_come_before_each_block_forward_and_backward(granularity: str, bl
     assert len(calls) == 2 * blocks
 
 
-def _tiny_lm(tied: bool) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=300, tie_word_embeddings=tied,
-    )  # fmt: skip
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float64).train()
-
-
 @pytest.mark.parametrize("tied", [pytest.param(True, id="tied"), pytest.param(False, id="untied")])
 def test_the_chunked_head_gives_the_whole_head_gradients(tied: bool) -> None:
     import torch.nn.functional as F
 
     from hogwild.worker.pieces import chunked_head_backward
 
-    model = _tiny_lm(tied)
+    model = tiny_qwen2(tied=tied)
     ids = torch.randint(0, 300, (2, 150))
     labels = ids.clone()
     labels[0, :40] = -100
