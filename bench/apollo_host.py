@@ -129,9 +129,9 @@ def cuda_host_only() -> Iterator[None]:
     """Take every CUDA-only branch of the step on CPU tensors, with each Triton launch a no-op.
 
     A harness, not the optimizer: `torch.Tensor.is_cuda` reads True (a Python property in front of torch's
-    C one: ~0.1 us more per read, a handful of reads a bucket), the projection, norms, moments and update
-    kernels do nothing (their outputs are whatever `torch.empty` held, so the numbers are meaningless and
-    denormals are flushed to keep garbage from slowing the CPU ops), and device tables are plain CPU
+    C one: ~0.1 us more per read, a handful of reads a bucket), the projection, norms, moments, limiter and
+    update kernels do nothing (their outputs are whatever `torch.empty` held, so the numbers are meaningless
+    and denormals are flushed to keep garbage from slowing the CPU ops), and device tables are plain CPU
     tensors (a cache hit costs the same either way; a miss on CUDA also pins and copies). What is left is
     the Python and torch-dispatch work the CUDA step does around its launches.
     """
@@ -139,6 +139,7 @@ def cuda_host_only() -> Iterator[None]:
         kernels._projection_kernel,
         kernels._norms_kernel,
         moments_kernel._moments_kernel,
+        moments_kernel._limiter_kernel,
         rounding._update_kernel,
     )
     had_is_cuda = "is_cuda" in vars(torch.Tensor)
@@ -148,7 +149,7 @@ def cuda_host_only() -> Iterator[None]:
     torch.set_flush_denormal(True)
     torch.Tensor.is_cuda = property(lambda self: True)  # type: ignore[assignment,method-assign]
     kernels._projection_kernel = kernels._norms_kernel = _NoLaunch()
-    moments_kernel._moments_kernel = rounding._update_kernel = _NoLaunch()
+    moments_kernel._moments_kernel = moments_kernel._limiter_kernel = rounding._update_kernel = _NoLaunch()
     try:
         yield
     finally:
@@ -156,6 +157,7 @@ def cuda_host_only() -> Iterator[None]:
             kernels._projection_kernel,
             kernels._norms_kernel,
             moments_kernel._moments_kernel,
+            moments_kernel._limiter_kernel,
             rounding._update_kernel,
         ) = saved_kernels
         kernels.PROJECTION_RANKS = saved_ranks
