@@ -140,7 +140,13 @@ class _PinnedHint:
             self.close(registered=False)
             raise
         device = ctypes.c_uint64()
-        driver.check(driver.device_pointer(ctypes.byref(device), self.host, 0), "cuMemHostGetDevicePointer")
+        try:
+            driver.check(
+                driver.device_pointer(ctypes.byref(device), self.host, 0), "cuMemHostGetDevicePointer"
+            )
+        except DeviceGateError:
+            self.close()
+            raise
         self.word = device.value + serving_load.GATE_OFFSET
 
     def hint(self) -> tuple[int, float] | None:
@@ -202,8 +208,8 @@ class DeviceGate:
         )
 
     def update(self, settings: ServingProtection) -> None:
+        """Hot change: the watchdog applies it at its next tick (within WATCH_S)."""
         self.settings = settings
-        self._tick(time.monotonic())
 
     def _watch(self) -> None:
         while not self._stop.wait(WATCH_S):
