@@ -135,31 +135,32 @@ def cuda_host_only() -> Iterator[None]:
     tensors (a cache hit costs the same either way; a miss on CUDA also pins and copies). What is left is
     the Python and torch-dispatch work the CUDA step does around its launches.
     """
-    saved_kernels = (
-        kernels._projection_kernel,
-        kernels._norms_kernel,
-        moments_kernel._moments_kernel,
-        moments_kernel._limiter_kernel,
-        rounding._update_kernel,
-    )
+    # (module, kernel) pairs; a kernel an older checkout lacks is skipped, so that it can be measured too
+    launches = [
+        (module, name)
+        for module, name in (
+            (kernels, "_projection_kernel"),
+            (kernels, "_norms_kernel"),
+            (moments_kernel, "_moments_kernel"),
+            (moments_kernel, "_limiter_kernel"),
+            (rounding, "_update_kernel"),
+        )
+        if hasattr(module, name)
+    ]
+    saved_kernels = [getattr(module, name) for module, name in launches]
     had_is_cuda = "is_cuda" in vars(torch.Tensor)
     saved_is_cuda = vars(torch.Tensor).get("is_cuda")
     saved_ranks = kernels.PROJECTION_RANKS
     kernels.PROJECTION_RANKS = range(1, 257)  # the proxy's rank 4 stands for 64: take the projection kernel
     torch.set_flush_denormal(True)
     torch.Tensor.is_cuda = property(lambda self: True)  # type: ignore[assignment,method-assign]
-    kernels._projection_kernel = kernels._norms_kernel = _NoLaunch()
-    moments_kernel._moments_kernel = moments_kernel._limiter_kernel = rounding._update_kernel = _NoLaunch()
+    for module, name in launches:
+        setattr(module, name, _NoLaunch())
     try:
         yield
     finally:
-        (
-            kernels._projection_kernel,
-            kernels._norms_kernel,
-            moments_kernel._moments_kernel,
-            moments_kernel._limiter_kernel,
-            rounding._update_kernel,
-        ) = saved_kernels
+        for (module, name), kernel in zip(launches, saved_kernels, strict=True):
+            setattr(module, name, kernel)
         kernels.PROJECTION_RANKS = saved_ranks
         if had_is_cuda:
             torch.Tensor.is_cuda = saved_is_cuda  # type: ignore[assignment,method-assign]

@@ -324,3 +324,84 @@ def test_which_cuda_tensors_are_fusable(change: str, fusable: bool) -> None:
     elif change == "moments of another shape":
         exp_avg = torch.zeros(2, 8, 41, device="cuda")
     assert moments_kernel.fusable(r, exp_avg, exp_avg_sq, norms, 1) is fusable
+
+
+# The limiter kernel against the eager limiter of `scaling_factors`: (ratio shape, previous, update norms,
+# limit). Channels past one load (1024) loop; previous 0 or below takes no limit, an update norm of 0 gives
+# inf before the clamp, a NaN stays NaN.
+LIMITER_CASES: list[tuple[Any, ...]] = [
+    ((4, 1, 2500), [0.0, 2.0, 0.5, -1.0], [1.0, 1.0, 3.0, 2.0], 1.01),
+    ((3, 700, 1), [1.0, 1.0, 0.0], [0.0, float("nan"), 0.0], 1.01),
+    ((2, 1, 5), [1.0, 3.0], [2.0, 1.0], None),
+    ((1, 1, 1), [0.25], [0.75], 2.0),
+]
+
+
+def eager_limiter(
+    ratio: Tensor, previous: Tensor, update_norm: Tensor, limit: float | None, lr_scale: float
+) -> Tensor:
+    """The eager branch of `scaling_factors` from the limiter on, as written there."""
+    k = ratio.shape[0]
+    if limit is not None:
+        factor = torch.where(previous > 0, (limit * previous / update_norm).clamp(max=1.0), 1.0)
+        torch.mul(update_norm, factor, out=previous)
+        ratio = ratio * factor.view(k, 1, 1)
+    else:
+        previous.copy_(update_norm)
+    return ratio.mul_(lr_scale)
+
+
+def limiter_outputs(case: tuple[Any, ...], device: torch.device, fused: bool) -> list[Tensor]:
+    shape, previous, norms, limit = case
+    generator = torch.Generator().manual_seed(3)
+    ratio = torch.rand(shape, generator=generator).to(device)
+    previous_t = torch.tensor(previous, dtype=torch.float32, device=device)
+    norms_t = torch.tensor(norms, dtype=torch.float32, device=device)
+    run = moments_kernel.limit_and_scale_ if fused else eager_limiter
+    out = run(ratio, previous_t, norms_t, limit, 1e-3 * 2.0)
+    return [out.cpu(), previous_t.cpu()]
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+LIMITER_CHILD = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import torch
+from test_moments_kernel import LIMITER_CASES, limiter_outputs, same_bits
+for index, case in enumerate(LIMITER_CASES):
+    fused, eager = (limiter_outputs(case, torch.device("cpu"), f) for f in (True, False))
+    print(f"RESULT|{{index}}|{{all(same_bits(a, b) for a, b in zip(fused, eager))}}")
+"""
+
+
+@needs_triton
+def test_the_interpreted_limiter_gives_the_eager_bits() -> None:
+    results = {int(index): same == "True" for index, same in interpreted_results(LIMITER_CHILD)}
+    assert results == dict.fromkeys(range(len(LIMITER_CASES)), True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or rounding.triton is None, reason="needs CUDA and triton")
+@pytest.mark.parametrize("case", LIMITER_CASES)
+def test_the_cuda_limiter_gives_the_eager_bits(case: tuple[Any, ...]) -> None:
+    fused, eager = (limiter_outputs(case, torch.device("cuda"), f) for f in (True, False))
+    assert all(same_bits(a, b) for a, b in zip(fused, eager, strict=True))
+
+
+@pytest.mark.parametrize(
+    "change", ["none", "cpu", "fp64", "strided", "norms-shape"], ids=lambda c: f"limiter-{c}"
+)
+def test_which_tensors_the_limiter_kernel_takes(change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: change != "cpu"), raising=False)
+    ratio, previous, norms = torch.zeros(3, 1, 8), torch.zeros(3), torch.zeros(3)
+    if change == "fp64":
+        previous = previous.double()
+    if change == "strided":
+        ratio = torch.zeros(3, 1, 16)[:, :, ::2]
+    if change == "norms-shape":
+        norms = torch.zeros(3, 1)
+    expected = change == "none" and rounding.triton is not None
+    assert moments_kernel.limiter_fusable(ratio, previous, norms) == expected

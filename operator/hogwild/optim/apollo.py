@@ -305,10 +305,12 @@ class Apollo(Optimizer):
         per-gradient path keeps its own matmuls, and on CPU both are bit for bit what they were.
         """
         params, states = bucket.params, bucket.states
-        m, n = grads[0].shape
+        # (a stacked tensor's shape and dtype read without `grads[0]`, which would be an op: a select)
+        m, n = grads.shape[1:] if isinstance(grads, Tensor) else grads[0].shape
         wide = m <= n
         if group["scale_type"] == "channel" and kernels.fusable_projection(grads, group["rank"]):
-            stacked = self._bucket_projection(bucket, steps, group, grads[0].dtype)
+            dtype = grads.dtype if isinstance(grads, Tensor) else grads[0].dtype
+            stacked = self._bucket_projection(bucket, steps, group, dtype)
             return kernels.project_with_norms(stacked, grads)
         if isinstance(grads, Tensor):
             stacked = self._bucket_projection(bucket, steps, group, grads.dtype)

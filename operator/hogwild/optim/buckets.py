@@ -240,7 +240,7 @@ def scaling_factors(
     CUDA that takes one kernel with the ratio (see `_moments_and_ratio`).
     """
     k, scale = r.shape[0], group["scale"]
-    m, n = grads[0].shape
+    m, n = grads.shape[1:] if isinstance(grads, Tensor) else grads[0].shape  # (grads[0] of a tensor: an op)
     stacked = isinstance(grads, Tensor)
     if group["scale_type"] == "channel":
         # Step 4 (channel-wise): one factor per column (or row) of the larger side.
@@ -268,6 +268,8 @@ def scaling_factors(
     # Step 5 is the scale; step 6, the norm-growth limiter, compares with the previous step's update.
     limit, previous = group["norm_growth_limit"], bucket.update_norm
     assert previous is not None
+    if moments_kernel.limiter_fusable(ratio, previous, update_norm):
+        return moments_kernel.limit_and_scale_(ratio, previous, update_norm, limit, group["lr"] * scale)
     if limit is not None:
         factor = torch.where(previous > 0, (limit * previous / update_norm).clamp(max=1.0), 1.0)
         torch.mul(update_norm, factor, out=previous)  # the product, written where a copy_ would put it

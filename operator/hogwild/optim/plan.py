@@ -25,6 +25,10 @@ from hogwild.optim.buckets import MomentBucket, same_shape_groups
 from hogwild.optim.rounding import UpdateCache
 
 _GRAD = operator.attrgetter("grad")
+# Calls each weak reference: `operator.call` from Python 3.11, the slower methodcaller on 3.10.
+_CALL: Callable[[Callable[[], Tensor | None]], Tensor | None] = getattr(
+    operator, "call", operator.methodcaller("__call__")
+)
 
 
 @dataclass
@@ -38,7 +42,7 @@ class Bucket:
     seeds: list[int]  # each member's state["seed"]: the rounding noise derives from it
     moments: MomentBucket | None = None  # valid while `intact` (see apollo.Apollo._moments)
     update: UpdateCache = field(default_factory=UpdateCache)  # see rounding.UpdateCache
-    # (the members' refresh keys, their projections stacked): see apollo.Apollo._stacked_projection
+    # ((rank, dtype, refresh period), the members' projections stacked): see apollo.Apollo._bucket_projection
     projection: tuple[tuple[Any, ...], Tensor] | None = None
 
 
@@ -68,7 +72,8 @@ def fits(plan: GroupPlan, group: Mapping[str, Any], start: int) -> bool:
     Why: at 1.5B building the signature (~340 gradients) each step was a visible share of the step's host
     time. When every gradient is the very tensor the plan saw (a prepared buffer's views, or gradients a
     loop keeps), only the parameters and the few numbers are compared; otherwise the signature is taken
-    and the plan remembers the new gradients if it still fits.
+    and the plan remembers the new gradients if it still fits. A gradient whose dtype or layout changes
+    in place (`grad.data = ...` of another dtype) counts as unchanged, as a parameter's does for the plan.
     """
     params = group["params"]
     old = plan.signature
@@ -80,7 +85,7 @@ def fits(plan: GroupPlan, group: Mapping[str, Any], start: int) -> bool:
     ):
         return False
     grads = list(map(_GRAD, params))
-    same = len(plan.grads) == len(grads) and all(map(operator.is_, grads, map(operator.call, plan.grads)))
+    same = len(plan.grads) == len(grads) and all(map(operator.is_, grads, map(_CALL, plan.grads)))
     # A gradient that was dropped since and freed reads None from its reference too: the count tells.
     if same and sum(map(operator.is_, grads, itertools.repeat(None))) == old[4].count(None):
         return tuple(map(id, params)) == old[3]
