@@ -18,13 +18,12 @@ import pytest
 import torch
 
 from hogwild.optim import Apollo, rounding
-from test_apollo_plan import Unplanned, give_grads, make_params
+from test_apollo_plan import Change, Unplanned, drop_grad, give_grads, make_params, replace_grad, set_group
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import apollo_host
 
 HYPER: dict[str, Any] = {"lr": 1e-2, "rank": 4, "update_proj_gap": 3, "weight_decay": 0.1}
-Change = Callable[[Apollo, list[torch.nn.Parameter]], object]
 
 
 def move_storage(index: int) -> Change:
@@ -33,21 +32,6 @@ def move_storage(index: int) -> Change:
 
     change.same_values = True  # type: ignore[attr-defined]  # (only a pointer table can tell)
     return change
-
-
-def replace_grad(index: int) -> Change:
-    def change(optimizer: Apollo, params: list[torch.nn.Parameter]) -> None:
-        params[index].grad = params[index].grad.mul(3)  # type: ignore[union-attr]
-
-    return change
-
-
-def drop_grad(index: int) -> Change:
-    return lambda optimizer, params: setattr(params[index], "grad", None)
-
-
-def set_group(**values: Any) -> Change:
-    return lambda optimizer, params: optimizer.param_groups[0].update(values)
 
 
 def reseed(optimizer: Apollo, params: list[torch.nn.Parameter]) -> None:
