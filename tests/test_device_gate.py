@@ -222,3 +222,33 @@ def test_work_after_a_point_waits_in_the_gpu_while_the_server_is_busy(tmp_path: 
         if release != "close":
             device.close(torch.cuda.synchronize)
         server.close()
+
+
+@pytest.mark.gpu
+@cuda
+def test_a_restarted_server_s_new_hint_file_is_followed(tmp_path: Path) -> None:
+    """vLLM restarted: its new LoadHint replaces the file. The watchdog page-locks the new one (on its own
+    thread, which needs the CUDA context) and the GPU waits on the new server's byte."""
+    from hogwild.worker.device_gate import WATCH_S, try_device_gate
+    from hogwild.worker.protection import GateStats
+
+    directory = _hint_dir(tmp_path)
+    first = LoadHint(directory / serving_load.HINT_NAME)
+    target = torch.zeros(1 << 20, device="cuda")
+    device = try_device_gate(directory / serving_load.HINT_NAME, DEFAULT, GateStats())
+    assert device is not None
+    first.close()
+    second = LoadHint(directory / serving_load.HINT_NAME)  # a new file at the same path
+    second.set(1)
+    time.sleep(20 * WATCH_S)  # the watchdog notices the new inode
+    device.wait_here()
+    target.fill_(1.0)
+    done = torch.cuda.Event()
+    done.record()
+    try:
+        assert not _finished_within(done, 0.1), "the new server's busy byte did not hold the stream"
+        second.set(0)
+        assert _finished_within(done, 2.0)
+    finally:
+        device.close(torch.cuda.synchronize)
+        second.close()

@@ -178,8 +178,12 @@ class DeviceGate:
         current_stream: Callable[[], int],
         stats: GateStats,
         stale_s: float = serving_load.HINT_STALE_S,
+        bind_context: Callable[[], None] = lambda: None,
     ) -> None:
+        """`bind_context` makes the CUDA context current on the watchdog thread, which page-locks the new hint
+        file when a restarted server replaces it (a driver call needs a current context)."""
         self.path = Path(hint_path)
+        self._bind_context = bind_context
         self.settings = settings
         self.stale_s = stale_s
         self._current_stream = current_stream
@@ -191,6 +195,7 @@ class DeviceGate:
         self._accounted_at = time.monotonic()
         self._last_point = -math.inf  # the trainer counts as active for ACTIVE_S after a point
         self._busy_since: float | None = None
+        self._failed_inode: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="device-gate", daemon=True)
         self._tick(time.monotonic())  # the trainer's byte is right before the first wait is enqueued
@@ -212,6 +217,10 @@ class DeviceGate:
         self.settings = settings
 
     def _watch(self) -> None:
+        try:
+            self._bind_context()
+        except Exception:  # then a replaced hint file cannot be followed; _follow_file keeps the old one
+            log.exception("device gate watchdog: no CUDA context on its thread")
         while not self._stop.wait(WATCH_S):
             try:
                 self._tick(time.monotonic())
@@ -256,11 +265,14 @@ class DeviceGate:
             inode = os.stat(self.path).st_ino
         except OSError:
             return
-        if inode == self._hint.inode:
+        if inode in (self._hint.inode, self._failed_inode):
             return
         try:
             fresh = _PinnedHint(self._driver, self.path)
-        except (OSError, ValueError, DeviceGateError):
+        except (OSError, ValueError, DeviceGateError) as err:
+            if inode != self._failed_inode:  # say it once per file, not every tick
+                log.warning("device gate: cannot follow the replaced hint file: %s", err)
+                self._failed_inode = inode
             return
         old, self._hint = self._hint, fresh
         old.set_open(True)  # waits enqueued on it pass; it stays registered until close (they may be pending)
@@ -287,7 +299,14 @@ def try_device_gate(
     if not (torch.cuda.is_available() and torch.cuda.is_initialized() and Path(hint_path).exists()):
         return None
     torch.cuda.synchronize()  # the driver calls below need this thread's CUDA context current
+    device = torch.cuda.current_device()
     try:
-        return DeviceGate(hint_path, settings, lambda: int(torch.cuda.current_stream().cuda_stream), stats)
+        return DeviceGate(
+            hint_path,
+            settings,
+            lambda: int(torch.cuda.current_stream().cuda_stream),
+            stats,
+            bind_context=lambda: torch.cuda.set_device(device),
+        )
     except (OSError, ValueError) as err:
         raise DeviceGateError(str(err)) from err
