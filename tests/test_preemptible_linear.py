@@ -111,6 +111,18 @@ def test_pieces_give_the_same_outputs_and_gradients_as_linear(
         torch.testing.assert_close(inputs.grad, input_grad_expected, rtol=1e-14, atol=1e-14)
 
 
+def test_no_pieces_while_protection_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`active` false (the worker passes "protection is on"): torch's own linear, whatever the size."""
+    monkeypatch.setattr(preemptible_linear, "PIECE_FLOPS", 1.0)
+    layer = torch.nn.Linear(8, 8)
+    inputs = torch.randn(4, 8, requires_grad=True)
+    protecting = [False]
+    forward = piecewise_forward(layer, lambda: None, lambda: protecting[0])
+    assert "PiecewiseLinear" not in type(forward(inputs).grad_fn).__name__
+    protecting[0] = True
+    assert "PiecewiseLinear" in type(forward(inputs).grad_fn).__name__
+
+
 def test_small_matmuls_take_torchs_own_linear() -> None:
     layer = torch.nn.Linear(8, 8)
     inputs = torch.randn(4, 8, requires_grad=True)

@@ -109,13 +109,16 @@ class _PiecewiseLinear(torch.autograd.Function):
         return grad_inputs, grad_weight, grad_bias, None
 
 
-def piecewise_forward(module: torch.nn.Linear, point: Callable[[], None]) -> Callable[[torch.Tensor], Any]:
-    """A replacement for `module.forward`: `_PiecewiseLinear` when this call's matmul exceeds PIECE_FLOPS
+def piecewise_forward(
+    module: torch.nn.Linear, point: Callable[[], None], active: Callable[[], bool] = lambda: True
+) -> Callable[[torch.Tensor], Any]:
+    """A replacement for `module.forward`: `_PiecewiseLinear` when `active()` (serving protection is on: the
+    pieces cost ~6 % of a 7B MLP's time, bench/gpu_pieces.py) and this call's matmul exceeds PIECE_FLOPS
     (decided per call: the token count varies), else torch's `F.linear`."""
 
     def forward(inputs: torch.Tensor) -> torch.Tensor:
         tokens = inputs.numel() // max(1, inputs.shape[-1])
-        if piece_count(tokens, module.in_features, module.out_features) == 1:
+        if not active() or piece_count(tokens, module.in_features, module.out_features) == 1:
             return F.linear(inputs, module.weight, module.bias)
         result: torch.Tensor = _PiecewiseLinear.apply(inputs, module.weight, module.bias, point)
         return result
@@ -123,10 +126,12 @@ def piecewise_forward(module: torch.nn.Linear, point: Callable[[], None]) -> Cal
     return forward
 
 
-def install(modules: list[torch.nn.Linear], point: Callable[[], None]) -> Callable[[], None]:
+def install(
+    modules: list[torch.nn.Linear], point: Callable[[], None], active: Callable[[], bool] = lambda: True
+) -> Callable[[], None]:
     """Give each module the piecewise forward (an instance attribute over the class's); returns an undo."""
     for module in modules:
-        module.forward = piecewise_forward(module, point)  # type: ignore[method-assign,assignment]
+        module.forward = piecewise_forward(module, point, active)  # type: ignore[method-assign,assignment]
 
     def remove() -> None:
         for module in modules:

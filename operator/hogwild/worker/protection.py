@@ -301,10 +301,12 @@ def install_preemption_points(
     granularity: str = "linear",
     embeddings: bool = True,
     split_matmuls: bool = True,
+    split_while: Callable[[], bool] = lambda: True,
 ) -> Callable[[], None]:
     """Call `point` before each block's forward and before its backward (see `preemption_blocks`); with
     "linear" granularity and `split_matmuls`, a projection's matmuls above `preemptible_linear.PIECE_FLOPS`
-    also run in pieces with a point before each (7B's MLP projections; none at 1.5B).
+    also run in pieces with a point before each (7B's MLP projections; none at 1.5B), on the calls made while
+    `split_while()` (the worker passes "serving protection is on").
 
     Returns a function that removes them again.
     """
@@ -325,9 +327,8 @@ def install_preemption_points(
         handles.append(block.register_forward_hook(after_forward))
     # The head too: a 512-row chunk of it (pieces.chunked_head_backward) is ~0.8 ms a matmul at 7B.
     linears = [b for b in blocks if isinstance(b, torch.nn.Linear)]
-    unsplit = (
-        preemptible_linear.install(linears, point) if split_matmuls and granularity == "linear" else None
-    )
+    splits = split_matmuls and granularity == "linear"
+    unsplit = preemptible_linear.install(linears, point, split_while) if splits else None
 
     def remove() -> None:
         for handle in handles:

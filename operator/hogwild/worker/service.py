@@ -75,6 +75,7 @@ class WorkerService:
             device=settings.device,
             trainer=self.trainer,
             preemption_point=self.gate.point,
+            protecting=lambda: self.gate.settings.yield_when_busy,
             metrics=metrics,
         )
         self.endpoints: dict[str, Any] = {}

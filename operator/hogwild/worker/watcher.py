@@ -37,12 +37,14 @@ class Watcher:
         trainer: Trainer,
         preemption_point: Callable[[], None],
         metrics: WorkerMetrics,
+        protecting: Callable[[], bool] = lambda: True,
     ) -> None:
         self.run_dir = run_dir
         self.checkpoint_dir = checkpoint_dir
         self.device = device
         self.trainer = trainer
         self.preemption_point = preemption_point
+        self.protecting = protecting  # whether serving protection is on now (hot): large matmuls split then
         self.metrics = metrics
         self.mapped: MappedModel | None = None
         self.mapping_error: str | None = None
@@ -87,7 +89,9 @@ class Watcher:
                 self.metrics.connected.set(0)
                 log.exception("mapping the weights failed", extra={"event": "map_failed"})
                 return
-            protection.install_preemption_points(mapped.module, self.preemption_point)
+            protection.install_preemption_points(
+                mapped.module, self.preemption_point, split_while=self.protecting
+            )
             self.trainer.attach(mapped.module, tokenizer, int(mapped.module.config.vocab_size))
             self.mapped, self.mapping_error, self._failed_map = mapped, None, None
             restored = self._restore_optimizer_state()
