@@ -190,7 +190,12 @@ class TrainLoop:
             if (granularity, embeddings, split) != self.granularity:
                 self.remove_points()
                 self.remove_points = install_preemption_points(
-                    self.mapped.module, self.point, granularity, embeddings, split
+                    self.mapped.module,
+                    self.point,
+                    granularity,
+                    embeddings,
+                    split,
+                    split_while=lambda: self.gate.settings.yield_when_busy,  # as the worker's watcher
                 )
                 self.granularity = (granularity, embeddings, split)
         if self.remove_tail is not None:
