@@ -140,6 +140,23 @@ def test_the_gate_starts_its_gpu_wait_when_it_can(
     assert device.closed is bool(gpu_waits)
 
 
+def test_a_failing_gpu_wait_falls_back_to_the_host_for_good() -> None:
+    from hogwild.worker.device_gate import DeviceGateError
+    from hogwild.worker.protection import ServingGate
+
+    class Failing(FakeDevice):
+        def wait_here(self) -> None:
+            raise DeviceGateError("cuStreamWaitValue32 failed with CUresult 999")
+
+    device = Failing()
+    idle = type("Idle", (), {"busy": lambda self: False})()
+    gate = ServingGate(idle, DEFAULT, device_factory=lambda: device)  # type: ignore[arg-type,return-value]
+    gate.point()
+    gate.point()
+    assert device.closed and gate.device is None
+    assert gate.stats.points == 2  # both points took the host path
+
+
 def test_turning_the_gpu_wait_off_hot_goes_back_to_the_host() -> None:
     from hogwild.worker.protection import ServingGate
 

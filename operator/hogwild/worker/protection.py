@@ -214,8 +214,15 @@ class ServingGate:
         if self.settings.gpu_wait:
             device = self.device or self._start_device()
             if device is not None:
-                device.wait_here()
-                return
+                try:
+                    device.wait_here()
+                    return
+                except Exception as err:  # a driver error mid-run: on the host from here on, never stuck
+                    log.warning(
+                        "serving protection goes back to the host: the GPU-side wait failed (%s)", err
+                    )
+                    self._device_factory = None
+                    self.close()
         self.stats.points += 1
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             self.queue.mark()
