@@ -29,8 +29,8 @@ class ServingProtection:
     what a server that never idles can take: the trainer stops waiting while it has waited more than
     1 - share of the recent wall time (0: serving may starve training). `gpu_wait` makes the points wait in
     the GPU stream itself where the driver allows (hogwild.worker.device_gate: the host keeps launching, so
-    training loses far less to the waits; on an H100 at 1.5B it kept 0.56 of its idle-server speed against
-    0.40 on the host, at the same serving p99), else on the host.
+    training loses far less to the waits; on an H100 at 1.5B, half-loaded, it kept 0.60 of its idle-server speed
+    against 0.42 on the host, at serving p99 1.09x against 1.11x: bench/RESULTS.md), else on the host.
     """
 
     max_duty_cycle: float = 1.0
