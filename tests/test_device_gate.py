@@ -9,6 +9,7 @@ the trainer's byte.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,15 @@ def _finished_within(event: torch.cuda.Event, seconds: float) -> bool:
     return event.query()
 
 
+def _kernel_after(point: Callable[[], None], target: torch.Tensor) -> torch.cuda.Event:
+    """`point()`, then a kernel that fills `target` with ones; returns an event recorded after the kernel."""
+    point()
+    target.fill_(1.0)
+    done = torch.cuda.Event()
+    done.record()
+    return done
+
+
 # How the held kernel is let through: the server goes idle, its hint goes stale, or protection is turned off.
 RELEASES = ["server-idle", "stale-hint", "protection-off", "close"]
 
@@ -220,10 +230,7 @@ def test_work_after_a_point_waits_in_the_gpu_while_the_server_is_busy(tmp_path: 
     )
     gate.use_device(device)
     server.set(1)  # a fresh update: the stale case counts from here
-    gate.point()
-    target.fill_(1.0)
-    done = torch.cuda.Event()
-    done.record()
+    done = _kernel_after(gate.point, target)
     try:
         assert not _finished_within(done, 0.1), "the kernel ran while the server was busy"
         if release == "server-idle":
@@ -258,14 +265,12 @@ def test_a_restarted_server_s_new_hint_file_is_followed(tmp_path: Path) -> None:
     second = LoadHint(directory / serving_load.HINT_NAME)  # a new file at the same path
     second.set(1)
     time.sleep(20 * WATCH_S)  # the watchdog notices the new inode
-    device.wait_here()
-    target.fill_(1.0)
-    done = torch.cuda.Event()
-    done.record()
+    done = _kernel_after(device.wait_here, target)
     try:
         assert not _finished_within(done, 0.1), "the new server's busy byte did not hold the stream"
         second.set(0)
         assert _finished_within(done, 2.0)
+        assert float(target.sum()) == float(1 << 20)
     finally:
         device.close(torch.cuda.synchronize)
         second.close()
