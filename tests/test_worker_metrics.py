@@ -209,6 +209,38 @@ def test_a_step_is_counted_as_applied_or_skipped(skipped: bool, expected: dict[s
     assert {k: values[f"hogwild_worker_{k}_total"] for k in expected} == expected
 
 
+@pytest.mark.parametrize(
+    ("gate", "on_gpu", "expected"),
+    [
+        pytest.param(
+            None, False, {"points": 0.0, "holds": 0.0, "held_seconds": 0.0, "gpu": 0.0}, id="no-gate-yet"
+        ),
+        pytest.param(
+            SimpleNamespace(points=120, waits=7, waited_s=0.75, gave_up=1, share_kept=2),
+            True,
+            {"points": 120.0, "holds": 7.0, "held_seconds": 0.75, "gpu": 1.0, "max_wait": 1.0, "share": 2.0},
+            id="waiting-in-the-gpu",
+        ),
+    ],
+)
+def test_protection_counts_are_read_from_the_gate(
+    gate: Any, on_gpu: bool, expected: dict[str, float]
+) -> None:
+    metrics = WorkerMetrics()
+    if gate is not None:
+        metrics.watch_protection(lambda: gate, lambda: on_gpu)
+    values = parse(generate_latest(metrics.registry).decode())
+    names = {
+        "points": "hogwild_worker_protection_points_total",
+        "holds": "hogwild_worker_protection_holds_total",
+        "held_seconds": "hogwild_worker_protection_held_seconds_total",
+        "gpu": "hogwild_worker_protection_gpu_wait",
+        "max_wait": 'hogwild_worker_protection_released_total{reason="max_wait"}',
+        "share": 'hogwild_worker_protection_released_total{reason="share"}',
+    }
+    assert {key: values[names[key]] for key in expected} == expected
+
+
 def test_each_worker_has_its_own_registry() -> None:
     first, second = WorkerMetrics(), WorkerMetrics(CollectorRegistry())
     first.observe_step(stats(False))

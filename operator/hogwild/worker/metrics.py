@@ -10,20 +10,73 @@ step that no checkpoint has, 0 when a checkpoint holds everything: it comes from
 (hogwild.worker.persistence), so it survives a worker restart, stays put through a failed checkpoint and
 drops to 0 with a successful one. A skipped step (loss or gradient not finite) changes no weight and sets
 nothing.
+
+Serving protection's counts (`protection_*`) are read from the serving gate at scrape time: how often training
+was held for serving and for how long, the holds cut short (`max_wait`, `share`), and whether the points wait in
+the GPU stream (hogwild.worker.device_gate) or on the host.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from hogwild.config import TrainingConfig
 from hogwild.worker.trainer import StepStats
 
 PREFIX = "hogwild_worker_"
 STEP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _ProtectionCollector:
+    """The serving gate's counts (`protection.GateStats`: points, waits, waited_s, gave_up, share_kept), read
+    when Prometheus scrapes; zeros until a gate is attached (`WorkerMetrics.watch_protection`)."""
+
+    def __init__(self) -> None:
+        self.stats: Callable[[], Any] = lambda: None
+        self.on_gpu: Callable[[], bool] = lambda: False
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(None, False)
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self.stats(), self.on_gpu())
+
+    @staticmethod
+    def _families(stats: Any, on_gpu: bool) -> Iterator[Metric]:
+        def count(name: str) -> float:
+            return float(getattr(stats, name, 0) or 0)
+
+        yield CounterMetricFamily(
+            PREFIX + "protection_points", "Preemption points the trainer passed", value=count("points")
+        )
+        yield CounterMetricFamily(
+            PREFIX + "protection_holds",
+            "Times serving was busy at a point and held training",
+            value=count("waits"),
+        )
+        yield CounterMetricFamily(
+            PREFIX + "protection_held_seconds",
+            "Seconds training was held for serving",
+            value=count("waited_s"),
+        )
+        released = CounterMetricFamily(
+            PREFIX + "protection_released",
+            "Holds cut short: max_wait_s of busy, or to keep min_training_share",
+            labels=["reason"],
+        )
+        released.add_metric(["max_wait"], count("gave_up"))
+        released.add_metric(["share"], count("share_kept"))
+        yield released
+        yield GaugeMetricFamily(
+            PREFIX + "protection_gpu_wait",
+            "1 while the preemption points wait in the GPU stream, 0 on the host",
+            value=float(on_gpu),
+        )
 
 
 class WorkerMetrics:
@@ -75,6 +128,12 @@ class WorkerMetrics:
         self.requests = counter("requests", "Requests received, by type", ("type",))
         self.train_requests = counter("train_requests", "Train requests finished, by result", ("result",))
         self.remaps = counter("remaps", "Times the weights were (re)mapped after the exporter changed")
+        self._protection = _ProtectionCollector()
+        r.register(self._protection)
+
+    def watch_protection(self, stats: Callable[[], Any], on_gpu: Callable[[], bool]) -> None:
+        """Export serving protection's counts: `stats()` returns the gate's GateStats at scrape time."""
+        self._protection.stats, self._protection.on_gpu = stats, on_gpu
 
     def _checkpoint_age_s(self) -> float:
         return time.time() - self._last_checkpoint_time if self._last_checkpoint_time else 0.0

@@ -67,6 +67,7 @@ class WorkerService:
         self.gate = protection.ServingGate(
             probe, config.protection, device_factory=start_device_gate if with_hint else None
         )
+        metrics.watch_protection(lambda: self.gate.stats, lambda: self.gate.device is not None)
         # The same points inside the pieces no module hook cuts: head and loss, clip, optimizer step.
         self.trainer.preemption_point = self.gate.point
         self.watcher = Watcher(
