@@ -35,7 +35,7 @@ from typing import Any
 
 from hogwild.config import ServingProtection
 from hogwild.worker import serving_load
-from hogwild.worker.protection import SHARE_WINDOW_S, GateStats
+from hogwild.worker.protection import GateStats, TrailingFraction
 
 log = logging.getLogger("hogwild.worker")
 
@@ -191,8 +191,7 @@ class DeviceGate:
         self._hint = _PinnedHint(self._driver, self.path)
         self._retired: list[_PinnedHint] = []  # earlier files (a restarted server): open, kept registered
         self.stats = stats
-        self.waited_fraction = 0.0
-        self._accounted_at = time.monotonic()
+        self.held = TrailingFraction(time.monotonic())  # of wall time the gate held an active trainer
         self._last_point = -math.inf  # the trainer counts as active for ACTIVE_S after a point
         self._busy_since: float | None = None
         self._failed_inode: int | None = None
@@ -241,7 +240,7 @@ class DeviceGate:
             self._busy_since = now
             if training:
                 self.stats.waits += 1
-        seen = Observation(busy, stale, now - (self._busy_since or now), self.waited_fraction)
+        seen = Observation(busy, stale, now - (self._busy_since or now), self.held.value)
         reason = run_anyway(self.settings, seen)
         if reason == "max_wait":
             self.stats.gave_up += 1
@@ -249,13 +248,8 @@ class DeviceGate:
         elif reason == "share":
             self.stats.share_kept += 1
         self._hint.set_open(reason is not None)
-        self._account(now, held=busy and reason is None and training)
-
-    def _account(self, now: float, held: bool) -> None:
-        elapsed = max(0.0, now - self._accounted_at)
-        self._accounted_at = now
-        keep = math.exp(-elapsed / SHARE_WINDOW_S)
-        self.waited_fraction = self.waited_fraction * keep + (1.0 - keep) * float(held)
+        held = busy and reason is None and training
+        elapsed = self.held.add(now, inside=held)
         if held:
             self.stats.waited_s += elapsed
 

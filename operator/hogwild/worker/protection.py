@@ -128,6 +128,23 @@ class ChunkQueue:
             self._last_done = done
 
 
+class TrailingFraction:
+    """The fraction of recent wall time spent in some state (waiting, held): an exponential average with time
+    constant SHARE_WINDOW_S, which `min_training_share` is checked against."""
+
+    def __init__(self, now: float) -> None:
+        self.value = 0.0
+        self._at = now
+
+    def add(self, now: float, inside: bool) -> float:
+        """Fold the time since the last call in, as spent inside the state or not; returns that time."""
+        elapsed = max(0.0, now - self._at)
+        keep = math.exp(-elapsed / SHARE_WINDOW_S)
+        self.value = self.value * keep + (1.0 - keep) * float(inside)
+        self._at = now
+        return elapsed
+
+
 class ServingGate:
     """Preemption points for the training step; see the module docstring."""
 
@@ -151,25 +168,17 @@ class ServingGate:
         self._device_factory = device_factory
         self._device_retry_at = 0.0
         self._clock, self._sleep = clock, sleep
-        # Trailing fraction of wall time spent waiting at points (an exponential average over SHARE_WINDOW_S).
-        self.waited_fraction = 0.0
-        self._fraction_at = clock()
-
-    def _account(self, now: float, waiting: bool) -> None:
-        """Fold the time since the last call into the trailing waited fraction (as waiting, or not)."""
-        keep = math.exp(-max(0.0, now - self._fraction_at) / SHARE_WINDOW_S)
-        self.waited_fraction = self.waited_fraction * keep + (1.0 - keep) * float(waiting)
-        self._fraction_at = now
+        self.waited = TrailingFraction(clock())  # of wall time spent waiting at points
 
     def _wait_allowed_s(self) -> float:
         """How long a wait may last before the waited fraction reaches 1 - min_training_share."""
         share = self.settings.min_training_share
         if share <= 0.0:
             return self.settings.max_wait_s
-        if self.waited_fraction >= 1.0 - share:
+        if self.waited.value >= 1.0 - share:
             return 0.0
         # Waiting moves the fraction toward 1 as 1 - (1 - f) exp(-t / window): solve for the threshold.
-        until_limit = SHARE_WINDOW_S * math.log((1.0 - self.waited_fraction) / share)
+        until_limit = SHARE_WINDOW_S * math.log((1.0 - self.waited.value) / share)
         return min(self.settings.max_wait_s, until_limit)
 
     def update(self, settings: ServingProtection) -> None:
@@ -227,7 +236,7 @@ class ServingGate:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             self.queue.mark()
         started = self._clock()
-        self._account(started, waiting=False)  # since the last point: training (or idle between steps)
+        self.waited.add(started, inside=False)  # since the last point: training (or idle between steps)
         if not self.probe.busy():
             return
         allowed = self._wait_allowed_s()
@@ -243,7 +252,7 @@ class ServingGate:
                 break
             self._sleep(POLL_S)
         ended = self._clock()
-        self._account(ended, waiting=True)
+        self.waited.add(ended, inside=True)
         self.queue.waited()
         self.stats.waits += 1
         self.stats.waited_s += ended - started
