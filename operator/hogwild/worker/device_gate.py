@@ -126,7 +126,8 @@ class _PinnedHint:
         with open(path, "r+b") as f:
             self.inode = os.fstat(f.fileno()).st_ino
             self.map = mmap.mmap(f.fileno(), serving_load.HINT_BYTES)
-        if serving_load.hint_version(self.map[: serving_load.GATE_OFFSET]) != serving_load.GATE_VERSION:
+        version = serving_load.hint_version(self.map[: serving_load.GATE_OFFSET])
+        if version is None or version < serving_load.GATE_VERSION:
             self.map.close()
             raise DeviceGateError(f"{path} has no gate word (a server from before hint version 2)")
         self.view = (ctypes.c_char * serving_load.HINT_BYTES).from_buffer(self.map)

@@ -85,11 +85,9 @@ def hint_version(buffer: bytes) -> int | None:
 
 def read_hint(buffer: bytes) -> tuple[int, float] | None:
     """(requests in flight, wall time of the update) from a hint file's bytes, or None if it is not one."""
-    if len(buffer) < _HINT.size:
+    if hint_version(buffer) not in _VERSIONS:
         return None
-    magic, version, active, _, updated = _HINT.unpack_from(buffer)
-    if magic != _HINT_MAGIC or version not in _VERSIONS:
-        return None
+    _, _, active, _, updated = _HINT.unpack_from(buffer)
     return int(active), float(updated)
 
 
