@@ -5,9 +5,10 @@ Each comes whole or preemptible. Whole is one long piece of GPU work (the head, 
 are ~10 ms at 1.5B and 4k tokens; the clip ~18 ms at 7B). Preemptible (`chunked_head_backward`,
 `preemptible_clip`, `UpdateNormSample` with a point; `hogwild.worker.protection` supplies the point) is the
 same arithmetic in chunks (`in_pieces`) with a preemption point before each, so a serving step that arrives
-waits for one chunk, not the whole piece. The trainer passes a point (the preemptible form) only while serving protection's
-`yield_when_busy` is on: the bench measured that the default protection needs both pieces preemptible
-(bench/RESULTS.md, "Serving protection"), and with protection off the whole form costs nothing extra.
+waits for one chunk, not the whole piece. The trainer passes a point (the preemptible form) only while
+serving protection's `yield_when_busy` is on: the bench measured that the default protection needs both
+pieces preemptible (bench/RESULTS.md, "Serving protection"), and with protection off the whole form costs
+nothing extra.
 """
 
 from __future__ import annotations

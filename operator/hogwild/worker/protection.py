@@ -26,8 +26,8 @@ training work running when a serving step arrives:
 
 Measured on an H100 (bench/RESULTS.md), half-capacity load: waiting in the GPU, serving p99 rose 1.06-1.09x at
 1.5B and 1.13-1.14x at 7B while training kept 0.57-0.62 and 0.49-0.50 of its idle-server speed; waiting on the
-host, 1.11-1.12x and 1.17-1.19x, kept 0.42-0.50 and 0.49-0.51. Layer-level points alone gave about 2x, a 50 % duty cycle 7x,
-and no protection let the serving queue grow without bound.
+host, 1.11-1.12x and 1.17-1.19x, kept 0.42-0.50 and 0.49-0.51. Layer-level points alone gave about 2x, a 50 %
+duty cycle 7x, and no protection let the serving queue grow without bound.
 
 Settings come from `hogwild.config.ServingProtection` and apply hot (`ServingGate.update`). With
 `yield_when_busy` off, a point costs one Python call and does nothing.
