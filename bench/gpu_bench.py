@@ -364,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         "--mps", type=int, default=0, help="interference under a user-space MPS daemon, trainer at this SM %%"
     )
     parser.add_argument(
+        "--repeat", type=int, default=1, help="interference: measure each candidate this many times in turn"
+    )
+    parser.add_argument(
         "--timeline", action="store_true", help="interference: join slow requests with the trainer's points"
     )
     parser.add_argument("--table", action="store_true", help="re-render the table in bench/RESULTS.md")

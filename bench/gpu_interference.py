@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpu_clocks import ClockSampler
 from gpu_common import Child, log, now_s
 
 if TYPE_CHECKING:  # gpu_bench imports this module: the type only, no import cycle at run time
@@ -114,6 +115,7 @@ def interference(ctx: Context, trainer_env: dict[str, str] | None = None) -> dic
     log(f"trainer ready: {trainer.ready}")
     window_s, idle_s = args.window_s, args.idle_s
     small = ctx.shape == "tiny"
+    clocks = ClockSampler(now_s)
     try:
         figures: dict[str, Any] = {}
         capacity = server.call("load", mode="saturate", seconds=window_s)
@@ -147,12 +149,25 @@ def interference(ctx: Context, trainer_env: dict[str, str] | None = None) -> dic
             "serve_arrivals": args.arrivals,
             "serve_p50_ms_alone": alone["p50_ms"],
             "serve_p99_ms_alone": alone["p99_ms"],
+            "serve_service_p50_ms_alone": alone["service_p50_ms"],
+            "serve_busy_fraction_alone": alone["busy_fraction"],
+            "clocks": {
+                "saturated_alone": clocks.window(capacity["begin"], capacity["end"]),
+                "saturated_training": clocks.window(saturated["begin"], saturated["end"]),
+                "half_load_alone": clocks.window(alone["begin"], alone["end"]),
+            },
         })  # fmt: skip
+        log(f"clocks: {json.dumps(figures['clocks'])}")
         curve = []
         wanted = args.candidates.split(",") if args.candidates else [c[0] for c in CANDIDATES]
-        for name, protection, micro, seq, accumulation in CANDIDATES:
-            if name not in wanted:
-                continue
+        # `--repeat N` measures each candidate N times in turn; repeats are named `name#2`, `name#3`, ...
+        runs = [
+            (f"{name}#{n}" if n > 1 else name, *rest)
+            for n in range(1, args.repeat + 1)
+            for name, *rest in CANDIDATES
+            if name in wanted
+        ]
+        for name, protection, micro, seq, accumulation in runs:
             if small:
                 micro, seq = 1, 64
             trainer.call(
@@ -161,7 +176,8 @@ def interference(ctx: Context, trainer_env: dict[str, str] | None = None) -> dic
             )  # fmt: skip
             begin = now_s()
             time.sleep(idle_s)
-            idle = trainer.call("rate", begin=begin, end=now_s())
+            idle_end = now_s()
+            idle = trainer.call("rate", begin=begin, end=idle_end)
             loaded = server.call(
                 "load", mode=args.arrivals, rate=half, seconds=window_s, detail=args.timeline
             )
@@ -179,6 +195,11 @@ def interference(ctx: Context, trainer_env: dict[str, str] | None = None) -> dic
                 "kept_fraction": busy["tokens_per_s"] / idle["tokens_per_s"] if idle["tokens_per_s"] else None,
                 "train_steps_loaded": busy["steps"], "serve_steps": loaded["steps"], "gate": stopped,
                 "serve_p99_ms_alone": alone["p99_ms"], "date": time.strftime("%Y-%m-%d"),
+                **strict_yield_figures(loaded, busy["tokens_per_s"], idle["tokens_per_s"]),
+                "clocks": {
+                    "idle_server": clocks.window(begin, idle_end),
+                    "loaded": clocks.window(loaded["begin"], loaded["end"]),
+                },
             }  # fmt: skip
             log(f"candidate {name}: {json.dumps(row)}")
             curve.append(row)
@@ -188,7 +209,24 @@ def interference(ctx: Context, trainer_env: dict[str, str] | None = None) -> dic
         figures.update(default_figures(curve, DEFAULT_CANDIDATE))
         return figures
     finally:
+        clocks.close()
         trainer.close()
+
+
+def strict_yield_figures(
+    loaded: dict[str, Any], loaded_rate: float, idle_rate: float
+) -> dict[str, float | None]:
+    """What a trainer that never runs beside serving can keep at most: the share of the window the server was
+    not busy (its steps' service time under training, so including any clock drop the training causes), and
+    how much of that ceiling the row reached."""
+    ceiling = 1.0 - loaded["busy_fraction"]
+    kept = loaded_rate / idle_rate if idle_rate else None
+    return {
+        "serve_service_p50_ms": loaded["service_p50_ms"],
+        "serve_busy_fraction": loaded["busy_fraction"],
+        "strict_yield_ceiling": ceiling,
+        "kept_of_ceiling": kept / ceiling if kept is not None and ceiling > 0 else None,
+    }
 
 
 def write_collisions(ctx: Context, name: str, loaded: dict[str, Any], timeline: dict[str, Any]) -> None:

@@ -31,6 +31,12 @@ def _row_ratio(entry: Mapping[str, Any], name: Any) -> str:
     return "–" if row is None else f"{row['p99_ratio']:.2f}x"
 
 
+def _default_row(entry: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The curve row of the default protection setting, or an empty one."""
+    name = entry.get("protection_default")
+    return next((r for r in entry.get("protection_curve") or [] if r["name"] == name), {})
+
+
 Row = tuple[str, Callable[[Mapping[str, Any]], str], str]
 ROWS: list[Row] = [
     ("device", lambda r: str(r.get("device", "–")), ""),
@@ -110,6 +116,23 @@ ROWS: list[Row] = [
         ),
         ">= 0.50",
     ),
+    (
+        "strict-yield ceiling at the default (1 - serving's busy share beside training)",
+        lambda r: _num(_default_row(r).get("strict_yield_ceiling"), "{:.3f}"),
+        "",
+    ),
+    (
+        "SM clock, MHz: half load alone / saturated alone / loaded at the default",
+        lambda r: " / ".join(
+            _num(c.get("sm_mhz_median"), "{:.0f}")
+            for c in (
+                (r.get("clocks") or {}).get("half_load_alone") or {},
+                (r.get("clocks") or {}).get("saturated_alone") or {},
+                (_default_row(r).get("clocks") or {}).get("loaded") or {},
+            )
+        ),
+        "",
+    ),
 ]
 
 
@@ -139,8 +162,8 @@ def train_table(results: Mapping[str, Any]) -> str:
 
 
 CURVE_HEADER = [
-    "| shape | candidate | settings | micro-batch x accumulation | serve p50 ms | serve p99 ms | p99 alone ms (same run) | p99 ratio | train tok/s idle server | train tok/s loaded | kept | date |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| shape | candidate | settings | micro-batch x accumulation | serve p50 ms | serve p99 ms | p99 alone ms (same run) | p99 ratio | train tok/s idle server | train tok/s loaded | kept | strict-yield ceiling | date |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
 ]
 
 
@@ -151,7 +174,8 @@ def _curve_line(shape: str, row: Mapping[str, Any], mark: str = "") -> str:
         f"| {shape} | {row['name']}{mark} | {settings} | {micro} | {row['serve_p50_ms']:.1f} | "
         f"{row['serve_p99_ms']:.1f} | {_num(row.get('serve_p99_ms_alone'), '{:.1f}')} | {row['p99_ratio']:.2f}x | "
         f"{row['train_tokens_per_s_idle_server']:,.0f} | {row['train_tokens_per_s_loaded_server']:,.0f} | "
-        f"{_num(row.get('kept_fraction'), '{:.2f}')} | {row.get('date', '2026-11-26')} |"
+        f"{_num(row.get('kept_fraction'), '{:.2f}')} | {_num(row.get('strict_yield_ceiling'), '{:.3f}')} | "
+        f"{row.get('date', '2026-11-26')} |"
     )
 
 
