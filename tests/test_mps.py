@@ -24,6 +24,7 @@ from hogwild.local import serve
 from hogwild.local.session import LocalSession
 from hogwild.mps import MpsDirs
 from hogwild.mps_daemon import MpsDaemon, MpsError
+from hogwild.testing.children import child_env
 
 HOGWILD = (sys.executable, "-m", "hogwild.cli")
 
@@ -33,7 +34,13 @@ def run_hogwild(
 ) -> subprocess.CompletedProcess[str]:
     """The real CLI in a subprocess, as a user runs it; its exit code and output, never raising."""
     return subprocess.run(
-        [*HOGWILD, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+        [*HOGWILD, *args],
+        cwd=cwd,
+        env=child_env(env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 

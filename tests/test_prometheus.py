@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import yaml
 
 from hogwild.client import WorkerClient
 from hogwild.protocol import CheckpointRequest, ProtocolError, RestoreRequest, Sample, TrainRequest
+from hogwild.testing.children import child_env
 from hogwild.testing.exporter import ExporterProcess
 from hogwild.testing.tiny_model import TinySpec, cached
 from hogwild.testing.worker_process import WorkerProcess
@@ -115,7 +115,7 @@ class Processes:
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (the child keeps it)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ENV})
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(ENV))
         log.close()
         self.started.append(proc)
         return proc

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from hogwild import checkpoint
+from hogwild.testing.children import child_env
 from hogwild.vllm_plugin.launch import build_command, newest_checkpoint
 from hogwild.vllm_plugin.safety import unsafe_settings
 
@@ -159,6 +160,7 @@ def test_launcher_refuses_before_vllm_starts(tmp_path: Path, extra: list[str], n
         text=True,
         timeout=120,
         check=False,
+        env=child_env(),
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "refusing to start" in result.stderr and needle in result.stderr

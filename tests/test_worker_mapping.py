@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from hogwild.handles import Manifest
+from hogwild.testing.children import child_env
 from hogwild.testing.exporter import ExporterProcess, export, load_vllm_params
 from hogwild.testing.tiny_model import TinySpec, cached
 from hogwild.testing.vllm_layout import fused_forward
@@ -178,6 +179,7 @@ def test_mapping_allocates_no_second_copy_of_the_weights(tmp_path: Path) -> None
             text=True,
             timeout=300,
             check=True,
+            env=child_env(),
         )
     finally:
         exporter.close()
@@ -197,7 +199,7 @@ def test_prewarm_imports_loads_the_model_families_a_fresh_process_lacks() -> Non
         "print(json.dumps({'before': before, 'loaded': loaded, 'after': [n for n in names if n in sys.modules]}))\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True, env=child_env()
     )
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["before"] == []

@@ -6,17 +6,18 @@ will, for the GPU tests). The child prints one `RESULT|a|b|...` line per case; t
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from hogwild.testing.children import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def interpreted_results(code: str, timeout_s: float = 300) -> list[list[str]]:
     """Run `code` with TRITON_INTERPRET=1 and the package on the path; the fields of each RESULT line."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "operator")}
+    env = child_env({"TRITON_INTERPRET": "1"})
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s, check=False
     )

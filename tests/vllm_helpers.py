@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import time
 from pathlib import Path
 
 from hogwild.local.session import http_json, stop_group
+from hogwild.testing.children import child_env
 
 
 def free_port() -> int:
@@ -30,7 +30,7 @@ def complete(url: str, model: str, prompt: str, max_tokens: int = 8) -> str:
 
 
 def start_vllm(model: Path, state: Path, port: int, extra: list[str], token: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, HOGWILD_TOKEN=token, PYTHONUNBUFFERED="1")
+    env = child_env({"HOGWILD_TOKEN": token, "PYTHONUNBUFFERED": "1"})
     log = open(state / "vllm.log", "wb")  # noqa: SIM115 - the process owns it
     return subprocess.Popen(
         [

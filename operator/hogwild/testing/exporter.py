@@ -32,6 +32,8 @@ from typing import IO, Any
 
 import torch
 
+from hogwild.testing.children import child_env
+
 REPLY_PREFIX = "HOGWILD-EXPORTER "
 
 
@@ -204,7 +206,7 @@ class ExporterProcess:
             *extra_args,
         ]
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env(env)
         )
         self.run_dir = Path(run_dir)
         try:

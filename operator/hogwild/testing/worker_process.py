@@ -21,6 +21,7 @@ import zmq
 from hogwild import defaults
 from hogwild.auth import CurveKeys
 from hogwild.protocol import PROTOCOL_VERSION, ProtocolError, decode_reply, new_id
+from hogwild.testing.children import child_env
 
 
 class PendingCall:
@@ -94,9 +95,7 @@ class WorkerProcess:
             cmd += ["--curve-dir", str(curve_dir)]
         self.log_path = Path(log_path) if log_path else self.run_dir / "worker.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=child_env(env))
 
     def call(self, kind: str, wait_s: float = 60.0, **fields: Any) -> dict[str, Any]:
         """One request; `wait_s` is how long this client waits (a train's own `timeout_s` is a field)."""
