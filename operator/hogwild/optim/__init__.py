@@ -5,7 +5,7 @@
 weights without losing them.
 """
 
-from hogwild.optim.apollo import APOLLO_MINI_SCALE, Apollo, projection_matrix
+from hogwild.optim.apollo import APOLLO_MINI_SCALE, Apollo
 from hogwild.optim.factory import (
     OPTIMIZER_HOT_FIELDS,
     OPTIMIZER_RESET_FIELDS,
@@ -18,6 +18,7 @@ from hogwild.optim.factory import (
     state_bytes,
 )
 from hogwild.optim.hyperparameters import SCALE_TYPES, validate_hyperparameters
+from hogwild.optim.projections import projection_matrix
 from hogwild.optim.rounding import ROUNDINGS, apply_update_, apply_updates_, stochastic_round_bf16_
 
 __all__ = [

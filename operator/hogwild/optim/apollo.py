@@ -50,6 +50,7 @@ from hogwild.optim.buckets import (
     scaling_factors,
 )
 from hogwild.optim.hyperparameters import validate_hyperparameters
+from hogwild.optim.projections import Projections
 from hogwild.optim.rounding import apply_updates_, derive_seed
 
 APOLLO_MINI_SCALE = math.sqrt(128.0)
@@ -62,24 +63,6 @@ PREPARED_MAX_ELEMENTS = 1 << 22
 _STEP = operator.itemgetter("step")
 _EXP_AVG = operator.itemgetter("exp_avg")
 _COMPENSATION = operator.methodcaller("get", "compensation")
-
-
-def projection_matrix(
-    seed: int, refresh: int, shape: tuple[int, int], rank: int, device: torch.device
-) -> Tensor:
-    """The Gaussian projection of refresh period `refresh`: entries N(0, 1/rank), regenerated, never stored."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(derive_seed(seed, refresh, 0x9E0))
-    matrix = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-    return matrix.mul_(1.0 / math.sqrt(rank))
-
-
-_RefreshKey = tuple[int, int, int, torch.dtype]  # what a projection matrix depends on; see _refresh_key
-
-
-def _refresh_key(state: Mapping[str, Any], group: Mapping[str, Any], dtype: torch.dtype) -> _RefreshKey:
-    """(seed, refresh period, rank, dtype): the projection of the current step is a function of these."""
-    return (state["seed"], (state["step"] - 1) // group["update_proj_gap"], group["rank"], dtype)
 
 
 class Apollo(Optimizer):
@@ -126,8 +109,7 @@ class Apollo(Optimizer):
         super().__init__(params, defaults)
         # Per parameter: (seed, refresh period, rank, dtype) -> the projection matrix of that period; per
         # bucket (parameter ids): the members' keys -> their matrices stacked, for the batched projection.
-        self._projections: dict[Tensor, tuple[_RefreshKey, Tensor]] = {}
-        self._stacked_projections: dict[tuple[int, ...], tuple[tuple[_RefreshKey, ...], Tensor]] = {}
+        self._projections = Projections()
         self._bucket_cache: dict[tuple[int, ...], MomentBucket] = {}
         self._grad_buffers: dict[tuple[int, ...], GradBuffer] = {}  # see prepare_grads
         self._held: set[int] = set()  # ids of the parameters with a buffer
@@ -310,74 +292,17 @@ class Apollo(Optimizer):
         wide = m <= n
         if group["scale_type"] == "channel" and kernels.fusable_projection(grads, group["rank"]):
             dtype = grads.dtype if isinstance(grads, Tensor) else grads[0].dtype
-            stacked = self._bucket_projection(bucket, steps, group, dtype)
+            stacked = self._projections.for_bucket(bucket, steps, group, dtype)
             return kernels.project_with_norms(stacked, grads)
         if isinstance(grads, Tensor):
-            stacked = self._bucket_projection(bucket, steps, group, grads.dtype)
+            stacked = self._projections.for_bucket(bucket, steps, group, grads.dtype)
             return (torch.bmm(stacked, grads) if wide else torch.bmm(grads, stacked)).float(), None
+        single = self._projections.single
         projected = [
-            self._projection(p, s, group, g.dtype) @ g if wide else g @ self._projection(p, s, group, g.dtype)
+            single(p, s, group, g.dtype) @ g if wide else g @ single(p, s, group, g.dtype)
             for p, g, s in zip(params, grads, states, strict=True)
         ]
         return torch.stack(projected).float(), None
-
-    def _projection(
-        self, param: Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype
-    ) -> Tensor:
-        """Step 1: P along the smaller side, so that the state is r x max(m, n).
-
-        Regenerated from the seed when a refresh period starts, and kept (not in the state) until the next.
-        """
-        m, n = param.shape
-        key = _refresh_key(state, group, dtype)
-        cached = self._projections.get(param)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        rank = group["rank"]
-        shape = (rank, m) if m <= n else (n, rank)
-        matrix = projection_matrix(state["seed"], key[1], shape, rank, param.device).to(dtype)
-        self._projections[param] = (key, matrix)
-        return matrix
-
-    def _bucket_projection(
-        self, bucket: plan.Bucket, steps: list[int], group: dict[str, Any], dtype: torch.dtype
-    ) -> Tensor:
-        """`_stacked_projection` of the bucket, kept on it for the rest of the refresh period.
-
-        When the members are at one step (as always in a training loop), their refresh keys are
-        (seed, period, rank, dtype) with the plan's seeds and one period: a match of (rank, dtype, period)
-        is a match of every member's key, found without a key per member.
-        """
-        if steps.count(steps[0]) != len(steps):
-            return self._stacked_projection(bucket.params, bucket.states, group, dtype)
-        quick = (group["rank"], dtype, (steps[0] - 1) // group["update_proj_gap"])
-        if bucket.projection is not None and bucket.projection[0] == quick:
-            return bucket.projection[1]
-        stacked = self._stacked_projection(bucket.params, bucket.states, group, dtype)
-        bucket.projection = (quick, stacked)
-        return stacked
-
-    def _stacked_projection(
-        self, params: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any], dtype: torch.dtype
-    ) -> Tensor:
-        """The bucket's projections stacked, (k, r, m) or (k, n, r); rebuilt when any member's period ends.
-
-        Each parameter's cached matrix becomes a view of the stack, so the projections are held once.
-        """
-        keys = tuple(_refresh_key(s, group, dtype) for s in states)
-        bucket = tuple(id(p) for p in params)
-        cached = self._stacked_projections.get(bucket)
-        if cached is not None and cached[0] == keys:
-            return cached[1]
-        for other in [k for k in self._stacked_projections if set(k) & set(bucket)]:
-            del self._stacked_projections[other]  # a bucket that shared a member is gone
-        stacked = torch.stack(
-            [self._projection(p, s, group, dtype) for p, s in zip(params, states, strict=True)]
-        )
-        for param, key, matrix in zip(params, keys, stacked, strict=True):
-            self._projections[param] = (key, matrix)
-        self._stacked_projections[bucket] = (keys, stacked)
-        return stacked
 
     def _adamw_update(self, bucket: plan.Bucket, group: dict[str, Any]) -> None:
         params, states = bucket.params, bucket.states
@@ -405,7 +330,6 @@ class Apollo(Optimizer):
         """
         super().load_state_dict(state_dict)
         self._projections.clear()
-        self._stacked_projections.clear()
         self._bucket_cache.clear()
         self._plans.clear()  # the states are new dicts; a plan would notice, this says it
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])

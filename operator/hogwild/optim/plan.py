@@ -42,7 +42,7 @@ class Bucket:
     seeds: list[int]  # each member's state["seed"]: the rounding noise derives from it
     moments: MomentBucket | None = None  # valid while `intact` (see apollo.Apollo._moments)
     update: UpdateCache = field(default_factory=UpdateCache)  # see rounding.UpdateCache
-    # ((rank, dtype, refresh period), the members' projections stacked): see apollo.Apollo._bucket_projection
+    # ((rank, dtype, refresh period), the members' projections stacked): see projections.Projections.for_bucket
     projection: tuple[tuple[Any, ...], Tensor] | None = None
 
 
