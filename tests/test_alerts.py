@@ -133,7 +133,7 @@ CHECKPOINT_CASES = [
 
 
 def unsaved_since_values(case: CheckpointCase) -> str:
-    """hogwild_worker_unsaved_since_timestamp, one sample a minute from 0 to EVAL_S."""
+    """hogwild_worker_unsaved_since_timestamp_seconds, one sample a minute from 0 to EVAL_S."""
     n = CASE_MINUTES
     if case.unsaved_age_s is None:
         return f"0x{n}"
@@ -168,7 +168,7 @@ def checkpoint_case_file(case: CheckpointCase) -> dict[str, Any]:
                         "values": f"{case.interval_s}x{CASE_MINUTES}",
                     },
                     {
-                        "series": f"hogwild_worker_unsaved_since_timestamp{labels}",
+                        "series": f"hogwild_worker_unsaved_since_timestamp_seconds{labels}",
                         "values": unsaved_since_values(case),
                     },
                     # No checkpoint ever written: the rule must not care.

@@ -112,7 +112,7 @@ REQUIRED_METRICS = [
             "hogwild_worker_optimizer_state_bytes",
             "hogwild_worker_last_checkpoint_timestamp",
             "hogwild_worker_checkpoint_interval_seconds",
-            "hogwild_worker_unsaved_since_timestamp",
+            "hogwild_worker_unsaved_since_timestamp_seconds",
         },
         id="training",
     ),

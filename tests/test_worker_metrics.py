@@ -93,8 +93,8 @@ def test_checkpoint_interval_follows_hot_configure(pod: Pod) -> None:
     assert (before, scrape(worker)["hogwild_worker_checkpoint_interval_seconds"]) == (600, 3600)
 
 
-# ---- hogwild_worker_unsaved_since_timestamp through a sequence of events --------------------------------------
-UNSAVED = "hogwild_worker_unsaved_since_timestamp"
+# ---- hogwild_worker_unsaved_since_timestamp_seconds through a sequence of events --------------------------------------
+UNSAVED = "hogwild_worker_unsaved_since_timestamp_seconds"
 CONFIG = {"checkpoint_interval_s": 3600}  # no interval checkpoint within the test
 
 

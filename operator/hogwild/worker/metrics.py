@@ -5,7 +5,7 @@ checkpoint age is computed at scrape time from the last checkpoint's timestamp.
 
 The configured checkpoint interval (following hot reconfiguration) and since when the served weights hold
 unsaved steps are exported too: the alert HogwildCheckpointTooOld fires when training has stayed unsaved
-for three of the session's own intervals. `unsaved_since_timestamp` is the wall time of the first applied
+for three of the session's own intervals. `unsaved_since_timestamp_seconds` is the wall time of the first applied
 step that no checkpoint has, 0 when a checkpoint holds everything: it comes from the service's marker file
 (hogwild.worker.persistence), so it survives a worker restart, stays put through a failed checkpoint and
 drops to 0 with a successful one. A skipped step (loss or gradient not finite) changes no weight and sets
@@ -117,8 +117,8 @@ class WorkerMetrics:
             "Configured seconds between interval checkpoints (0: interval checkpoints off)",
         )
         # Set by the service with set_function: it reads the marker that survives worker restarts.
-        self.unsaved_since_timestamp = gauge(
-            "unsaved_since_timestamp",
+        self.unsaved_since_timestamp_seconds = gauge(
+            "unsaved_since_timestamp_seconds",
             "Unix time of the first applied step that no checkpoint has (0: a checkpoint holds every step)",
         )
         self.connected = gauge("connected", "1 while the served weights are mapped")

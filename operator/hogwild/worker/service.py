@@ -6,7 +6,7 @@ answering while they run. Each job replies through `done` when it finishes. One 
 gets `busy`), and one checkpoint or restore at a time.
 
 What "unsaved since" means (the marker behind trained_since_checkpoint, the SIGTERM checkpoint and the
-hogwild_worker_unsaved_since_timestamp gauge), and what a checkpoint holds: hogwild.worker.persistence.
+hogwild_worker_unsaved_since_timestamp_seconds gauge), and what a checkpoint holds: hogwild.worker.persistence.
 Mapping the served weights (and following vLLM's restarts): hogwild.worker.watcher.
 """
 
@@ -101,7 +101,7 @@ class WorkerService:
         if newest is not None:
             metrics.set_last_checkpoint(newest.time)
         metrics.observe_config(config)
-        metrics.unsaved_since_timestamp.set_function(lambda: self.unsaved_since or 0.0)
+        metrics.unsaved_since_timestamp_seconds.set_function(lambda: self.unsaved_since or 0.0)
         # Model code imports take seconds: do them now, while vLLM loads, not after it exports its weights.
         threading.Thread(target=prewarm_imports, name="prewarm-imports", daemon=True).start()
 
