@@ -75,7 +75,7 @@ def summarize(samples: Sequence[Sample], begin: float, end: float) -> dict[str, 
 
 
 class ClockSampler:
-    """`nvidia-smi -lms PERIOD` in the background; each line is stamped on arrival with `clock`.
+    """`nvidia-smi --loop-ms=PERIOD` in the background; each line is stamped on arrival with `clock`.
 
     Absent `nvidia-smi` (or a query the driver refuses), `available` is False and every window summarizes to
     `{"samples": 0}`: the bench's figures never depend on it."""

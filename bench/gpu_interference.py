@@ -187,15 +187,16 @@ def interference(ctx: Context, trainer_env: dict[str, str] | None = None) -> dic
                     ctx, name, loaded, trainer.call("timeline", begin=loaded["begin"] - 1, end=loaded["end"])
                 )
             stopped = trainer.call("stop")
+            kept = busy["tokens_per_s"] / idle["tokens_per_s"] if idle["tokens_per_s"] else None
             row = {
                 "name": name, "protection": protection, "micro_batch": [micro, seq], "accumulation": accumulation,
                 "serve_p50_ms": loaded["p50_ms"], "serve_p99_ms": loaded["p99_ms"], "serve_max_ms": loaded["max_ms"],
                 "p99_ratio": loaded["p99_ms"] / alone["p99_ms"],
                 "train_tokens_per_s_idle_server": idle["tokens_per_s"], "train_tokens_per_s_loaded_server": busy["tokens_per_s"],
-                "kept_fraction": busy["tokens_per_s"] / idle["tokens_per_s"] if idle["tokens_per_s"] else None,
+                "kept_fraction": kept,
                 "train_steps_loaded": busy["steps"], "serve_steps": loaded["steps"], "gate": stopped,
                 "serve_p99_ms_alone": alone["p99_ms"], "date": time.strftime("%Y-%m-%d"),
-                **strict_yield_figures(loaded, busy["tokens_per_s"], idle["tokens_per_s"]),
+                **strict_yield_figures(loaded, kept),
                 "clocks": {
                     "idle_server": clocks.window(begin, idle_end),
                     "loaded": clocks.window(loaded["begin"], loaded["end"]),
@@ -213,14 +214,11 @@ def interference(ctx: Context, trainer_env: dict[str, str] | None = None) -> dic
         trainer.close()
 
 
-def strict_yield_figures(
-    loaded: dict[str, Any], loaded_rate: float, idle_rate: float
-) -> dict[str, float | None]:
+def strict_yield_figures(loaded: dict[str, Any], kept: float | None) -> dict[str, float | None]:
     """What a trainer that never runs beside serving can keep at most: the share of the window the server was
     not busy (its steps' service time under training, so including any clock drop the training causes), and
-    how much of that ceiling the row reached."""
+    how much of that ceiling the row's kept fraction reached."""
     ceiling = 1.0 - loaded["busy_fraction"]
-    kept = loaded_rate / idle_rate if idle_rate else None
     return {
         "serve_service_p50_ms": loaded["service_p50_ms"],
         "serve_busy_fraction": loaded["busy_fraction"],

@@ -133,9 +133,8 @@ def test_without_nvidia_smi_the_sampler_is_empty(tmp_path: Path, monkeypatch: py
 def test_the_strict_yield_ceiling_is_what_serving_leaves(
     busy_fraction: float, loaded_rate: float, idle_rate: float, ceiling: float, of_ceiling: float | None
 ) -> None:
-    figures = strict_yield_figures(
-        {"busy_fraction": busy_fraction, "service_p50_ms": 62.7}, loaded_rate, idle_rate
-    )
+    kept = loaded_rate / idle_rate if idle_rate else None  # as the interference row computes it
+    figures = strict_yield_figures({"busy_fraction": busy_fraction, "service_p50_ms": 62.7}, kept)
     assert figures["strict_yield_ceiling"] == pytest.approx(ceiling)
     assert figures["serve_service_p50_ms"] == 62.7
     if of_ceiling is None:

@@ -107,9 +107,7 @@ class Apollo(Optimizer):
         }
         validate_hyperparameters(defaults)
         super().__init__(params, defaults)
-        # Per parameter: (seed, refresh period, rank, dtype) -> the projection matrix of that period; per
-        # bucket (parameter ids): the members' keys -> their matrices stacked, for the batched projection.
-        self._projections = Projections()
+        self._projections = Projections()  # the current refresh period's matrices, never in the state
         self._bucket_cache: dict[tuple[int, ...], MomentBucket] = {}
         self._grad_buffers: dict[tuple[int, ...], GradBuffer] = {}  # see prepare_grads
         self._held: set[int] = set()  # ids of the parameters with a buffer
