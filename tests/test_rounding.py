@@ -165,8 +165,8 @@ def test_update_writes_into_the_same_storage(dtype: torch.dtype, rounding: str) 
 @pytest.mark.parametrize(
     ("coef_shape", "direction_dtype"),
     [
-        pytest.param((3, 1, 384), torch.bfloat16, id="per-column"),
-        pytest.param((3, 256, 1), torch.bfloat16, id="per-row"),
+        pytest.param((3, 1, 1024), torch.bfloat16, id="per-column"),
+        pytest.param((3, 1024, 1), torch.bfloat16, id="per-row"),
         pytest.param((3, 1, 1), torch.bfloat16, id="per-tensor"),
         pytest.param(None, torch.float32, id="scalar-fp32-direction"),
     ],
@@ -174,14 +174,18 @@ def test_update_writes_into_the_same_storage(dtype: torch.dtype, rounding: str) 
 def test_fused_kernel_matches_the_eager_path(
     coef_shape: tuple[int, ...] | None, direction_dtype: torch.dtype
 ) -> None:
+    """The Triton kernel on CUDA against the eager path on a CPU copy, bit for bit: a checkpoint resumes to
+    the same weights on either device kind. Updates as large as the weights over 3M elements, so that a
+    product rounded where the eager path does not (a compiler's own contraction) would show: in the
+    interpreter it changed ~15 weights per million (tests/test_rounding_fused.py)."""
     from hogwild.optim import rounding
 
     if rounding.triton is None:
         pytest.skip("needs triton")
     generator = torch.Generator().manual_seed(0)
-    params = [torch.randn(256, 384, generator=generator).to(torch.bfloat16) for _ in range(3)]
-    directions = [torch.randn(256, 384, generator=generator).to(direction_dtype) for _ in range(3)]
-    coefs = 3e-3 if coef_shape is None else torch.rand(coef_shape, generator=generator) * 1e-3
+    params = [torch.randn(1024, 1024, generator=generator).to(torch.bfloat16) for _ in range(3)]
+    directions = [torch.randn(1024, 1024, generator=generator).to(direction_dtype) for _ in range(3)]
+    coefs = 0.7 if coef_shape is None else torch.rand(coef_shape, generator=generator)
     keys = [noise_keys(seed=i, step=5) for i in range(3)]
     eager = [p.clone() for p in params]
     rounding.apply_updates_(
@@ -200,9 +204,6 @@ def test_fused_kernel_matches_the_eager_path(
     )
     assert [p.data_ptr() for p in fused] == pointers
     for start, got, want in zip(params, fused, eager, strict=True):
-        # Same random bits; only fp32 contraction (fused multiply-add) may flip a rare element by one ulp.
-        differ = got.cpu() != want
-        assert differ.double().mean().item() < 1e-3
-        ulp = want.float().abs() * 2.0**-7
-        assert ((got.cpu().float() - want.float()).abs() <= ulp)[differ].all()
+        differ = int((got.cpu().view(torch.int16) != want.view(torch.int16)).sum())
+        assert differ == 0, f"{differ} weights differ from the eager path's"
         assert not torch.equal(want, start), "the update must change the weights"

@@ -2,9 +2,13 @@
 
 Real: Triton's interpreter (TRITON_INTERPRET=1, in a child process, since it is read when the kernel is
 defined) runs `_update_kernel` on CPU tensors with numpy's uint32/uint64 arithmetic, against the eager path
-on the same inputs. Directions are exact bf16 values times 0.5 and decay 1, so `p - d * c` rounds once
-whether or not it is contracted to a fused multiply-add: then the results agree bit for bit, and every
-difference would be the random bits, i.e. the keys.
+on the same inputs. Two kinds of arithmetic: "exact" (directions exact bf16 values times 0.5, decay 1, so
+`p - d * c` rounds once however it is computed: any difference is the random bits, i.e. the keys) and
+"general" (random directions and coefficients, decay 0.999: the kernel must also round where the eager path
+rounds, one product and then one fused multiply-add, for the bits to agree). A rounding difference shows in a
+bf16 result only where it carries into the kept bits (~1 in 65,536), so "wide" repeats "general" over 1M
+elements with updates as large as the weights: there, computing `p * decay - d * c` as written (two products
+rounded) changed 15 weights where the eager path's fused multiply-add changed none.
 """
 
 from __future__ import annotations
@@ -21,60 +25,81 @@ import itertools, torch
 from hogwild.optim import rounding
 from hogwild.optim.rounding import noise_keys
 
-k, m, n = 3, 20, 300
 generator = torch.Generator().manual_seed(0)
-seeds = [11 + 2**62, 5, 12345678901]
-keys = [noise_keys(seed, 9) for seed in seeds]
-for stacked, derive, (coef_shape, direction), shift in itertools.chain(
-    itertools.product(("stacked", "list"), ("derive", "keys"), COMBOS, (0,)),
-    [("stacked", "derive", COMBOS[0], 1)],
+all_seeds = [11 + 2**62, 5, 12345678901]
+for arith, stacked, derive, (coef_kind, direction), shift in itertools.chain(
+    itertools.product(("exact", "general"), ("stacked", "list"), ("derive", "keys"), COMBOS, (0,)),
+    [("exact", "stacked", "derive", COMBOS[0], 1)],
+    [("wide", "stacked", "keys", combo, 0) for combo in COMBOS],
 ):
+    k, m, n = (1, 256, 4096) if arith == "wide" else (3, 20, 300)
+    seeds = all_seeds[:k]
+    keys = [noise_keys(seed, 9) for seed in seeds]
+    coef_shape = {"column": (k, 1, n), "row": (k, m, 1), "tensor": (k, 1, 1), "scalar": None}[coef_kind]
     params = [torch.randn(m, n, generator=generator).to(torch.bfloat16) for _ in range(k)]
-    directions = torch.randn(k, m, n, generator=generator).to(torch.bfloat16).to(getattr(torch, direction))
-    coefs = 0.5 if coef_shape is None else torch.full(coef_shape, 0.5)
+    if arith == "exact":
+        directions = torch.randn(k, m, n, generator=generator).to(torch.bfloat16).to(getattr(torch, direction))
+        coefs = 0.5 if coef_shape is None else torch.full(coef_shape, 0.5)
+        decay = 1.0
+    else:  # "wide": updates as large as the weights, so that the products' rounding matters often
+        directions = torch.randn(k, m, n, generator=generator).to(getattr(torch, direction))
+        scale = 1.0 if arith == "wide" else 0.1
+        coefs = 0.7 * scale if coef_shape is None else torch.rand(coef_shape, generator=generator) * scale
+        decay = 0.999
     eager = [p.clone() for p in params]
-    rounding.apply_updates_(eager, directions, coefs, decay=1.0, rounding="stochastic", keys=keys,
+    rounding.apply_updates_(eager, directions, coefs, decay=decay, rounding="stochastic", keys=keys,
                             compensations=[None] * k)
     fused = [p.clone() for p in params]
     d = directions if stacked == "stacked" else list(directions.unbind(0))
     if derive == "derive":
-        rounding._fused_updates_(fused, d, coefs, 1.0, seeds, 9 + shift)
+        rounding._fused_updates_(fused, d, coefs, decay, seeds, 9 + shift)
     else:
-        rounding._fused_updates_(fused, d, coefs, 1.0, keys, None)
+        rounding._fused_updates_(fused, d, coefs, decay, keys, None)
     moved = not all(torch.equal(a, b) for a, b in zip(eager, params))
     same = all(torch.equal(a, b) for a, b in zip(eager, fused))
-    print("RESULT|" + "|".join(map(str, (stacked, derive, coef_shape, direction, shift, moved, same))))
+    print("RESULT|" + "|".join(map(str, (arith, stacked, derive, coef_kind, direction, shift, moved, same))))
 """
-COMBOS = [((3, 1, 300), "bfloat16"), ((3, 20, 1), "float32"), ((3, 1, 1), "bfloat16"), (None, "float32")]
+# (coefficient kind, direction dtype): one factor per column, per row, per tensor, or a scalar.
+COMBOS = [("column", "bfloat16"), ("row", "float32"), ("tensor", "bfloat16"), ("scalar", "float32")]
 needs_triton = pytest.mark.skipif(rounding.triton is None, reason="needs triton")
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> dict[tuple[str, str, str, str, str], tuple[bool, bool]]:
-    """(stacked, derive, coef shape, direction dtype, step shift) -> (weights moved, fused == eager)."""
+def interpreted() -> dict[tuple[str, str, str, str, str, str], tuple[bool, bool]]:
+    """(arithmetic, stacked, derive, coef kind, direction dtype, step shift) -> (weights moved, fused == eager)."""
     out = {}
-    for stacked, derive, coef_shape, direction, shift, moved, same in interpreted_results(
+    for arith, stacked, derive, coef_shape, direction, shift, moved, same in interpreted_results(
         f"COMBOS = {COMBOS!r}\n{CHILD}"
     ):
-        out[(stacked, derive, coef_shape, direction, shift)] = (moved == "True", same == "True")
+        out[(arith, stacked, derive, coef_shape, direction, shift)] = (moved == "True", same == "True")
     return out
 
 
 @needs_triton
+@pytest.mark.parametrize("arith", ["exact", "general"])
 @pytest.mark.parametrize("stacked", ["stacked", "list"])
 @pytest.mark.parametrize("derive", ["derive", "keys"])
-@pytest.mark.parametrize(("coef_shape", "direction"), COMBOS)
+@pytest.mark.parametrize(("coef_kind", "direction"), COMBOS)
 def test_the_interpreted_kernel_gives_the_eager_weights_bit_for_bit(
-    interpreted: dict, stacked: str, derive: str, coef_shape: tuple[int, ...] | None, direction: str
+    interpreted: dict, arith: str, stacked: str, derive: str, coef_kind: str, direction: str
 ) -> None:
-    assert interpreted[(stacked, derive, str(coef_shape), direction, "0")] == (True, True)
+    assert interpreted[(arith, stacked, derive, coef_kind, direction, "0")] == (True, True)
+
+
+@needs_triton
+@pytest.mark.parametrize(("coef_kind", "direction"), COMBOS)
+def test_the_kernel_rounds_where_the_eager_path_rounds(
+    interpreted: dict, coef_kind: str, direction: str
+) -> None:
+    """1M elements with updates as large as the weights: one product rounded, then one fused multiply-add."""
+    assert interpreted[("wide", "stacked", "keys", coef_kind, direction, "0")] == (True, True)
 
 
 @needs_triton
 def test_keys_derived_for_another_step_give_other_weights(interpreted: dict) -> None:
     # What makes the comparison above about the keys: one step off, and the weights differ.
-    coef_shape, direction = COMBOS[0]
-    assert interpreted[("stacked", "derive", str(coef_shape), direction, "1")] == (True, False)
+    coef_kind, direction = COMBOS[0]
+    assert interpreted[("exact", "stacked", "derive", coef_kind, direction, "1")] == (True, False)
 
 
 def test_a_table_is_made_once_per_content() -> None:

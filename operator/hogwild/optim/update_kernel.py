@@ -64,7 +64,10 @@ if triton is not None:
             c = tl.load(c_ptr + t)
         else:
             c = scalar
-        x = p * decay - d * c
+        # One rounding of p * decay, then one fused multiply-add, spelled out: that is what the eager path's
+        # `mul_` then `addcmul_` / `add_(alpha=)` compute on the CPU, so the two give the same bits. Left to
+        # the compiler, `p * decay - d * c` may contract the other product instead (it did on an H100).
+        x = tl.fma(-d, c, p * decay)
         # Same hash as random_bits16, in uint32 arithmetic (wraps mod 2^32 by definition).
         h = offs.to(tl.uint32) * key_mul + key_add
         h = (h ^ (h >> 16)) * 0x7FEB352D
