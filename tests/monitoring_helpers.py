@@ -156,9 +156,13 @@ def _names_of(registry: Any) -> set[str]:
 def project_metric_names() -> frozenset[str]:
     """Every series name hogwild's worker and operator export (their real classes, fresh registries)."""
     from hogwild.operator.metrics import OperatorMetrics
+    from hogwild.worker.gpu_power import GpuReading
     from hogwild.worker.metrics import WorkerMetrics
 
-    return frozenset(_names_of(WorkerMetrics().registry) | _names_of(OperatorMetrics().registry))
+    worker = WorkerMetrics()
+    # The GPU gauges exist only with a reading (a CUDA worker with NVML): give this one a reading.
+    worker.watch_gpu(lambda: GpuReading.from_nvml(1980, 300_000, 700_000, 0))
+    return frozenset(_names_of(worker.registry) | _names_of(OperatorMetrics().registry))
 
 
 VLLM_METRIC = re.compile(r"_(gauge|counter|histogram)_cls\(\s*name=\"(vllm:\w+)\"")

@@ -14,6 +14,10 @@ nothing.
 Serving protection's counts (`protection_*`) are read from the serving gate at scrape time: how often training
 was held for serving and for how long, the holds cut short (`max_wait`, `share`), and whether the points wait in
 the GPU stream (hogwild.worker.device_gate) or on the host.
+
+On a CUDA device with NVML, the GPU's SM clock, power draw, power limit and whether the clock is held by the
+power limit (`gpu_*`) are read at scrape time too (hogwild.worker.gpu_power): at the limit, training slows
+serving through the clock, whatever the protection does. Absent without NVML.
 """
 
 from __future__ import annotations
@@ -79,6 +83,27 @@ class _ProtectionCollector:
         )
 
 
+class _GpuCollector:
+    """`gpu_power.GpuReading` families, read when Prometheus scrapes; none until a reader is attached
+    (`WorkerMetrics.watch_gpu`) and none for a scrape whose reading fails, rather than stale values."""
+
+    def __init__(self) -> None:
+        self.read: Callable[[], Any] = lambda: None
+
+    def collect(self) -> Iterator[Metric]:
+        reading = self.read()
+        if reading is None:
+            return
+        for name, doc, value in (
+            ("gpu_sm_clock_hertz", "The GPU's SM clock", reading.sm_clock_hz),
+            ("gpu_power_watts", "The GPU's power draw", reading.power_watts),
+            ("gpu_power_limit_watts", "The GPU's enforced power limit", reading.power_limit_watts),
+            ("gpu_power_capped", "1 while the power limit holds the clock down", float(reading.power_capped)),
+            ("gpu_thermal_limited", "1 while heat holds the clock down", float(reading.thermal_limited)),
+        ):
+            yield GaugeMetricFamily(PREFIX + name, doc, value=value)
+
+
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -130,10 +155,16 @@ class WorkerMetrics:
         self.remaps = counter("remaps", "Times the weights were (re)mapped after the exporter changed")
         self._protection = _ProtectionCollector()
         r.register(self._protection)
+        self._gpu = _GpuCollector()
+        r.register(self._gpu)
 
     def watch_protection(self, stats: Callable[[], Any], on_gpu: Callable[[], bool]) -> None:
         """Export serving protection's counts: `stats()` returns the gate's GateStats at scrape time."""
         self._protection.stats, self._protection.on_gpu = stats, on_gpu
+
+    def watch_gpu(self, read: Callable[[], Any]) -> None:
+        """Export the GPU's clock and power: `read()` returns a `gpu_power.GpuReading` (or None) at scrape time."""
+        self._gpu.read = read
 
     def _checkpoint_age_s(self) -> float:
         return time.time() - self._last_checkpoint_time if self._last_checkpoint_time else 0.0

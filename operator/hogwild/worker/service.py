@@ -32,7 +32,7 @@ from hogwild.protocol import (
     StatusRequest,
     TrainRequest,
 )
-from hogwild.worker import device_gate, persistence, protection, serving_load, status
+from hogwild.worker import device_gate, gpu_power, persistence, protection, serving_load, status
 from hogwild.worker.metrics import WorkerMetrics
 from hogwild.worker.model import MappedModel, prewarm_imports
 from hogwild.worker.trainer import StepStats, Trainer
@@ -68,6 +68,8 @@ class WorkerService:
             probe, config.protection, device_factory=start_device_gate if with_hint else None
         )
         metrics.watch_protection(lambda: self.gate.stats, lambda: self.gate.device is not None)
+        # NVML once the weights are mapped: finding the GPU initializes CUDA (see gpu_power.OnDemand).
+        metrics.watch_gpu(gpu_power.OnDemand(settings.device, lambda: self.watcher.mapped is not None).read)
         # The same points inside the pieces no module hook cuts: head and loss, clip, optimizer step.
         self.trainer.preemption_point = self.gate.point
         self.watcher = Watcher(
