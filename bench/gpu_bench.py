@@ -52,8 +52,10 @@ from gpu_common import (
     matmul_peak_tflops,
     median,
     merge_results,
+    sync,
 )
 from gpu_interference import default_figures, keep_earlier, part_interference
+from gpu_profile import profile_host, profile_step
 
 TRAIN_TOKENS_PER_STEP = 16384
 
@@ -88,11 +90,6 @@ class Context:
         self.mapped = None
         if self.server is not None:
             self.server.close()
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def free_memory() -> None:
@@ -222,37 +219,6 @@ def part_optim(ctx: Context) -> dict[str, Any]:
             figures["apollo_state_bytes"] / figures["adamw_state_bytes"]
         )
     return figures
-
-
-def profile_host(step: Callable[[], Any], path: Path) -> None:
-    """Where the step's host time goes: cProfile over 10 steps, by own time (the top in the log)."""
-    import cProfile
-    import io
-    import pstats
-
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(10):
-        step()
-    profiler.disable()
-    sync()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(45)
-    path.write_text(text.getvalue())
-    log("apollo host profile (10 steps, by own time):\n" + "\n".join(text.getvalue().splitlines()[:40]))
-
-
-def profile_step(step: Callable[[], Any], path: Path) -> None:
-    """The step's CUDA kernels by total time (a table in `path`, the top in the log)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step()
-        sync()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-    path.write_text(table)
-    log("apollo profile (3 steps):\n" + "\n".join(table.splitlines()[:25]))
 
 
 # ---- train -----------------------------------------------------------------------------------------------

@@ -348,6 +348,12 @@ def merge_results(path_in: Path, path_out: Path, shape: str, figures: Mapping[st
     return results
 
 
+def sync() -> None:
+    """Wait for the GPU's queued work (nothing on a CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def now_s() -> float:
     """A clock every process of the machine shares (CLOCK_MONOTONIC): windows are compared across them."""
     return time.monotonic()
