@@ -12,11 +12,9 @@ helm and kubectl come from scripts/install_tools.py (pinned sha256), which scrip
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,54 +22,23 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "charts" / "hogwild"
-FIXTURES = ROOT / "tests" / "fixtures" / "helm"
-VALUES_FILES = sorted(path.stem for path in FIXTURES.glob("*.yaml"))
-CRD_NAME = "hogwild.dev_trainingsessions.yaml"
-BIN = Path(sys.prefix) / "bin"
-RELEASE, NAMESPACE = "hw-release", "hogwild-system"
-# The chart's kubeVersion floor, and the newest release kubernetes-validate carries schemas for.
-KUBE_VERSIONS = ["1.33.0", "1.37.0"]
-MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
-# kopf's peering objects: their CRD (crds/kopf.dev_peerings.yaml) keeps any field, so there is nothing to check.
-UNVALIDATED_KINDS = MONITORING_KINDS | {"ClusterKopfPeering", "KopfPeering"}
-
-
-def tool(name: str) -> Path:
-    path = BIN / name
-    if not path.is_file():
-        pytest.fail(f"{name} is missing from {BIN}: run `python3 scripts/dev.py venv` (install_tools.py)")
-    return path
-
-
-def helm(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([tool("helm"), *args], capture_output=True, text=True, check=False)
-
-
-@functools.cache
-def rendered_text(values: str, kube_version: str = "1.35.0", *sets: str) -> str:
-    set_args = [arg for item in sets for arg in ("--set", item)]
-    result = helm(
-        "template", RELEASE, CHART, "--namespace", NAMESPACE, "--include-crds",
-        "--kube-version", kube_version, "-f", FIXTURES / f"{values}.yaml", *set_args,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def rendered(values: str, *sets: str) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(rendered_text(values, "1.35.0", *sets)) if doc]
-
-
-def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [doc for doc in docs if doc["kind"] == kind]
-
-
-def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = of_kind(docs, kind)
-    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
-    return found[0]
+from chart_helpers import (
+    CHART,
+    CRD_NAME,
+    FIXTURES,
+    KUBE_VERSIONS,
+    NAMESPACE,
+    RELEASE,
+    ROOT,
+    UNVALIDATED_KINDS,
+    VALUES_FILES,
+    helm,
+    of_kind,
+    one,
+    rendered,
+    rendered_text,
+    tool,
+)
 
 
 def test_fixtures_exist() -> None:
@@ -342,139 +309,6 @@ def test_every_object_carries_the_recommended_labels(values: str) -> None:
         for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by"):
             assert key in labels, f"{doc['kind']}/{doc['metadata']['name']} lacks {key}"
         assert labels["helm.sh/chart"] == "hogwild-0.1.0"
-
-
-# --- monitoring objects (Prometheus Operator kinds: no offline schema, so checked here) --------------------
-
-
-def test_servicemonitor_scrapes_the_operator_service_and_keeps_its_labels() -> None:
-    docs = rendered("monitoring")
-    monitor, service = one(docs, "ServiceMonitor"), one(docs, "Service")
-    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    selector = monitor["spec"]["selector"]["matchLabels"]
-    assert selector.items() <= service["metadata"]["labels"].items()
-    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
-    (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
-    # The operator's series carry namespace/session labels of their own.
-    assert endpoint["honorLabels"] is True
-
-
-def test_podmonitor_scrapes_vllm_and_worker_ports_and_labels_the_session() -> None:
-    monitor = one(rendered("monitoring"), "PodMonitor")
-    assert monitor["spec"]["selector"] == {
-        "matchLabels": {"app.kubernetes.io/name": "hogwild", "app.kubernetes.io/component": "session"}
-    }
-    endpoints = monitor["spec"]["podMetricsEndpoints"]
-    assert [endpoint["port"] for endpoint in endpoints] == ["http", "metrics"]
-    for endpoint in endpoints:
-        assert endpoint["interval"] == "10s"
-        assert {
-            "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
-            "targetLabel": "session",
-        } in endpoint["relabelings"]
-
-
-SESSION_SPECS = [
-    pytest.param({"model": {"path": "/models/qwen"}}, id="device-plugin"),
-    pytest.param({"model": {"path": "/models/tiny"}, "gpu": {"count": 0}}, id="cpu"),
-    pytest.param(
-        {"model": {"path": "/m"}, "gpu": {"sharing": "DRA", "claim": {"resourceClaimName": "gpu-0"}}},
-        id="dra",
-    ),
-]
-
-
-@pytest.mark.parametrize("spec", SESSION_SPECS)
-def test_podmonitor_selects_the_pods_the_operator_builds(spec: dict[str, Any]) -> None:
-    """The operator's real pod builder makes the pods; the PodMonitor must find them and their ports."""
-    from hogwild.operator import builders, pod_builder
-    from hogwild.operator.spec import parse_spec
-
-    session = builders.SessionRef(name="qwen-chat", namespace="ml", uid="u-1")
-    pod = pod_builder.build_pod(session, parse_spec(spec))
-    monitor = one(rendered("monitoring"), "PodMonitor")["spec"]
-    assert monitor["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
-    assert pod["metadata"]["labels"]["app.kubernetes.io/instance"] == session.name  # becomes `session`
-    containers = pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
-    ports = {port["name"] for container in containers for port in container.get("ports", [])}
-    assert {endpoint["port"] for endpoint in monitor["podMetricsEndpoints"]} <= ports
-
-
-def test_operator_pods_are_not_selected_by_the_session_podmonitor() -> None:
-    docs = rendered("monitoring")
-    selector = one(docs, "PodMonitor")["spec"]["selector"]["matchLabels"]
-    labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
-    assert not selector.items() <= labels.items()
-
-
-@pytest.mark.parametrize(
-    ("values", "expected"), [("default", {"any": True}), ("namespaced", {"matchNames": ["team-a", "team-b"]})]
-)
-def test_podmonitor_looks_where_sessions_live(values: str, expected: dict[str, Any]) -> None:
-    monitor = one(rendered(values, "metrics.podMonitor.enabled=true"), "PodMonitor")
-    assert monitor["spec"]["namespaceSelector"] == expected
-
-
-def test_prometheusrule_ships_the_promtool_tested_rules_file() -> None:
-    rule = one(rendered("monitoring"), "PrometheusRule")
-    shipped = yaml.safe_load((CHART / "rules" / "hogwild-alerts.yaml").read_text())
-    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert [group["name"] for group in rule["spec"]["groups"]] == [
-        group["name"] for group in shipped["groups"]
-    ]
-    for rendered_group, shipped_group in zip(rule["spec"]["groups"], shipped["groups"], strict=True):
-        for rendered_rule, shipped_rule in zip(rendered_group["rules"], shipped_group["rules"], strict=True):
-            assert rendered_rule["labels"] == {"team": "ml-platform", **shipped_rule["labels"]}
-            assert {**rendered_rule, "labels": None} == {**shipped_rule, "labels": None}
-
-
-@pytest.mark.parametrize(
-    ("values", "kinds"),
-    [
-        ("default", set()),
-        ("monitoring", MONITORING_KINDS),
-    ],
-)
-def test_monitoring_objects_only_when_enabled(values: str, kinds: set[str]) -> None:
-    assert {doc["kind"] for doc in rendered(values)} & MONITORING_KINDS == kinds
-
-
-# --- dashboards --------------------------------------------------------------------------------------------
-
-DASHBOARDS = sorted(path.name for path in (CHART / "dashboards").glob("*.json"))
-
-
-def test_dashboards_exist() -> None:
-    assert {"training.json", "interference.json", "operator.json"} <= set(DASHBOARDS)
-
-
-@pytest.mark.parametrize(("values", "namespace"), [("default", NAMESPACE), ("monitoring", "monitoring")])
-def test_dashboards_render_into_labelled_configmaps(values: str, namespace: str) -> None:
-    maps = [
-        doc
-        for doc in of_kind(rendered(values), "ConfigMap")
-        if "grafana_dashboard" in doc["metadata"]["labels"]
-    ]
-    shipped = {
-        f"hogwild-{name}": json.loads((CHART / "dashboards" / name).read_text()) for name in DASHBOARDS
-    }
-    found = {}
-    for config_map in maps:
-        assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
-        assert config_map["metadata"]["namespace"] == namespace
-        for key, text in config_map["data"].items():
-            found[key] = json.loads(text)
-    assert found == shipped
-
-
-def test_dashboards_can_be_turned_off() -> None:
-    assert not of_kind(rendered("custom"), "ConfigMap")
-
-
-def test_dashboard_folder_annotation_is_passed_through() -> None:
-    for config_map in of_kind(rendered("monitoring"), "ConfigMap"):
-        assert config_map["metadata"]["annotations"] == {"grafana_folder": "hogwild"}
 
 
 # --- the CRD copy ------------------------------------------------------------------------------------------
