@@ -246,10 +246,12 @@ def cuda_times_ms(
         torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        if not cuda:
+        if not cuda:  # no separate device queue: the host time is the time
             started = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - started))
+            if host_ms is not None:
+                host_ms.append(times[-1])
             continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
