@@ -68,8 +68,6 @@ class WorkerService:
             probe, config.protection, device_factory=start_device_gate if with_hint else None
         )
         metrics.watch_protection(lambda: self.gate.stats, lambda: self.gate.device is not None)
-        # NVML once the weights are mapped: finding the GPU initializes CUDA (see gpu_power.OnDemand).
-        metrics.watch_gpu(gpu_power.OnDemand(settings.device, lambda: self.watcher.mapped is not None).read)
         # The same points inside the pieces no module hook cuts: head and loss, clip, optimizer step.
         self.trainer.preemption_point = self.gate.point
         self.watcher = Watcher(
@@ -81,6 +79,8 @@ class WorkerService:
             protecting=lambda: self.gate.settings.yield_when_busy,
             metrics=metrics,
         )
+        # NVML once the weights are mapped: finding the GPU initializes CUDA (see gpu_power.OnDemand).
+        metrics.watch_gpu(gpu_power.OnDemand(settings.device, lambda: self.watcher.mapped is not None).read)
         self.endpoints: dict[str, Any] = {}
         self._train_thread: threading.Thread | None = None
         self._maintenance_thread: threading.Thread | None = None
