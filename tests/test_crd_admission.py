@@ -4,6 +4,13 @@ No API server runs here, so this file plays its admission steps in order: struct
 schema's `default`s, the OpenAPI schema (with `jsonschema`, unknown fields rejected as `kubectl apply`'s
 strict field validation does), then every `x-kubernetes-validations` CEL rule (with `cel-python`).
 
+Two behaviours of a real API server (Kubernetes 1.36) that offline checks used to miss are played too:
+- at CRD creation it checks every `default`, as written (nested defaults NOT filled in), against its node's
+  schema and CEL rules (`test_every_default_satisfies_the_rules_that_apply_to_it`);
+- it compares an integer input with a fractional `minimum`/`maximum` truncated to an integer
+  (kube-openapi's `MinimumNativeType`), so `minimum: 0.01` admits `0`. `admission_errors` does the same, and
+  the CRD keeps fractional floors in CEL rules, which see doubles.
+
 Limits of the emulation, by design of the rules: `cel-python` has no Kubernetes CEL extensions (no
 `quantity`, `url`, string `split`...), so the rules use none; transition rules (`oldSelf`) are evaluated by
 binding `oldSelf` ourselves, for the update fixtures whose first document is the stored object (the API
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +100,35 @@ def to_jsonschema(schema: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _native_bound(bound: float, instance: Any) -> float:
+    """The bound the API server really compares with: truncated to an integer for integer input."""
+    return float(int(bound)) if _is_integer(instance) else bound
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _minimum(validator: Any, minimum: float, instance: Any, schema: dict[str, Any]) -> Iterator[Any]:
+    if _is_number(instance) and instance < _native_bound(minimum, instance):
+        yield jsonschema.ValidationError(f"{instance!r} is less than the minimum of {minimum!r}")
+
+
+def _maximum(validator: Any, maximum: float, instance: Any, schema: dict[str, Any]) -> Iterator[Any]:
+    if _is_number(instance) and instance > _native_bound(maximum, instance):
+        yield jsonschema.ValidationError(f"{instance!r} is greater than the maximum of {maximum!r}")
+
+
+# Draft 7 with the API server's numeric comparisons (see the module docstring).
+KubeValidator = jsonschema.validators.extend(
+    jsonschema.Draft7Validator, {"minimum": _minimum, "maximum": _maximum}
+)
+
+
 def _cel_value(schema: dict[str, Any], value: Any) -> Any:
     """Numbers of `type: number` fields are doubles in Kubernetes CEL, even when written as 1."""
     if schema.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
@@ -137,7 +174,7 @@ def admission_errors(obj: dict[str, Any], old: dict[str, Any] | None = None) -> 
     """Every reason the API server would refuse `obj` (an update of `old`); [] when admitted."""
     obj = apply_defaults(SCHEMA, copy.deepcopy(obj))
     old = apply_defaults(SCHEMA, copy.deepcopy(old)) if old is not None else None
-    validator = jsonschema.Draft7Validator(to_jsonschema(SCHEMA))
+    validator = KubeValidator(to_jsonschema(SCHEMA))
     errors = [
         f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(obj)
     ]
@@ -194,6 +231,67 @@ def test_schema_is_structural_every_node_has_a_type() -> None:
     assert untyped == []
 
 
+def default_errors(schema: dict[str, Any]) -> list[str]:
+    """What the API server checks at CRD creation: each `default` exactly as written (nested defaults are not
+    filled in) against its node's schema and every CEL rule of that node and below (transition rules are
+    skipped: there is no old object)."""
+    errors = []
+    for path, node in walk(schema):
+        if "default" not in node:
+            continue
+        value = copy.deepcopy(node["default"])
+        validator = KubeValidator(to_jsonschema(node))
+        errors += [f"{path}.default: {e.message}" for e in validator.iter_errors(value)]
+        errors += [f"{path}.default: {e}" for e in cel_errors(node, value, None, path.lstrip("."))]
+    return errors
+
+
+def test_every_default_satisfies_the_rules_that_apply_to_it() -> None:
+    assert default_errors(SCHEMA) == []
+
+
+@pytest.mark.parametrize(
+    ("node", "refused"),
+    [
+        ({"type": "object", "default": {}, "properties": {"count": {"type": "integer", "default": 1}},
+          "x-kubernetes-validations": [{"rule": "self.count <= 1", "message": "one"}]}, True),
+        ({"type": "object", "default": {"count": 1}, "properties": {"count": {"type": "integer"}},
+          "x-kubernetes-validations": [{"rule": "self.count <= 1", "message": "one"}]}, False),
+        ({"type": "object", "default": {}, "properties": {"count": {"type": "integer", "default": 1}},
+          "x-kubernetes-validations": [{"rule": "!has(self.count) || self.count <= 1", "message": "one"}]},
+         False),
+        ({"type": "object", "default": {"count": 2}, "properties": {"count": {"type": "integer"}},
+          "x-kubernetes-validations": [{"rule": "self.count <= 1", "message": "one"}]}, True),
+        ({"type": "object", "default": {"count": 0}, "properties": {"count": {"type": "integer",
+          "minimum": 1}}}, True),
+    ],
+    ids=["rule-reads-a-nested-default", "default-carries-the-field", "rule-uses-has", "default-breaks-rule",
+         "default-breaks-schema"],
+)  # fmt: skip
+def test_default_check_refuses_what_the_api_server_refuses(node: dict[str, Any], refused: bool) -> None:
+    assert bool(default_errors({"type": "object", "properties": {"field": node}})) is refused
+
+
+def test_no_number_has_a_fractional_floor() -> None:
+    """A fractional `minimum` would admit the integer just below it (the API server truncates the bound)."""
+    fractional = [
+        path
+        for path, node in walk(SCHEMA)
+        if node.get("type") == "number" and "minimum" in node and node["minimum"] != int(node["minimum"])
+    ]
+    assert fractional == [], "use `minimum` at an integer and a CEL rule `self >= x` for the real floor"
+
+
+@pytest.mark.parametrize(
+    ("value", "bound", "admitted"),
+    [(0, 0.01, True), (0.0, 0.01, False), (0.005, 0.01, False), (1, 0.5, True), (0, 1e-30, True)],
+    ids=["integer-zero", "float-zero", "fraction-below", "integer-above", "integer-zero-tiny-floor"],
+)
+def test_numeric_floors_compare_like_the_api_server(value: float, bound: float, admitted: bool) -> None:
+    schema = {"type": "number", "minimum": bound}
+    assert KubeValidator(schema).is_valid(value) is admitted
+
+
 def test_printer_columns() -> None:
     columns = {c["name"]: (c["jsonPath"], c.get("priority", 0)) for c in VERSION["additionalPrinterColumns"]}
     assert {n: c for n, c in columns.items() if c[1] == 0} == {
@@ -245,6 +343,18 @@ def test_crd_defaults_equal_the_operators_defaults() -> None:
     assert parse_spec(defaulted) == parse_spec(raw)
 
 
+FLOOR_RULE = re.compile(r"^self >= ([-+0-9.eE]+)$")
+
+
+def bounds_of(node: dict[str, Any]) -> dict[str, float]:
+    """A node's `minimum`/`maximum`, with a floor written as a CEL rule `self >= x` taking the minimum's place."""
+    bounds = {edge: node[edge] for edge in ("minimum", "maximum") if edge in node}
+    for rule in node.get("x-kubernetes-validations", []):
+        if match := FLOOR_RULE.match(rule["rule"]):
+            bounds["minimum"] = float(match.group(1))
+    return bounds
+
+
 BOUNDS = [
     (f"spec.training.{camel}", snake)
     for camel, snake in spec_module.TRAINING_FIELDS.items()
@@ -256,12 +366,13 @@ BOUNDS = [
 def test_crd_bounds_agree_with_the_workers_validation(path: str, field: str) -> None:
     node = prop(path)
     integer = node["type"] == "integer"
-    for edge in ("minimum", "maximum"):
-        if edge in node:
-            validate_changes({field: node[edge]})  # the CRD's edge is accepted by the worker
-            beyond = node[edge] + (1 if edge == "maximum" else -1) * (
-                1 if integer else max(abs(node[edge]) * 0.5, 0.01)
-            )
+    for edge, bound in bounds_of(node).items():
+        validate_changes({field: bound})  # the CRD's edge is accepted by the worker
+        for beyond in {
+            bound + (1 if edge == "maximum" else -1) * (1 if integer else max(abs(bound) * 0.5, 0.01)),
+            # the integer just under a fractional floor, which only a CEL rule refuses
+            *([int(bound)] if not integer and edge == "minimum" and int(bound) < bound else []),
+        }:
             assert admission_errors(
                 {"metadata": {"name": "b"}, "spec": {"model": {"path": "/m"}, **nest(path, beyond)}}
             )

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from hogwild.config import ServingProtection, TrainingConfig
-from hogwild.operator.main import options_from_args, parse_args
+from hogwild.operator.main import options_from_args, parse_args, run_arguments
 from hogwild.operator.spec import Images, MpsSpec, SessionSpec, SpecError, parse_spec, training_changes
 
 MODEL = {"model": {"path": "/models/m"}}
@@ -195,3 +195,22 @@ def test_operator_flags(
         vllm_image,
     )
     assert not options.allow_address_override, "only tests redirect the relay"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--standalone", "-A"], {"standalone": True, "peering_name": None, "clusterwide": True}),
+        (
+            ["--standalone", "-n", "a", "-n", "b"],
+            {"standalone": True, "peering_name": None, "namespaces": ["a", "b"]},
+        ),
+        (["--peering=team", "-A"], {"standalone": False, "peering_name": "team", "clusterwide": True}),
+        (["-n", "a"], {"standalone": False, "peering_name": "hogwild", "clusterwide": False}),
+    ],
+    ids=["standalone-cluster", "standalone-namespaces", "peering-named", "peering-default"],
+)
+def test_operator_scope_and_peering_reach_kopf(argv: list[str], expected: dict[str, Any]) -> None:
+    """A standalone operator must name no peering: kopf makes any named peering mandatory and then pauses."""
+    arguments = run_arguments(parse_args(argv))
+    assert {key: arguments[key] for key in expected} == expected

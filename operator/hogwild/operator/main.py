@@ -12,6 +12,7 @@ import argparse
 import os
 import random
 from collections.abc import Sequence
+from typing import Any
 
 from hogwild import defaults
 from hogwild.operator.options import OperatorOptions
@@ -40,6 +41,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--status-interval", type=float, default=10.0, help="seconds between status refreshes"
     )
     parser.add_argument(
+        "--status-timeout", type=float, default=5.0, help="seconds to wait for a worker's status reply"
+    )
+    parser.add_argument(
+        "--configure-timeout", type=float, default=15.0, help="seconds to wait for a hot change's reply"
+    )
+    parser.add_argument(
+        "--restart-poll", type=float, default=2.0, help="seconds between looks at a terminating pod"
+    )
+    parser.add_argument(
+        "--allow-worker-address-override",
+        action="store_true",
+        help="honour the hogwild.dev/worker-address annotation (tests and debugging only: it redirects the relay)",
+    )
+    parser.add_argument(
         "--metrics-port", type=int, default=defaults.OPERATOR_HTTP_PORT, help="0 turns it off"
     )
     parser.add_argument("--vllm-image", default=env.get("HOGWILD_VLLM_IMAGE") or DEFAULT_VLLM_IMAGE)
@@ -52,9 +67,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def options_from_args(args: argparse.Namespace) -> OperatorOptions:
     return OperatorOptions(
         status_interval_s=args.status_interval,
+        status_timeout_s=args.status_timeout,
+        configure_timeout_s=args.configure_timeout,
+        restart_poll_s=args.restart_poll,
+        allow_address_override=args.allow_worker_address_override,
         image_defaults=Images(vllm=args.vllm_image, trainer=args.trainer_image),
         metrics_port=args.metrics_port or None,
     )
+
+
+def run_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """kopf.run's scope and peering arguments for these flags."""
+    priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)
+    return {
+        "standalone": args.standalone,
+        # Any peering name makes kopf's peering mandatory: standalone with a name pauses every watch-stream
+        # ("peering CRD is missing") and handles nothing, so a standalone operator names none.
+        "peering_name": None if args.standalone else args.peering,
+        "priority": priority,
+        "clusterwide": not args.namespace,
+        "namespaces": args.namespace,
+    }
 
 
 def main(argv: Sequence[str]) -> int:
@@ -65,14 +98,5 @@ def main(argv: Sequence[str]) -> int:
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
     operator = build_operator(options_from_args(args))
-    priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)
-    kopf.run(
-        registry=operator.registry,
-        settings=operator.settings,
-        standalone=args.standalone,
-        peering_name=args.peering,
-        priority=priority,
-        clusterwide=not args.namespace,
-        namespaces=args.namespace,
-    )
+    kopf.run(registry=operator.registry, settings=operator.settings, **run_arguments(args))
     return 0
