@@ -2,7 +2,9 @@
 
 - `EmulatorCluster`: the kmock emulator (hogwild.operator.emulator) in the test's event loop. It has no
   kubelet, so `mark_running` plays one (pod status through the status subresource).
-- `KubectlCluster`: a real cluster through the real kubectl (KUBECONFIG), in a namespace of its own.
+- `KubectlCluster`: a real cluster through the real kubectl (KUBECONFIG), in a namespace of its own. Where no
+  kubelet runs the pod (not scheduled: an API server without scheduler or kubelet), `mark_running` plays one
+  the same way. Teardown leaves nothing behind: sessions deleted, the namespace gone, not `Terminating`.
 - `FakeWorker`: answers status/configure/checkpoint over tcp with CURVE, exactly per hogwild.protocol, and
   records what it was asked (the flows that need control over the worker's answers use it; the hot-update
   flow uses the real worker).
@@ -81,12 +83,34 @@ def _url(kind: str, namespace: str, name: str | None = None) -> str:
     return f"{base}/{name}" if name else base
 
 
+def chart_scope_values(scope: str, namespace: str) -> dict[str, Any]:
+    """The chart values of a watch scope (`cluster` or `namespaces`, watching only `namespace`)."""
+    if scope == "cluster":
+        return {"watch.scope": "cluster"}
+    return {"watch.scope": "namespaces", "watch.namespaces": [namespace]}
+
+
 class EmulatorCluster:
     real = False
 
-    def __init__(self, emulator: Emulator, url: str, namespace: str = "default") -> None:
+    def __init__(
+        self,
+        emulator: Emulator,
+        url: str,
+        namespace: str = "default",
+        *,
+        scope: str = "cluster",
+        kubeconfig_dir: Path | None = None,
+    ) -> None:
         self.emulator, self.api_server, self.namespace = emulator, url, namespace
-        self.operator_args = ["--standalone", "-A"]
+        self.operator_args = (
+            ["--standalone", "-A"] if scope == "cluster" else ["--standalone", "-n", namespace]
+        )
+        self.chart_values = chart_scope_values(scope, namespace)
+        self.kubeconfig: str | None = None
+        if kubeconfig_dir is not None:
+            self.kubeconfig = str(kubeconfig_dir / "kubeconfig.yaml")
+            write_kubeconfig(Path(self.kubeconfig), url, namespace)
 
     async def _call(self, method: str, path: str, body: Any = None, content_type: str | None = None) -> Any:
         headers = {"Content-Type": content_type} if content_type else None
@@ -98,6 +122,15 @@ class EmulatorCluster:
 
     async def create(self, obj: dict[str, Any]) -> None:
         await self._call("POST", _url(obj["kind"], self.namespace), obj)
+
+    async def create_anywhere(self, obj: dict[str, Any]) -> None:
+        """Create an object of any kind the emulator serves, at its own namespace or cluster-wide."""
+        group_version, kind = obj["apiVersion"], obj["kind"]
+        plural = kind.lower() + "s"
+        prefix = "api/v1" if group_version == "v1" else f"apis/{group_version}"
+        namespace = obj["metadata"].get("namespace")
+        path = f"/{prefix}/namespaces/{namespace}/{plural}" if namespace else f"/{prefix}/{plural}"
+        await self._call("POST", path, obj)
 
     async def patch(self, kind: str, name: str, patch: dict[str, Any], subresource: str = "") -> None:
         path = _url(kind, self.namespace, name) + (f"/{subresource}" if subresource else "")
@@ -121,20 +154,45 @@ class EmulatorCluster:
             if e.get("involvedObject", {}).get("name") == name
         ]
 
-    async def mark_running(self, pod_name: str, *, vllm_ready: bool = True) -> None:
+    async def mark_running(self, pod_name: str, *, vllm_ready: bool = True) -> bool:
         """Play the kubelet: the pod runs, vLLM (the sidecar) is ready or not, the trainer runs."""
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        running = {"running": {"startedAt": now}}
-        status = {
-            "phase": "Running",
-            "podIP": "127.0.0.1",
-            "conditions": [{"type": "PodScheduled", "status": "True"}],
-            "initContainerStatuses": [
-                {"name": "vllm", "ready": vllm_ready, "restartCount": 0, "state": running}
-            ],
-            "containerStatuses": [{"name": "trainer", "ready": True, "restartCount": 0, "state": running}],
-        }
+        status = pod_running_status(vllm_ready=vllm_ready)
         await self.patch("Pod", pod_name, {"status": status}, subresource="status")
+        return True
+
+
+def write_kubeconfig(path: Path, server: str, namespace: str) -> None:
+    """A kubeconfig without credentials for a test API server (the emulator serves plain http)."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": {"server": server}}],
+        "users": [{"name": "test", "user": {}}],
+        "contexts": [
+            {"name": "test", "context": {"cluster": "test", "user": "test", "namespace": namespace}}
+        ],
+        "current-context": "test",
+    }
+    path.write_text(json.dumps(config))
+
+
+def pod_running_status(*, vllm_ready: bool) -> dict[str, Any]:
+    """What a kubelet reports for a running session pod: vLLM (the native sidecar) ready or not, the trainer up."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    running = {"running": {"startedAt": now}}
+    return {
+        "phase": "Running",
+        "podIP": "127.0.0.1",
+        "conditions": [{"type": "PodScheduled", "status": "True"}],
+        "initContainerStatuses": [
+            {"name": "vllm", "ready": vllm_ready, "restartCount": 0, "state": running, "image": "vllm",
+             "imageID": ""}
+        ],
+        "containerStatuses": [
+            {"name": "trainer", "ready": True, "restartCount": 0, "state": running, "image": "trainer",
+             "imageID": ""}
+        ],
+    }  # fmt: skip
 
 
 def kubectl_path() -> str | None:
@@ -153,6 +211,9 @@ class KubectlCluster:
         self.kubectl = kubectl
         self.namespace = f"hogwild-e2e-{uuid.uuid4().hex[:6]}"
         self.operator_args = ["--standalone", "-n", self.namespace]
+        # Namespace scope only: an operator under test must never act on sessions it did not create.
+        self.chart_values = chart_scope_values("namespaces", self.namespace)
+        self.kubeconfig = os.environ.get("KUBECONFIG")
 
     def _run(
         self, *args: str, stdin: str | None = None, check: bool = True
@@ -164,7 +225,7 @@ class KubectlCluster:
         await asyncio.to_thread(self._run, "create", "namespace", self.namespace)
 
     async def teardown(self) -> None:
-        await asyncio.to_thread(self._run, "delete", "namespace", self.namespace, "--wait=false", check=False)
+        await asyncio.to_thread(delete_namespace, self.kubectl, self.namespace)
 
     async def create(self, obj: dict[str, Any]) -> None:
         await asyncio.to_thread(self._run, "create", "-n", self.namespace, "-f", "-", stdin=json.dumps(obj))
@@ -207,8 +268,35 @@ class KubectlCluster:
         )
         return list(json.loads(result.stdout)["items"])
 
-    async def mark_running(self, pod_name: str, *, vllm_ready: bool = True) -> None:
-        """The real kubelet runs pods; nothing to play."""
+    async def mark_running(self, pod_name: str, *, vllm_ready: bool = True) -> bool:
+        """Play the kubelet where none runs the pod (it is not scheduled); False where a real one does."""
+        pod = await self.get("Pod", pod_name)
+        if pod is None or pod["spec"].get("nodeName"):
+            return False
+        status = pod_running_status(vllm_ready=vllm_ready)
+        await self.patch("Pod", pod_name, {"status": status}, subresource="status")
+        return True
+
+
+def delete_namespace(kubectl: str, namespace: str, timeout_s: float = 120.0) -> None:
+    """Delete a test namespace and wait until it is gone.
+
+    The operator under test is stopped by now, so the sessions' finalizers would hold the namespace in
+    `Terminating` forever: they are removed first (what the operator does after its final checkpoint)."""
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([kubectl, *args], text=True, capture_output=True, check=False)
+
+    names = run("get", "trainingsessions", "-n", namespace, "-o", "name").stdout.split()
+    for name in names:
+        run("patch", "-n", namespace, name, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
+    run("delete", "namespace", namespace, "--wait=false")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if run("get", "namespace", namespace).returncode != 0:
+            return
+        time.sleep(1)
+    raise AssertionError(f"namespace {namespace} still exists {timeout_s:.0f} s after its delete")
 
 
 def curve_keys(secret: dict[str, Any]) -> dict[str, bytes]:

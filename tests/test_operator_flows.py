@@ -1,19 +1,22 @@
-"""The operator end to end: kopf's KopfRunner against the kmock emulator, through the flows a user drives.
+"""The operator end to end: the product's `hogwild operator`, started with the args the chart renders, against
+kopf's kmock emulator or a real cluster, through the flows a user drives.
 
 create, hot update (relayed to a real `hogwild worker` over ZMQ+CURVE), restart-requiring update (checkpoint
 first, then a new pod), operator restart (no duplicates), delete with the finalizer (final checkpoint, with a
 timeout), an invalid spec, peering (two operators never both act), and the operator's /metrics.
 
-Each flow takes a `cluster`: the emulator, or a real cluster when KUBECONFIG is set (`e2e`; the operator
-then runs in-process with kopf's kubeconfig login, and only flows that need no running pod images assert
-on pod phases). The worker address is redirected with the `hogwild.dev/worker-address` annotation, which
-only an operator started with allow_address_override honours.
+Each flow takes a `cluster`: the emulator in both watch scopes (`watch.scope: cluster` renders
+`--all-namespaces`, `namespaces` renders `--namespace=...`), or a real cluster when KUBECONFIG is set (`e2e`;
+namespace scope only, so that a test never acts on sessions it did not create). The operator is a child
+process running exactly the chart's command, args and env (tests/operator_process.py); the short test
+intervals travel as `operator.extraArgs`, the way a user passes any flag. The worker address is redirected
+with the `hogwild.dev/worker-address` annotation, which only `--allow-worker-address-override` honours.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import dataclasses
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,9 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hogwild.operator import builders, pod_builder
-from hogwild.operator.emulator import Emulator, running
-from hogwild.operator.handlers import Operator, build_operator
-from hogwild.operator.options import OperatorOptions
+from hogwild.operator.emulator import Emulator
 from operator_helpers import (
     EmulatorCluster,
     FakeWorker,
@@ -37,26 +38,29 @@ from operator_helpers import (
     kubectl_path,
     session_manifest,
 )
+from operator_process import (
+    FAST_ARGS,
+    OperatorProcess,
+    free_port,
+    peering_objects,
+    render_chart,
+    start_operator,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "crds" / "hogwild.dev_trainingsessions.yaml"
-FAST = OperatorOptions(
-    status_interval_s=0.3,
-    status_timeout_s=1.0,
-    configure_timeout_s=5.0,
-    restart_poll_s=0.2,
-    allow_address_override=True,
-    metrics_port=None,
-)
 pytestmark = pytest.mark.timeout(180)
 Cluster = EmulatorCluster | KubectlCluster
 
 
-@pytest.fixture(params=["emulator", pytest.param("real", marks=pytest.mark.e2e)])
-async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+@pytest.fixture(
+    params=["cluster", "namespaces", pytest.param("real", marks=pytest.mark.e2e)],
+    ids=["emulator-cluster-scope", "emulator-namespace-scope", "real"],
+)
+async def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Cluster]:
     if request.param == "real":
         if not os.environ.get("KUBECONFIG"):
-            pytest.skip("needs a real cluster: set KUBECONFIG (kind or k3d); the emulator variant ran")
+            pytest.skip("needs a real cluster: set KUBECONFIG; the emulator variants ran")
         kubectl = kubectl_path()
         if kubectl is None:
             pytest.skip("kubectl is not installed (scripts/install_tools.py installs it)")
@@ -68,18 +72,33 @@ async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
             await real.teardown()
         return
     async with Emulator() as emulator, kmock.Server(emulator) as server:
-        yield EmulatorCluster(emulator, str(server.url))
+        yield EmulatorCluster(emulator, str(server.url), scope=request.param, kubeconfig_dir=tmp_path)
 
 
 @contextlib.asynccontextmanager
-async def operator(cluster: Cluster, *extra: str, **overrides: Any) -> AsyncIterator[Operator]:
-    options = dataclasses.replace(FAST, api_server=cluster.api_server, **overrides)
-    op = build_operator(options)
-    args = [*extra] if extra else cluster.operator_args
-    async with running(op, *args):
+async def operator(cluster: Cluster, *extra_args: str, **values: Any) -> AsyncIterator[OperatorProcess]:
+    """`hogwild operator` as the chart runs it, for the cluster's scope plus `values` (dotted chart paths)."""
+    chart_values = {
+        **cluster.chart_values,
+        "operator.service.port": free_port(),
+        "operator.logFormat": "plain",
+        "operator.extraArgs": [*FAST_ARGS, *extra_args],
+        **values,
+    }
+    process = await asyncio.to_thread(start_operator, cluster.namespace, chart_values, cluster.kubeconfig)
+    try:
         if isinstance(cluster, EmulatorCluster):  # objects made before kopf watches would be missed
-            await eventually(lambda: _true(cluster.emulator.watching("trainingsessions")), "kopf watching")
-        yield op
+            await eventually(
+                lambda: _true(cluster.emulator.watching("trainingsessions") or not process.alive()),
+                "kopf watching",
+            )
+        assert process.alive(), f"hogwild operator exited:\n{process.log()[-4000:]}"
+        yield process
+    except BaseException:
+        print(f"--- {' '.join(process.command)}\n{process.log()[-6000:]}")
+        raise
+    finally:
+        await asyncio.to_thread(process.stop)
 
 
 async def _true(value: bool) -> bool:
@@ -150,12 +169,11 @@ async def test_create_makes_the_pod_and_its_neighbours(cluster: Cluster) -> None
 
 
 async def test_create_then_pod_running_without_a_worker_is_serving(cluster: Cluster) -> None:
-    if cluster.real:
-        pytest.skip("needs the emulator's stand-in kubelet (a real pod needs real images and a model)")
     async with operator(cluster):
         await cluster.create(session_manifest("chat", cluster.namespace))
         await eventually(lambda: cluster.get("Pod", "chat"), "the pod")
-        await cluster.mark_running("chat", vllm_ready=False)
+        if not await cluster.mark_running("chat", vllm_ready=False):
+            pytest.skip("a real kubelet runs this pod (it would need real images and a model)")
         await wait_status(
             cluster, "chat", "Starting while vLLM loads", lambda s: s.get("phase") == "Starting"
         )
@@ -351,13 +369,12 @@ async def _absent(cluster: Cluster, kind: str, name: str) -> bool:
 # ---- peering ------------------------------------------------------------------------------------------
 async def test_peering_lets_only_the_highest_priority_operator_act(cluster: Cluster) -> None:
     if not isinstance(cluster, EmulatorCluster):
-        pytest.skip("peering needs the kopf peering CRD installed; the emulator variant covers it")
-    await cluster._call("POST", "/apis/kopf.dev/v1/clusterkopfpeerings", {
-        "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "hogwild"},
-    })  # fmt: skip
-    peering = ["-A", "--peering", "hogwild"]
-    async with operator(cluster, *peering, "--priority", "10"):
-        async with operator(cluster, *peering, "--priority", "100"):
+        pytest.skip("peering needs the kopf peering CRD installed; the emulator variants cover it")
+    peering = {"operator.peering.enabled": True, **cluster.chart_values}
+    for obj in peering_objects(render_chart(cluster.namespace, peering)):  # what `helm install` creates
+        await cluster.create_anywhere(obj)
+    async with operator(cluster, "--priority=10", **peering):
+        async with operator(cluster, "--priority=100", **peering):
             await cluster.create(session_manifest("one", cluster.namespace))
             await eventually(lambda: cluster.get("Pod", "one"), "the first pod")
             await wait_status(cluster, "one", "status", lambda s: s.get("observedGeneration") == 1)
@@ -372,8 +389,9 @@ async def test_peering_lets_only_the_highest_priority_operator_act(cluster: Clus
 
 
 # ---- operator health ----------------------------------------------------------------------------------
-async def test_operator_serves_metrics_and_health(cluster: Cluster, unused_tcp_port: int) -> None:
-    async with operator(cluster, metrics_port=unused_tcp_port):
+async def test_operator_serves_metrics_and_health(cluster: Cluster) -> None:
+    unused_tcp_port = free_port()
+    async with operator(cluster, **{"operator.service.port": unused_tcp_port}):
         await cluster.create(session_manifest("chat", cluster.namespace))
         await wait_status(cluster, "chat", "status", lambda s: bool(s.get("phase")))
         async with aiohttp.ClientSession() as http:
