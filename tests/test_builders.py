@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -20,6 +21,7 @@ from hogwild.operator import builders, pod_builder
 from hogwild.operator.relay import client_keys
 from hogwild.operator.spec import SessionSpec, parse_spec
 
+ROOT = Path(__file__).resolve().parents[1]
 SESSION = builders.SessionRef(name="chat", namespace="ml", uid="0f4c2a9e-1111-2222-3333-444455556666")
 KEYS = {name: (name.replace(".", "-") * 8)[:40].encode() for name in auth.CURVE_FILES}
 KUBE_VERSIONS = ["1.33.0", "1.37.0"]
@@ -153,6 +155,26 @@ def test_pod_shares_process_namespace_and_memory_dirs_in_both_containers(name: s
         assert mounts[defaults.RUN_DIR]["name"] == "run"
         assert mounts["/dev/shm"]["name"] == "shm"
         assert mounts[defaults.CHECKPOINT_DIR]["name"] == "checkpoints"
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_pod_is_locked_down_non_root_without_an_api_token(name: str) -> None:
+    pod = pod_of(name)
+    assert pod["spec"]["automountServiceAccountToken"] is False, "neither container talks to the API"
+    security = pod["spec"]["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in ("vllm", "trainer"):
+        context = container(pod, c)["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False and context["privileged"] is False, c
+        assert context["capabilities"] == {"drop": ["ALL"]}, c
+
+
+def test_session_user_is_the_images_user() -> None:
+    """runAsUser must be the UID the images create, or the home dir and caches are not writable."""
+    for image in ("vllm", "trainer"):
+        dockerfile = (ROOT / "images" / image / "Dockerfile").read_text()
+        assert f"USER {pod_builder.SESSION_UID}:{pod_builder.SESSION_UID}" in dockerfile, image
 
 
 def test_vllm_is_a_native_sidecar_so_it_outlives_the_trainer() -> None:

@@ -75,6 +75,24 @@ def _mounts(spec: SessionSpec, *, checkpoints_read_only: bool) -> list[dict[str,
     return mounts
 
 
+# Both images run as this user (images/*/Dockerfile); one UID in both containers is also what MPS needs.
+SESSION_UID = 1000
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": SESSION_UID,
+    "runAsGroup": SESSION_UID,
+    # The checkpoint volume becomes writable by the session's group.
+    "fsGroup": SESSION_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+# Not readOnlyRootFilesystem: vLLM, torch.compile and Triton write their caches under $HOME and /tmp.
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "privileged": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
 def _vllm_container(spec: SessionSpec, n: Names) -> dict[str, Any]:
     args = ["--model", model_dir(spec)]
     if spec.model.served_name:
@@ -103,6 +121,7 @@ def _vllm_container(spec: SessionSpec, n: Names) -> dict[str, Any]:
         "env": _env(base_env, spec.vllm.env),
         "ports": [{"name": "http", "containerPort": defaults.VLLM_HTTP_PORT, "protocol": "TCP"}],
         "resources": _resources(spec.vllm, spec, gpu_limit=device_plugin),
+        "securityContext": dict(CONTAINER_SECURITY_CONTEXT),
         "volumeMounts": [
             *_mounts(spec, checkpoints_read_only=True),
             {"name": "token", "mountPath": TOKEN_MOUNT, "readOnly": True},
@@ -160,6 +179,7 @@ def _trainer_container(spec: SessionSpec, n: Names) -> dict[str, Any]:
             {"name": "control", "containerPort": defaults.WORKER_CONTROL_PORT, "protocol": "TCP"},
         ],
         "resources": _resources(spec.trainer, spec, gpu_limit=False),
+        "securityContext": dict(CONTAINER_SECURITY_CONTEXT),
         "volumeMounts": [
             *_mounts(spec, checkpoints_read_only=False),
             {"name": "curve", "mountPath": CURVE_MOUNT, "readOnly": True},
@@ -211,6 +231,9 @@ def build_pod(session: SessionRef, spec: SessionSpec) -> dict[str, Any]:
         # Legacy CUDA IPC needs one PID namespace between exporter and importer (FACTS.md).
         "shareProcessNamespace": True,
         "enableServiceLinks": False,
+        # Neither container talks to the Kubernetes API: no token in the pod.
+        "automountServiceAccountToken": False,
+        "securityContext": dict(POD_SECURITY_CONTEXT),
         "terminationGracePeriodSeconds": spec.pod.grace_period_s,
         "initContainers": [_vllm_container(spec, n)],
         "containers": [_trainer_container(spec, n)],
