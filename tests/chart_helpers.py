@@ -24,6 +24,8 @@ RELEASE, NAMESPACE = "hw-release", "hogwild-system"
 # The chart's kubeVersion floor, and the newest release kubernetes-validate carries schemas for.
 KUBE_VERSIONS = ["1.33.0", "1.37.0"]
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+# What a cluster with the Prometheus Operator serves (the chart creates its kinds only where they exist).
+MONITORING_APIS = tuple(f"monitoring.coreos.com/v1/{kind}" for kind in sorted(MONITORING_KINDS))
 # kopf's peering objects: their CRD (crds/kopf.dev_peerings.yaml) keeps any field, so there is nothing to check.
 UNVALIDATED_KINDS = MONITORING_KINDS | {"ClusterKopfPeering", "KopfPeering"}
 
@@ -40,11 +42,16 @@ def helm(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 @functools.cache
-def rendered_text(values: str, kube_version: str = "1.35.0", *sets: str) -> str:
+def rendered_text(
+    values: str, kube_version: str = "1.35.0", *sets: str, api_versions: tuple[str, ...] = MONITORING_APIS
+) -> str:
+    """`helm template` of a values fixture, for a cluster that serves `api_versions` (by default: with the
+    Prometheus Operator's CRDs)."""
     set_args = [arg for item in sets for arg in ("--set", item)]
+    api_args = [arg for api in api_versions for arg in ("--api-versions", api)]
     result = helm(
         "template", RELEASE, CHART, "--namespace", NAMESPACE, "--include-crds",
-        "--kube-version", kube_version, "-f", FIXTURES / f"{values}.yaml", *set_args,
+        "--kube-version", kube_version, "-f", FIXTURES / f"{values}.yaml", *set_args, *api_args,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return result.stdout

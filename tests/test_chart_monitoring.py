@@ -14,11 +14,13 @@ import yaml
 
 from chart_helpers import (
     CHART,
+    MONITORING_APIS,
     MONITORING_KINDS,
     NAMESPACE,
     of_kind,
     one,
     rendered,
+    rendered_text,
 )
 
 # --- monitoring objects (Prometheus Operator kinds: no offline schema, so checked here) --------------------
@@ -120,6 +122,23 @@ def test_monitoring_objects_only_when_enabled(values: str, kinds: set[str]) -> N
 # --- dashboards --------------------------------------------------------------------------------------------
 
 DASHBOARDS = sorted(path.name for path in (CHART / "dashboards").glob("*.json"))
+
+
+@pytest.mark.parametrize(
+    ("apis", "kinds"),
+    [
+        ((), set()),
+        (("monitoring.coreos.com/v1/PodMonitor",), {"PodMonitor"}),
+        (MONITORING_APIS, MONITORING_KINDS),
+    ],
+    ids=["no-prometheus-operator", "podmonitor-only", "all"],
+)
+def test_monitoring_objects_only_where_the_cluster_has_their_kinds(
+    apis: tuple[str, ...], kinds: set[str]
+) -> None:
+    """`helm install` must not fail with "no matches for kind" on a cluster without the Prometheus Operator."""
+    docs = yaml.safe_load_all(rendered_text("monitoring", "1.35.0", api_versions=apis))
+    assert {doc["kind"] for doc in docs if doc} & MONITORING_KINDS == kinds
 
 
 def test_dashboards_exist() -> None:
