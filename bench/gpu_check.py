@@ -1,6 +1,6 @@
 """Correctness of every fast path against a float64 reference, on fresh random inputs (`--part check`).
 
-Bands (METHOD.md): fp32 arithmetic far under 1e-3; bf16 operands between 1e-3 and 1e-2; NaN never. Each
+Accuracy bands: fp32 arithmetic far under 1e-3; bf16 operands between 1e-3 and 1e-2; NaN never. Each
 check draws new random inputs; none runs on zeros.
 """
 

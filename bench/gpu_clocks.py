@@ -6,7 +6,7 @@ clock falling under the power limit once the GPU never rests, a strict yield can
 1 - (serving's busy time at the lower clock) of the wall time, however it is scheduled. These samples let each
 window say what clock and power it ran at, and whether the driver reported the power cap.
 
-METHOD.md: the clocks are only read here, never set.
+The clocks are only read here, never set: the GPU is shared, and its settings are not the bench's to change.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# The bands of METHOD.md: fp32 arithmetic lands far under 1e-3, bf16 operands between 1e-3 and 1e-2.
+# Accuracy bands: fp32 arithmetic lands far under 1e-3, bf16 operands between 1e-3 and 1e-2.
 FP32_MAX = 1e-3
 _TINY = 1e-300
 BF16_MAX = 1e-2

@@ -62,7 +62,7 @@ class Server:
 
     def _capture(self) -> torch.cuda.CUDAGraph:
         """One serving step as a CUDA graph, as vLLM runs its steps: GPU-bound, no launch gaps. The graph
-        holds the weights' raw pointers, so in-place training is seen (FACTS.md, "vLLM's GPU path")."""
+        holds the weights' raw pointers, so in-place training is seen (docs/facts.md, "vLLM's GPU path")."""
         from hogwild.testing.vllm_layout import fused_forward
 
         side = torch.cuda.Stream()

@@ -1,4 +1,4 @@
-"""Hyperparameter validation and the hot / state-resetting split of DESIGN.md."""
+"""Hyperparameter validation and the hot / state-resetting split of docs/design.md."""
 
 from __future__ import annotations
 

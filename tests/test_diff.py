@@ -1,4 +1,4 @@
-"""Which spec changes apply hot and which need a new pod (DESIGN.md's table), and that the pod agrees."""
+"""Which spec changes apply hot and which need a new pod (docs/design.md's table), and that the pod agrees."""
 
 from __future__ import annotations
 

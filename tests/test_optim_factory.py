@@ -160,7 +160,7 @@ def test_state_resetting_change_is_a_new_optimizer() -> None:
 
 
 def test_field_classes_follow_the_design_table() -> None:
-    # DESIGN.md, "Which spec changes apply hot": the optimizer's part of it.
+    # docs/design.md, "Which spec changes apply hot": the optimizer's part of it.
     assert {"lr", "betas", "eps", "weight_decay", "scale"} == OPTIMIZER_HOT_FIELDS
     assert {"optimizer", "rank", "scale_type", "update_proj_gap", "rounding"} == OPTIMIZER_RESET_FIELDS
 

@@ -1,6 +1,6 @@
 """Training hyperparameters: one frozen dataclass shared by the CR, the protocol and the worker.
 
-Field names are the protocol's snake_case names (DESIGN.md "Which spec changes apply hot"). The operator
+Field names are the protocol's snake_case names (docs/design.md "Which spec changes apply hot"). The operator
 maps the CR's camelCase onto them; the worker applies them. Pure: no I/O.
 """
 

@@ -1,4 +1,4 @@
-"""Ports, paths and limits that every hogwild process agrees on (DESIGN.md "Contracts").
+"""Ports, paths and limits that every hogwild process agrees on (docs/design.md "Contracts").
 
 Pure constants: importing this module does no I/O.
 """

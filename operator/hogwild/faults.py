@@ -1,6 +1,6 @@
 """Fault injection for crash tests: a named point kills this process when HOGWILD_FAULT names it.
 
-Crash tests must not depend on timing (DESIGN.md "Tests and CI"): instead of killing a process "at about the
+Crash tests must not depend on timing (docs/design.md "Tests and CI"): instead of killing a process "at about the
 right moment", a test sets e.g. `HOGWILD_FAULT=checkpoint.after_weights` and the process SIGKILLs itself
 exactly there, the way the kernel's OOM killer or `kill -9` would. `name:N` fires on the Nth time the point
 is reached (so a test can let the first checkpoint through and kill the second); several points may be

@@ -1,4 +1,4 @@
-"""The weight-handle manifest: how the trainer finds vLLM's weights (DESIGN.md "Contracts").
+"""The weight-handle manifest: how the trainer finds vLLM's weights (docs/design.md "Contracts").
 
 The exporter (the vLLM plugin, or hogwild.testing.exporter) writes `<run dir>/weights.json` plus a payload:
 

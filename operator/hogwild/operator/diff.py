@@ -1,4 +1,4 @@
-"""Sort spec changes into hot ones (relayed to the running worker) and restart-requiring ones (DESIGN.md).
+"""Sort spec changes into hot ones (relayed to the running worker) and restart-requiring ones (docs/design.md).
 
 | kind | fields |
 | --- | --- |

@@ -228,7 +228,7 @@ def build_pod(session: SessionRef, spec: SessionSpec) -> dict[str, Any]:
     meta["annotations"] = annotations
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Always",
-        # Legacy CUDA IPC needs one PID namespace between exporter and importer (FACTS.md).
+        # Legacy CUDA IPC needs one PID namespace between exporter and importer (docs/facts.md).
         "shareProcessNamespace": True,
         "enableServiceLinks": False,
         # Neither container talks to the Kubernetes API: no token in the pod.

@@ -3,7 +3,7 @@
 The worker keeps one optimizer over the served model's weights for as long as it runs. A hyperparameter
 change from the TrainingSession either applies to that optimizer in place, keeping its state (lr, betas, eps,
 weight_decay, scale), or changes what the state means (optimizer, rank, scale_type, update_proj_gap,
-rounding): then the caller builds a new optimizer and the reply says `state_reset: true` (DESIGN.md, "Which
+rounding): then the caller builds a new optimizer and the reply says `state_reset: true` (docs/design.md, "Which
 spec changes apply hot"). Which field is which comes from `hogwild.config`; this module only knows how each
 field maps onto an optimizer's param groups. Pure: no I/O.
 """

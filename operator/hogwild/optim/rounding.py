@@ -1,7 +1,7 @@
 """Writing fp32 updates into bf16 weights in place without losing them.
 
 bf16 keeps 8 significant bits: an update smaller than about 2^-9 of a weight rounds back to the same weight,
-so fine-tuning at a small learning rate silently does nothing (FACTS.md, "Precision"). Two cures, both
+so fine-tuning at a small learning rate silently does nothing (docs/facts.md, "Precision"). Two cures, both
 writing into the parameter's own storage (`copy_`, or the fused kernel's stores), because vLLM reads that
 exact memory:
 

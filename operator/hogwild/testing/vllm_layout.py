@@ -1,7 +1,7 @@
 """vLLM's weight layout for dense Llama-style models, and a forward pass that computes with it.
 
 The stand-in exporter (hogwild.testing.exporter) must hold weights exactly as vLLM 0.32 does, so that what
-the worker maps in tests is what it maps in a pod (FACTS.md "Zero-copy weights" and "vLLM's GPU path"):
+the worker maps in tests is what it maps in a pod (docs/facts.md "Zero-copy weights" and "vLLM's GPU path"):
 - q/k/v fused into `qkv_proj` (rows q = heads*head_dim, then k and v = kv_heads*head_dim; bias too, as in
   Qwen2); gate/up fused into `gate_up_proj` (rows gate, then up);
 - `embed_tokens` and `lm_head` padded to a multiple of 64 rows with zeros;

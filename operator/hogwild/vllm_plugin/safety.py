@@ -1,7 +1,7 @@
 """vLLM settings that silently break in-place weight sharing, refused at launch with a reason.
 
 Pure: takes the parsed vLLM arguments (as a mapping) and the environment, returns the problems found.
-Each reason says what to change. Sources: FACTS.md "vLLM's GPU path" (read from the vLLM 0.32 source).
+Each reason says what to change. Sources: docs/facts.md "vLLM's GPU path" (read from the vLLM 0.32 source).
 """
 
 from __future__ import annotations

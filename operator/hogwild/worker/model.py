@@ -3,7 +3,7 @@
 The module is constructed on the `meta` device (no memory), then `load_state_dict(views, assign=True)` makes
 each parameter BE the mapped view (a row slice of vLLM's fused tensor), so an optimizer step on the module
 writes straight into what vLLM serves. What `meta` cannot carry is rebuilt on the real device: the
-non-persistent buffers such as rotary `inv_freq` (FACTS.md "Weights on GPU"). Tied embeddings: vLLM exports
+non-persistent buffers such as rotary `inv_freq` (docs/facts.md "Weights on GPU"). Tied embeddings: vLLM exports
 no `lm_head`; HF's own tying makes `lm_head.weight` the embedding view.
 """
 
