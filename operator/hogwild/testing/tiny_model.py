@@ -72,6 +72,9 @@ class TinySpec:
     vocab_size: int = 1024
     max_positions: int = 512
     dtype: str = "bfloat16"
+    # HF's initializer_range. Large for the tiny default (so random generations differ visibly); a model of
+    # real depth wants the usual 0.02, or its activations grow through the layers.
+    init_std: float = 0.2
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -84,7 +87,27 @@ class TinySpec:
         return self.hidden_size // self.heads
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        fields = asdict(self)
+        if fields["init_std"] == 0.2:  # the models cached before the field existed keep their names
+            del fields["init_std"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# Larger specs with the same local tokenizer, for the GPU machine. "qwen2-1.5b": the layers of Qwen2-1.5B
+# (hidden 1536, 28 layers, 12 query / 2 KV heads, FFN 8960; 1.31B parameters with this vocabulary).
+NAMED = {
+    "qwen2-1.5b": TinySpec(
+        family="qwen2",
+        tied=True,
+        hidden_size=1536,
+        layers=28,
+        heads=12,
+        kv_heads=2,
+        intermediate_size=8960,
+        max_positions=4096,
+        init_std=0.02,
+    ),
+}
 
 
 def hf_config(spec: TinySpec, tokenizer_vocab: int, special_ids: dict[str, int]) -> dict[str, Any]:
@@ -109,7 +132,7 @@ def hf_config(spec: TinySpec, tokenizer_vocab: int, special_ids: dict[str, int])
         "bos_token_id": special_ids["<|endoftext|>"],
         "eos_token_id": special_ids["<|im_end|>"],
         "pad_token_id": special_ids["<|endoftext|>"],
-        "initializer_range": 0.2,
+        "initializer_range": spec.init_std,
         "attention_bias": spec.family == "qwen2",
         "use_sliding_window": False,
         "sliding_window": None,
