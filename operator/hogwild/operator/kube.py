@@ -75,10 +75,11 @@ class Kube:
             return again, False
 
     async def merge_patch(
-        self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]
+        self, kind: str, namespace: str, name: str, patch: Mapping[str, Any], subresource: str = ""
     ) -> dict[str, Any]:
+        """`subresource`: e.g. "status", for a status written before a handler returns."""
         patched: dict[str, Any] = await api.patch(
-            url(kind, namespace, name),
+            url(kind, namespace, name) + (f"/{subresource}" if subresource else ""),
             payload=dict(patch),
             headers=MERGE_PATCH,
             settings=self.settings,

@@ -50,6 +50,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--restart-poll", type=float, default=2.0, help="seconds between looks at a terminating pod"
     )
     parser.add_argument(
+        "--final-checkpoint-timeout",
+        type=float,
+        default=300.0,
+        help="most seconds to wait for a worker's final checkpoint before replacing or deleting its pod "
+        "(a session's spec.checkpoint.timeoutSeconds can only shorten it; 0: never wait)",
+    )
+    parser.add_argument(
         "--allow-worker-address-override",
         action="store_true",
         help="honour the hogwild.dev/worker-address annotation (tests and debugging only: it redirects the relay)",
@@ -70,6 +77,7 @@ def options_from_args(args: argparse.Namespace) -> OperatorOptions:
         status_timeout_s=args.status_timeout,
         configure_timeout_s=args.configure_timeout,
         restart_poll_s=args.restart_poll,
+        final_checkpoint_timeout_s=args.final_checkpoint_timeout,
         allow_address_override=args.allow_worker_address_override,
         image_defaults=Images(vllm=args.vllm_image, trainer=args.trainer_image),
         metrics_port=args.metrics_port or None,

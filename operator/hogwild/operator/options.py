@@ -14,8 +14,11 @@ class OperatorOptions:
     status_interval_s: float = 10.0
     status_timeout_s: float = 5.0
     configure_timeout_s: float = 15.0
-    # While an old pod terminates, how soon to look again.
+    # While an old pod terminates, or a delete waits for the final checkpoint, how soon to look again.
     restart_poll_s: float = 2.0
+    # The longest the operator waits for a final checkpoint before it replaces or deletes a pod; a session's
+    # spec.checkpoint.timeoutSeconds can only shorten it. 0: never wait (and never ask).
+    final_checkpoint_timeout_s: float = 300.0
     # Images for sessions that name none (the Helm chart sets them to its own version).
     image_defaults: Images = field(default_factory=Images)
     # Honour the hogwild.dev/worker-address annotation (tests and debugging only: it redirects the relay).

@@ -3,7 +3,9 @@ the status (pure). Create, resume, update and the status timer all run the same 
 per-session lock, so it is idempotent: a second run, or a restarted operator, finds what the first made.
 
 Side effects go through `kube` (API) and `relay` (worker); decisions come from spec/builders/pod_builder/diff/status.
-The status is written through kopf's `patch` (kopf sends it to the status subresource after the handler).
+The status is written through kopf's `patch` (kopf sends it to the status subresource after the handler),
+except on delete, whose Terminating goes straight to the status before the final checkpoint's wait. What
+happens before a pod goes (the final checkpoint, bounded, skipped when it cannot come) is in final_checkpoint.
 """
 
 from __future__ import annotations
@@ -12,26 +14,24 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from hogwild import auth
+from hogwild import auth, defaults
 from hogwild.operator import builders, pod_builder, status
 from hogwild.operator.diff import config_changes
+from hogwild.operator.final_checkpoint import EventSink, PodStopper
 from hogwild.operator.kube import APIError, Kube
 from hogwild.operator.metrics import OperatorMetrics
 from hogwild.operator.options import OperatorOptions
 from hogwild.operator.relay import Relay, Target, client_keys
 from hogwild.operator.spec import SessionSpec, SpecError, parse_spec
-from hogwild.protocol import CheckpointRequest, ConfigureRequest, ProtocolError, StatusRequest
+from hogwild.protocol import ConfigureRequest, ProtocolError, StatusRequest
 
 logger = logging.getLogger(__name__)
 # Children other than the pod are re-checked at most this often (and whenever the spec changes).
 CHILDREN_RECHECK_S = 300.0
-PRE_RESTART_BUSY_RETRIES = 6
-# Posts a Kubernetes Event about the session: (body, type Normal|Warning, reason, message).
-EventSink = Callable[[Mapping[str, Any], str, str, str], None]
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Controller:
         self._locks: dict[str, asyncio.Lock] = {}
         self._children_ok: dict[str, tuple[str, float]] = {}  # uid -> (spec hash, monotonic deadline)
         self._keys: dict[str, auth.CurveKeys] = {}  # uid -> the operator's CURVE keys for that session
-        self._busy_retries: dict[str, int] = {}
+        self.stopper = PodStopper(options, kube, relay, emit)
 
     def _lock(self, uid: str) -> asyncio.Lock:
         return self._locks.setdefault(uid, asyncio.Lock())
@@ -190,12 +190,13 @@ class Controller:
                 return obs, self.options.restart_poll_s
             ended = facts.phase in {"Failed", "Succeeded"}
             if facts.pod_hash == want_hash and not ended:
+                self.stopper.forget(session.uid)  # a restart asked for earlier is off: the spec went back
                 return replace(base, pod=facts, pod_current=True), None
             why = f"pod {facts.name} ended ({facts.phase})" if ended else "the spec changed"
-            if not await self._stop_pod(body, session, spec, facts, why):
-                return replace(
-                    base, pod=facts, restarting=f"{why}: waiting to checkpoint"
-                ), self.options.restart_poll_s
+            target = self._target(body, session, facts)
+            waiting = await self.stopper.replace(body, session, spec, facts, target, why)
+            if waiting is not None:  # the status timer looks again; a retry here would log an error each time
+                return replace(base, pod=facts, restarting=waiting), None
             found = await self.kube.get("Pod", session.namespace, session.name)
             if found is not None:  # still terminating: a later reconcile creates the new pod
                 obs = replace(
@@ -205,46 +206,6 @@ class Controller:
         created, _ = await self.kube.ensure(desired)
         facts = status.pod_facts(created, pod_builder.POD_HASH_ANNOTATION)
         return replace(base, pod=facts, pod_current=facts.pod_hash == want_hash), None
-
-    async def _stop_pod(
-        self,
-        body: Mapping[str, Any],
-        session: builders.SessionRef,
-        spec: SessionSpec,
-        pod: status.PodFacts,
-        why: str,
-    ) -> bool:
-        """Checkpoint (if the worker can), then delete the pod. False: the worker is busy; try again later."""
-        target = self._target(body, session, pod)
-        if target is not None:
-            try:
-                reply = await self.relay.request(
-                    target, CheckpointRequest(reason="pre-restart"), spec.checkpoint.timeout_s
-                )
-                self.emit(
-                    body,
-                    "Normal",
-                    "Checkpointed",
-                    f"before restart ({why}): {_where(reply)}",
-                )
-            except ProtocolError as err:
-                tries = self._busy_retries.get(session.uid, 0)
-                if err.code == "busy" and tries < PRE_RESTART_BUSY_RETRIES:
-                    self._busy_retries[session.uid] = tries + 1
-                    return False
-                self.emit(
-                    body,
-                    "Warning",
-                    "CheckpointFailed",
-                    f"pre-restart checkpoint failed ({err.code}: {err.message}); replacing the pod anyway, "
-                    "losing what was trained since the last checkpoint",
-                )
-        self._busy_retries.pop(session.uid, None)
-        await self.kube.delete("Pod", session.namespace, pod.name)
-        await self.relay.forget(session.namespace, session.name)
-        self.emit(body, "Normal", "Restarting", f"replacing pod {pod.name}: {why}")
-        logger.info("restart session=%s/%s pod=%s why=%s", session.namespace, session.name, pod.name, why)
-        return True
 
     # ---- the worker -----------------------------------------------------------------------------------
     def _target(
@@ -316,59 +277,77 @@ class Controller:
 
     # ---- delete ---------------------------------------------------------------------------------------
     async def finalize(self, body: Mapping[str, Any], patch: MutableMapping[str, Any]) -> None:
-        """Final checkpoint (bounded by checkpoint.timeoutSeconds), then the pod goes; owners GC the rest."""
+        """Terminating at once; the final checkpoint (bounded, skipped when it cannot come), then the pod goes;
+        owners garbage-collect the rest."""
         session = session_of(body)
+        try:
+            spec: SessionSpec | None = parse_spec(body.get("spec") or {}, self.options.image_defaults)
+        except SpecError:
+            spec = None
+
+        async def target_for(pod: status.PodFacts) -> Target | None:
+            target = self._target(body, session, pod)
+            if target is None and session.uid not in self._keys and spec is not None:
+                target = await self._target_after_restart(body, session, spec, pod)
+            return target
+
+        async def write_status(message: str, pod: status.PodFacts | None) -> None:
+            await self._write_now(body, session, message, pod, patch)
+
         async with self._lock(session.uid):
-            patch.setdefault("status", {}).update(
-                phase="Terminating", message="final checkpoint, then the pod goes"
-            )
-            pod = await self.kube.get("Pod", session.namespace, session.name)
-            try:
-                timeout = parse_spec(body.get("spec") or {}, self.options.image_defaults).checkpoint.timeout_s
-            except SpecError:
-                timeout = 0.0
-            facts = status.pod_facts(pod, pod_builder.POD_HASH_ANNOTATION) if pod else None
-            target = self._target(body, session, facts) if facts and timeout else None
-            if target is None and session.uid not in self._keys and facts is not None and timeout:
-                target = await self._target_after_restart(body, session, facts)
-            if target is not None:
-                try:
-                    reply = await self.relay.request(target, CheckpointRequest(reason="delete"), timeout)
-                    self.emit(
-                        body,
-                        "Normal",
-                        "Checkpointed",
-                        f"final checkpoint: {_where(reply)}",
-                    )
-                except ProtocolError as err:
-                    self.emit(
-                        body,
-                        "Warning",
-                        "CheckpointFailed",
-                        f"final checkpoint failed: {err.code}: {err.message}",
-                    )
-            if pod is not None:
-                await self.kube.delete("Pod", session.namespace, session.name)
+            await self.stopper.finalize(body, session, spec, target_for, write_status)
             await self.relay.forget(session.namespace, session.name)
             self.metrics.forget(session.namespace, session.name)
-            for cache in (self._children_ok, self._keys, self._busy_retries):
+            for cache in (self._children_ok, self._keys):
                 cache.pop(session.uid, None)
             logger.info("deleted session=%s/%s", session.namespace, session.name)
         self._locks.pop(session.uid, None)
 
+    async def _write_now(
+        self,
+        body: Mapping[str, Any],
+        session: builders.SessionRef,
+        message: str,
+        pod: status.PodFacts | None,
+        patch: MutableMapping[str, Any],
+    ) -> None:
+        """Terminating, written straight to the status subresource (kopf would write it only after the wait),
+        and to kopf's patch too: kopf's finalizer removal tests the resourceVersion that patch returns."""
+        previous = dict(body.get("status") or {})
+        obs = status.Observation(
+            generation=int(body["metadata"].get("generation") or 1),
+            spec_hash=builders.spec_hash(body.get("spec") or {}),
+            pod_name=session.name,
+            endpoint=builders.endpoint(session),
+            deleting=True,
+            deleting_why=message,
+            pod=pod,
+        )
+        new = status.compute_status(previous, obs, now_iso())
+        patch.setdefault("status", {}).update(new)
+        try:
+            await self.kube.merge_patch(
+                defaults.KIND, session.namespace, session.name, {"status": new}, "status"
+            )
+        except APIError as err:  # the delete goes on regardless
+            logger.warning("status session=%s/%s error=%r", session.namespace, session.name, err)
+        event = status.phase_event(previous.get("phase"), new)
+        if event is not None:
+            self.emit(body, *event)
+        self.metrics.set_phase(session.namespace, session.name, new["phase"])
+
     async def _target_after_restart(
-        self, body: Mapping[str, Any], session: builders.SessionRef, pod: status.PodFacts
+        self, body: Mapping[str, Any], session: builders.SessionRef, spec: SessionSpec, pod: status.PodFacts
     ) -> Target | None:
         """After an operator restart the keys are not cached yet: read them from the Secret."""
         try:
-            spec = parse_spec(body.get("spec") or {}, self.options.image_defaults)
             secret = await self.kube.get(
                 "Secret", session.namespace, builders.names(session, spec).curve_secret
             )
             if secret is None:
                 return None
             self._keys[session.uid] = client_keys(secret)
-        except (SpecError, ValueError, APIError):
+        except (ValueError, APIError):
             return None
         return self._target(body, session, pod)
 
@@ -383,8 +362,3 @@ def _new_curve_keys() -> dict[str, bytes]:
     return dict(
         zip(auth.CURVE_FILES, (server_public, server_secret, client_public, client_secret), strict=True)
     )
-
-
-def _where(reply: Mapping[str, Any]) -> str:
-    step, path = reply.get("step"), reply.get("path")
-    return f"step {step} at {path}" if path else "done"

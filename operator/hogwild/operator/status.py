@@ -44,6 +44,7 @@ WARNING_PHASES = frozenset({"Degraded", "Failed"})
 class PodFacts:
     name: str
     phase: str = "Pending"  # the pod's own phase
+    uid: str = ""
     terminating: bool = False
     scheduled: bool = False
     unschedulable_message: str | None = None
@@ -84,6 +85,7 @@ class Observation:
     pod_name: str
     endpoint: str
     deleting: bool = False
+    deleting_why: str | None = None  # what the delete waits for, when it waits
     spec_error: str | None = None
     waiting: str | None = None  # something the session needs does not exist yet
     restarting: str | None = None  # why the pod is being replaced
@@ -120,6 +122,7 @@ def pod_facts(pod: Mapping[str, Any], hash_annotation: str) -> PodFacts:
     return PodFacts(
         name=meta.get("name", ""),
         phase=status.get("phase", "Pending"),
+        uid=meta.get("uid", ""),
         terminating=bool(meta.get("deletionTimestamp")),
         scheduled=scheduled.get("status") == "True" or bool(status.get("podIP")),
         unschedulable_message=unschedulable,
@@ -175,7 +178,7 @@ def phase_of(obs: Observation, previous_phase: str | None) -> tuple[str, str]:
     was_up = previous_phase in {"Serving", "Training", "Paused", "Degraded"}
     pod, worker = obs.pod, obs.worker
     if obs.deleting:
-        return "Terminating", "final checkpoint, then the pod goes"
+        return "Terminating", obs.deleting_why or "the pod goes"
     if obs.spec_error:
         return "Failed", obs.spec_error
     if obs.waiting:
@@ -210,9 +213,13 @@ def _condition(kind: str, ok: bool | None, reason: str, message: str) -> dict[st
     return {"type": kind, "status": status, "reason": reason, "message": message}
 
 
-def _worker_connected(obs: Observation) -> dict[str, Any]:
+def _worker_connected(obs: Observation, previous: Mapping[str, Any]) -> dict[str, Any]:
     if obs.pod is None or not obs.pod.trainer_running:
         return _condition("WorkerConnected", False, "NoWorker", "the trainer container is not running")
+    not_asked = obs.worker is None and obs.worker_error is None and (obs.restarting or obs.deleting)
+    prior = next((c for c in previous.get("conditions") or [] if c.get("type") == "WorkerConnected"), None)
+    if not_asked and prior is not None:  # a pod on its way out is not asked: what was last known stands
+        return {k: prior[k] for k in ("type", "status", "reason", "message") if k in prior}
     if obs.worker is None:
         return _condition(
             "WorkerConnected", False, "Unreachable", obs.worker_error or "no reply from the worker"
@@ -303,7 +310,7 @@ def compute_status(previous: Mapping[str, Any] | None, obs: Observation, now: st
         status["appliedSpecHash"] = obs.spec_hash
     conditions = [
         _condition("Ready", phase in {"Training", "Paused"}, phase, message),
-        _worker_connected(obs),
+        _worker_connected(obs, prev),
         applied,
         _checkpoint_saved(obs, status.get("lastCheckpoint")),
     ]
