@@ -305,3 +305,46 @@ def test_phase_event(previous: str | None, phase: str, event: tuple[str, str] | 
     assert (got[:2] if got else None) == event
     if got:
         assert got[2] == f"{previous or 'New'} -> {phase}: why"
+
+
+# ---- a pod on its way out -----------------------------------------------------------------------------
+WAITING = "waiting up to 300 s (until 2026-11-26T12:05:00Z) for the final checkpoint"
+STOPPING = [
+    ("restart", obs(restarting=f"the spec changed: {WAITING}", pod=RUNNING), "Restarting", WAITING),
+    (
+        "delete",
+        obs(deleting=True, deleting_why=f"{WAITING}, then the pod goes", pod=RUNNING),
+        "Terminating",
+        WAITING,
+    ),
+    ("delete-no-wait", obs(deleting=True, pod=RUNNING), "Terminating", "the pod goes"),
+]
+
+
+@pytest.mark.parametrize(("facts", "phase", "says"), [s[1:] for s in STOPPING], ids=[s[0] for s in STOPPING])
+def test_the_phase_names_what_the_pod_waits_for(facts: Observation, phase: str, says: str) -> None:
+    result = status.compute_status({"phase": "Training"}, facts, NOW)
+    assert (result["phase"], result["observedGeneration"]) == (phase, 3)
+    assert says in result["message"]
+    assert all(c["observedGeneration"] == 3 for c in result["conditions"])
+
+
+KNOWN = [
+    ("unreachable", obs(pod=RUNNING, pod_current=True, worker_error="timeout: no reply"), "Unreachable"),
+    ("connected", obs(pod=RUNNING, pod_current=True, worker=WORKER), "Connected"),
+]
+
+
+@pytest.mark.parametrize(("before", "reason"), [k[1:] for k in KNOWN], ids=[k[0] for k in KNOWN])
+@pytest.mark.parametrize(
+    "leaving",
+    [obs(restarting="the spec changed", pod=RUNNING), obs(deleting=True, pod=RUNNING)],
+    ids=["restarting", "deleting"],
+)
+def test_a_worker_not_asked_while_its_pod_leaves_keeps_what_was_known(
+    before: Observation, reason: str, leaving: Observation
+) -> None:
+    previous = status.compute_status({}, before, NOW)
+    after = status.compute_status(previous, leaving, LATER)
+    assert conditions(after)["WorkerConnected"]["reason"] == reason
+    assert conditions(after)["WorkerConnected"]["lastTransitionTime"] == NOW
