@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import secrets
 from dataclasses import dataclass
@@ -108,3 +109,30 @@ def load_curve_keys(role: str, directory: str | os.PathLike[str] | None = None) 
         secret=_read_key(path, f"{role}.secret"),
         peer_public=_read_key(path, f"{peer}.public"),
     )
+
+
+# ---- logs carry no credentials -----------------------------------------------------------------------------
+def redact_query(path: str) -> str:
+    """A request path fit for a log: its query string (it may carry a token, rightly refused) left out."""
+    head, sep, _ = path.partition("?")
+    return head + "?<redacted>" if sep else path
+
+
+class RedactQueryFilter(logging.Filter):
+    """On the HTTP access log: every path argument loses its query string before it is formatted.
+
+    uvicorn logs `'%s - "%s %s HTTP/%s" %d'` with the path and query as the third argument."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                redact_query(a) if isinstance(a, str) and a.startswith("/") else a for a in record.args
+            )
+        return True
+
+
+def redact_access_log(logger_name: str = "uvicorn.access") -> None:
+    """Install RedactQueryFilter on the access logger (once; the plugin may load more than once)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, RedactQueryFilter) for f in logger.filters):
+        logger.addFilter(RedactQueryFilter())

@@ -141,8 +141,13 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _owner_only(path: str | os.PathLike[str], flags: int) -> int:
+    """`open` opener: files of a checkpoint are created readable by their owner alone (0600)."""
+    return os.open(path, flags, 0o600)
+
+
 def _write_json(path: Path, value: Any) -> None:
-    with open(path, "w") as f:
+    with open(path, "w", opener=_owner_only) as f:
         json.dump(value, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
@@ -223,7 +228,7 @@ def write(
     name = checkpoint_name(step)
     tmp = root_path / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(mode=0o700)
     import torch  # here, not at the top: choosing a checkpoint (`hogwild vllm`) must not pay for torch
 
     write_weights(tmp, weights, max_shard_bytes)
@@ -242,6 +247,8 @@ def write(
         "files": files,
         "bytes": sum(files.values()),
     }
+    for path in tmp.iterdir():  # weights, optimizer state and model files alike: the owner's only
+        path.chmod(0o600)
     _write_json(tmp / META_NAME, full_meta)  # last: its presence is what makes the checkpoint complete
     _fsync_path(tmp)
     fault_point("checkpoint.before_rename")

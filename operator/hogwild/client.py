@@ -2,19 +2,69 @@
 
 One DEALER socket; requests carry ids and replies are matched to waiting futures, so a quick `status` goes
 through while a long `train` is still in flight. Never blocks the caller's event loop.
+
+A worker can die under a request (kill -9, OOM) and come back as a new process; its reply never comes. So a
+long request is watched (`request_watched`): a `status` heartbeat every HEARTBEAT_S, and the request fails
+with `not_connected` as soon as another incarnation answers, or when nothing has answered for
+DEAD_AFTER_S. The socket sets ZMQ_IMMEDIATE: nothing queues for a peer that is gone, so a request meant for
+the dead worker is never delivered to the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
+from collections.abc import Mapping
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
 from hogwild.auth import CurveKeys
-from hogwild.protocol import ProtocolError, Request, decode_reply, encode_request, new_id, request_id_of
+from hogwild.protocol import (
+    ProtocolError,
+    Request,
+    StatusRequest,
+    decode_reply,
+    encode_request,
+    new_id,
+    request_id_of,
+)
+
+log = logging.getLogger("hogwild.client")
+HEARTBEAT_S = 1.0
+DEAD_AFTER_S = 10.0
+
+
+def liveness_verdict(
+    kind: str, baseline: Mapping[str, Any], seen: Mapping[str, Any] | None, silent_s: float
+) -> str | None:
+    """Why a `kind` request in flight is lost, or None while the worker that took it still answers. Pure.
+
+    `baseline`: the status read before the request was sent; `seen`: the latest heartbeat's status (None when
+    it got no answer); `silent_s`: how long nothing has answered."""
+    was = baseline.get("incarnation")
+    if seen is not None and (was is None or seen.get("incarnation") == was):
+        return None
+    if seen is None and silent_s < DEAD_AFTER_S:
+        return None
+    what = (
+        "restarted (another worker process answers now)"
+        if seen is not None
+        else f"stopped answering for {silent_s:.0f} s (dead or hung)"
+    )
+    if kind == "train":
+        outcome = (
+            f"it was at step {baseline.get('step')} when this request started; steps it finished before dying are "
+            "in the served weights but were not acknowledged and are not checkpointed: read /train/status"
+        )
+    elif kind == "checkpoint":
+        outcome = "no checkpoint was acknowledged; the previous complete checkpoint is untouched"
+    else:
+        outcome = "the request was not acknowledged"
+    return f"the training worker {what} during {kind}: {outcome}"
 
 
 class WorkerClient:
@@ -30,6 +80,7 @@ class WorkerClient:
         if self._socket is None:
             socket = self._context.socket(zmq.DEALER)
             socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.IMMEDIATE, 1)
             if self._curve is not None:
                 socket.curve_publickey = self._curve.public
                 socket.curve_secretkey = self._curve.secret
@@ -43,10 +94,13 @@ class WorkerClient:
         assert self._socket is not None
         while True:
             frames = await self._socket.recv_multipart()
-            frame = frames[-1]
-            future = self._pending.pop(request_id_of(frame), None)
-            if future is not None and not future.done():
-                future.set_result(frame)
+            try:
+                frame = frames[-1]
+                future = self._pending.pop(request_id_of(frame), None)
+                if future is not None and not future.done():
+                    future.set_result(frame)
+            except Exception:  # whatever arrives, this reader must live on: every request depends on it
+                log.exception("hogwild: unreadable reply from the worker")
 
     async def request(self, request: Request, timeout_s: float) -> dict[str, Any]:
         """Send one request and wait for its reply. Raises ProtocolError (remote error, or timeout)."""
@@ -54,9 +108,14 @@ class WorkerClient:
         request_id = new_id()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        try:
+
+        async def send_and_wait() -> bytes:
+            # With ZMQ_IMMEDIATE the send itself waits while no worker is connected: it is under the timeout.
             await socket.send_multipart([b"", encode_request(request, request_id)])
-            frame = await asyncio.wait_for(future, timeout_s)
+            return await future
+
+        try:
+            frame = await asyncio.wait_for(send_and_wait(), timeout_s)
         except asyncio.TimeoutError:
             raise ProtocolError(
                 "timeout", f"the training worker did not answer {request.type} within {timeout_s:.0f} s"
@@ -64,6 +123,34 @@ class WorkerClient:
         finally:
             self._pending.pop(request_id, None)
         return decode_reply(frame)
+
+    async def request_watched(
+        self, request: Request, timeout_s: float, baseline: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """`request`, failed early with `not_connected` when the worker that took it dies or restarts.
+
+        `baseline` is a status read just before (it names the worker's incarnation)."""
+        task = asyncio.ensure_future(self.request(request, timeout_s))
+        answered = time.monotonic()
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_S)
+                if done:
+                    return task.result()
+                try:
+                    seen: dict[str, Any] | None = await self.request(StatusRequest(), 2 * HEARTBEAT_S)
+                    answered = time.monotonic()
+                except ProtocolError:
+                    seen = None
+                verdict = liveness_verdict(request.type, baseline, seen, time.monotonic() - answered)
+                if verdict is not None and not task.done():
+                    log.warning("hogwild: %s", verdict)
+                    raise ProtocolError("not_connected", verdict)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ProtocolError):
+                    await task
 
     async def close(self) -> None:
         if self._reader is not None:

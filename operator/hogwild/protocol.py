@@ -79,6 +79,10 @@ def _text(where: str, value: Any, *, allow_empty: bool = False) -> str:
         raise ProtocolError("invalid", f"{where} must be a string, got {type(value).__name__}")
     if not value and not allow_empty:
         raise ProtocolError("invalid", f"{where} must not be empty")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ProtocolError("invalid", f"{where} is not valid Unicode (a lone surrogate)") from None
     return value
 
 
@@ -304,24 +308,48 @@ def new_id() -> str:
 def encode_request(request: Request, request_id: str | None = None) -> bytes:
     envelope = {"v": PROTOCOL_VERSION, "type": request.type, "id": request_id or new_id()}
     envelope.update(request.to_body())
-    return json.dumps(envelope, separators=(",", ":")).encode()
+    # UTF-8, not \uXXXX escapes: a body within the HTTP limit stays within MAX_FRAME_BYTES. A lone surrogate
+    # has no UTF-8 form; only then escape.
+    try:
+        return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(envelope, separators=(",", ":")).encode()
+
+
+# Frames bigger than any valid request: the largest /train body plus room for the envelope. The router
+# re-encodes bodies as UTF-8 (ensure_ascii=False), so a body never grows on its way to the worker.
+MAX_FRAME_BYTES = defaults.MAX_TRAIN_BODY_BYTES + 64 * 1024
+
+
+def parse_json(data: bytes | bytearray | str, what: str = "message") -> Any:
+    """json.loads, with every way it can fail as a ProtocolError `bad_request` (never another exception).
+
+    Deep nesting (100k `[`) makes Python's parser raise RecursionError, which is not a ValueError."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ProtocolError("bad_request", f"{what} nests too deeply to parse") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ProtocolError("bad_request", f"{what} is not valid JSON: {err}") from None
 
 
 def _load_object(frame: bytes) -> dict[str, Any]:
-    try:
-        obj = json.loads(frame)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ProtocolError("bad_request", f"message is not valid JSON: {err}") from None
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError("too_large", f"message of {len(frame)} bytes; the limit is {MAX_FRAME_BYTES}")
+    obj = parse_json(frame)
     if not isinstance(obj, dict):
         raise ProtocolError("bad_request", "message must be a JSON object")
     return obj
 
 
 def request_id_of(frame: bytes) -> str:
-    """Best-effort id of a possibly malformed request, so that even an error reply can be matched."""
+    """Best-effort id of a possibly malformed request, so that even an error reply can be matched. Never
+    raises: it runs before any error handling can answer."""
+    if len(frame) > MAX_FRAME_BYTES:
+        return ""
     try:
-        obj = json.loads(frame)
-    except (UnicodeDecodeError, ValueError):
+        obj = parse_json(frame)
+    except ProtocolError:
         return ""
     rid = obj.get("id") if isinstance(obj, dict) else None
     return rid if isinstance(rid, str) and len(rid) <= 64 else ""
@@ -371,6 +399,8 @@ def decode_reply(frame: bytes) -> dict[str, Any]:
     if obj.get("ok") is True:
         return {k: v for k, v in obj.items() if k not in {"v", "ok"}}
     error = obj.get("error")
-    if not isinstance(error, Mapping) or error.get("code") not in ERROR_STATUS:
+    code = error.get("code") if isinstance(error, Mapping) else None
+    if not isinstance(code, str) or code not in ERROR_STATUS:
         raise ProtocolError("internal", "worker sent a malformed error reply")
-    raise ProtocolError(str(error["code"]), str(error.get("message", "")))
+    assert isinstance(error, Mapping)
+    raise ProtocolError(code, str(error.get("message", "")))

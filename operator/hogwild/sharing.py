@@ -93,8 +93,13 @@ def export_shm(
         offset += p.numel() * p.element_size()
     total = align(max(offset, 1))
     path = os.path.join(shm_dir, f"{SHM_PREFIX}{identity.pid}-{identity.nonce}")
-    with open(path, "wb") as f:
-        f.truncate(total)
+    # Owner-only: the file IS the served weights; the worker maps it as the same user.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+        os.ftruncate(fd, total)
+    finally:
+        os.close(fd)
     atexit.register(_unlink_quietly, path)
     buffer = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
     for entry, (_, p) in zip(entries, params, strict=True):

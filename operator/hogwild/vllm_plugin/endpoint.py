@@ -39,6 +39,7 @@ class HogwildRoutesPlugin:
 
     def attach_router(self, app: Any) -> None:
         routes_module.attach(app, lambda: self.routes)
+        auth.redact_access_log()  # a token sent as ?token= must not land in the serving log
         from hogwild.worker.serving_load import HINT_NAME, LoadHint
 
         # The serving-load hint lives in the run dir that both containers share.

@@ -13,7 +13,6 @@ event loop: the worker does the work in its own process, and we only await a soc
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any
@@ -31,6 +30,7 @@ from hogwild.protocol import (
     RestoreRequest,
     StatusRequest,
     TrainRequest,
+    parse_json,
 )
 from hogwild.vllm_plugin import compat
 
@@ -77,10 +77,7 @@ class TrainingRoutes:
                 raise ProtocolError("too_large", f"body over {defaults.MAX_TRAIN_BODY_BYTES} bytes")
         if not raw.strip():
             return {}
-        try:
-            body = json.loads(raw)
-        except ValueError as err:
-            raise ProtocolError("invalid", f"body is not valid JSON: {err}") from None
+        body = parse_json(raw, "body")  # 400 for what cannot be parsed, deep nesting included
         if not isinstance(body, dict):
             raise ProtocolError("invalid", "body must be a JSON object")
         return body
@@ -130,7 +127,9 @@ class TrainingRoutes:
             if not status.get("connected"):
                 raise ProtocolError("not_connected", "the training worker has not mapped the weights yet")
             started = time.monotonic()
-            reply = await self.client.request(train, timeout_s=train.timeout_s + 5.0)
+            # Watched: a worker that dies or restarts under this request fails it in seconds (503), and the
+            # lock is free again for the next one.
+            reply = await self.client.request_watched(train, train.timeout_s + 5.0, baseline=status)
             policy = str(status.get("config", {}).get("prefix_cache", "reset"))
             reply["prefix_cache_reset"] = await self.drop_stale_prefixes(policy)
             reply["seconds"] = round(time.monotonic() - started, 3)
@@ -140,7 +139,8 @@ class TrainingRoutes:
     async def forward(self, request: Request, kind: Any, *, changes_weights: bool) -> JSONResponse:
         self.authorize(request)
         message = kind.from_body(await self.json_body(request))
-        reply = await self.client.request(message, timeout_s=defaults.CONTROL_TIMEOUT_S * 10)
+        status = await self.probe()
+        reply = await self.client.request_watched(message, defaults.CONTROL_TIMEOUT_S * 10, baseline=status)
         if changes_weights:
             policy = str(reply.get("config", {}).get("prefix_cache", "reset"))
             reply["prefix_cache_reset"] = await self.drop_stale_prefixes(policy)

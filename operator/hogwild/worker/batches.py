@@ -10,7 +10,9 @@ Pure: a tokenizer goes in (it is only called), tensors come out; no I/O, no mode
   spans are found by rendering the conversation turn by turn);
 - token ids with labels (HF convention: labels[i] is the target at position i, -100 = no loss).
 
-Labels are not shifted here; the trainer predicts labels[i + 1] from input_ids[: i + 1]. One optimizer step
+Labels are not shifted here; the trainer predicts labels[i + 1] from input_ids[: i + 1]. A sample longer
+than the model's positions (`max_position_embeddings`) is cut to them: positions the model does not have are
+never trained, and the cut tokens are counted in `truncated_tokens` like any other. One optimizer step
 reads at most `max_tokens_per_step` tokens (samples are kept in order, the one that crosses the budget is cut,
 the rest wait for nothing: they are dropped and counted), split into `grad_accumulation` micro-batches that
 are right-padded (labels -100 and attention 0 on padding).
@@ -62,7 +64,7 @@ class StepBatch:
     micro_batches: tuple[MicroBatch, ...]
     tokens: int  # real (non-padding) tokens
     targets: int  # loss terms over all micro-batches: the loss is their mean
-    truncated_tokens: int  # cut off by max_tokens_per_step
+    truncated_tokens: int  # cut off by the model's positions and by max_tokens_per_step
 
 
 def _ids(tokenizer: Any, text: str, *, special: bool) -> list[int]:
@@ -157,6 +159,14 @@ def truncate(encoded: Sequence[Encoded], max_tokens: int) -> tuple[list[Encoded]
     return kept, cut
 
 
+def fit_positions(encoded: Sequence[Encoded], max_positions: int | None) -> tuple[list[Encoded], int]:
+    """Cut every sample to the model's positions. Returns (samples, cut tokens); no limit when None."""
+    if max_positions is None:
+        return list(encoded), 0
+    cut = sum(max(0, len(s.input_ids) - max_positions) for s in encoded)
+    return [Encoded(s.input_ids[:max_positions], s.labels[:max_positions]) for s in encoded], cut
+
+
 def split(encoded: Sequence[Encoded], parts: int) -> list[list[Encoded]]:
     """At most `parts` contiguous groups, as even in sample count as possible (none empty)."""
     parts = max(1, min(parts, len(encoded)))
@@ -183,10 +193,17 @@ def pad(group: Sequence[Encoded], pad_id: int) -> MicroBatch:
 
 
 def step_batch(
-    encoded: Sequence[Encoded], *, max_tokens: int, grad_accumulation: int, pad_id: int
+    encoded: Sequence[Encoded],
+    *,
+    max_tokens: int,
+    grad_accumulation: int,
+    pad_id: int,
+    max_positions: int | None = None,
 ) -> StepBatch:
     """The micro-batches of one optimizer step. Raises ProtocolError when nothing is left to learn."""
-    kept, cut = truncate(encoded, max_tokens)
+    fitted, beyond = fit_positions(encoded, max_positions)
+    kept, cut = truncate(fitted, max_tokens)
+    cut += beyond
     targets = sum(s.targets for s in kept)
     if targets == 0:
         raise ProtocolError(

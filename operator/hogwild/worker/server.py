@@ -24,7 +24,14 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from hogwild import defaults
 from hogwild.auth import CurveKeys
-from hogwild.protocol import ProtocolError, decode_request, encode_error, encode_reply, request_id_of
+from hogwild.protocol import (
+    MAX_FRAME_BYTES,
+    ProtocolError,
+    decode_request,
+    encode_error,
+    encode_reply,
+    request_id_of,
+)
 
 log = logging.getLogger("hogwild.worker")
 POLL_MS = 250
@@ -90,8 +97,9 @@ class WorkerServer:
     def _router(self, endpoint: str | None) -> zmq.Socket[bytes]:
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        # A frame bigger than any valid request is dropped by libzmq before it reaches Python.
-        sock.setsockopt(zmq.MAXMSGSIZE, 2 * defaults.MAX_TRAIN_BODY_BYTES)
+        # Frames up to 8x the largest valid request reach Python and get a `too_large` reply; libzmq drops a
+        # bigger one (and the peer's connection) before it is buffered, so no peer can exhaust memory.
+        sock.setsockopt(zmq.MAXMSGSIZE, 8 * MAX_FRAME_BYTES)
         if endpoint is not None:
             sock.bind(endpoint)
         return sock
@@ -130,8 +138,9 @@ class WorkerServer:
     # ---- the loop ----------------------------------------------------------------------------------------
     def _on_frames(self, sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
         envelope, frame = frames[:-1], frames[-1]
-        done = self._reply_later(sock, envelope, request_id_of(frame))
+        done = self._reply_later(sock, envelope, "")
         try:
+            done = self._reply_later(sock, envelope, request_id_of(frame))
             request_id, request = decode_request(frame)
             done = self._reply_later(sock, envelope, request_id)
             self.service.handle(request, done)

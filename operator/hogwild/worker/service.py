@@ -31,6 +31,7 @@ from hogwild.protocol import (
     RestoreRequest,
     StatusRequest,
     TrainRequest,
+    new_id,
 )
 from hogwild.worker import device_gate, gpu_power, persistence, protection, serving_load, status
 from hogwild.worker.metrics import WorkerMetrics
@@ -82,6 +83,8 @@ class WorkerService:
         # NVML once the weights are mapped: finding the GPU initializes CUDA (see gpu_power.OnDemand).
         metrics.watch_gpu(gpu_power.OnDemand(settings.device, lambda: self.watcher.mapped is not None).read)
         self.endpoints: dict[str, Any] = {}
+        # Which process answers: a client that sees it change knows its in-flight request died with the last.
+        self.incarnation = new_id()
         self._train_thread: threading.Thread | None = None
         self._maintenance_thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -208,7 +211,7 @@ class WorkerService:
                 device=str(mapped.device) if mapped else None,
                 trained_since_checkpoint=self.trained_since_checkpoint,
                 mapping_error=self.watcher.mapping_error,
-                endpoints=self.endpoints,
+                endpoints={"incarnation": self.incarnation, **self.endpoints},
                 protection=dataclasses.asdict(self.gate.stats),
             )
         )

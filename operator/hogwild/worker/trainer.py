@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from hogwild.config import TrainingConfig, apply_changes, config_to_dict
+from hogwild.faults import fault_point
 from hogwild.optim import factory
 from hogwild.protocol import ProtocolError, Sample, TrainRequest
 from hogwild.worker import batches, pieces
@@ -116,6 +117,7 @@ class Trainer:
         self.module: Any = None
         self.tokenizer: Any = None
         self.vocab_size = 0
+        self.max_positions: int | None = None
         self.named_params: list[tuple[str, torch.Tensor]] = []
         self.optimizer: torch.optim.Optimizer | None = None
         # Step-level serving protection: with protection.yield_when_busy a step waits (up to max_wait_s) while
@@ -144,6 +146,9 @@ class Trainer:
         """Train `module` from now on, with a fresh optimizer (state is reloaded by the caller if wanted)."""
         with self.lock:
             self.module, self.tokenizer, self.vocab_size = module, tokenizer, vocab_size
+            # Positions past these have no embedding (learned) or were never trained (rotary): never train them.
+            positions = getattr(getattr(module, "config", None), "max_position_embeddings", None)
+            self.max_positions = positions if isinstance(positions, int) and positions > 0 else None
             self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
             self.optimizer = build_optimizer(self.named_params, self.config)
             self._pending_hot, self._pending_reset = {}, False
@@ -283,6 +288,8 @@ class Trainer:
             )
         if self._on_step:
             self._on_step(stats)
+        # Crash tests: die with this step in the served weights, before any reply acknowledges it.
+        fault_point("train.after_step")
         return stats
 
     # ---- a train request ---------------------------------------------------------------------------------
@@ -305,6 +312,7 @@ class Trainer:
                 max_tokens=config.max_tokens_per_step,
                 grad_accumulation=config.grad_accumulation,
                 pad_id=batches.pad_id_of(self.tokenizer),
+                max_positions=self.max_positions,
             )
             stats = self.step(batch)
             result.step = stats.step
