@@ -87,7 +87,7 @@ def test_the_waiting_event_names_the_checkpoint_its_bound_and_its_deadline() -> 
     text = stopping.waiting_event("replacing pod chat", stopping.bound(900, 300), NOW, "the spec changed")
     assert text == (
         "waiting up to 300 s, until 2026-12-03T12:00:00Z, for the final checkpoint before replacing pod chat "
-        "(the spec changed) (the operator's limit; spec.checkpoint.timeoutSeconds asks 900 s)"
+        "(the spec changed); 300 s is the operator's --final-checkpoint-timeout (the spec asks 900 s)"
     )
 
 

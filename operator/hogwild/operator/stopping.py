@@ -84,7 +84,7 @@ def plan(
 # ---- what the status and the Events say ---------------------------------------------------------------
 def _limit(wait: Bound) -> str:
     if wait.capped:
-        return f" (the operator's limit; spec.checkpoint.timeoutSeconds asks {wait.spec_s:g} s)"
+        return f"; {wait.wait_s:g} s is the operator's --final-checkpoint-timeout (the spec asks {wait.spec_s:g} s)"
     return ""
 
 
