@@ -33,6 +33,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--port", type=int, default=defaults.VLLM_HTTP_PORT)
     parser.add_argument("--metrics-port", type=int, default=defaults.WORKER_METRICS_PORT)
     parser.add_argument(
+        "--metrics-host", default="127.0.0.1", help="where the worker's /metrics listens (default: loopback)"
+    )
+    parser.add_argument(
         "--config", default="{}", help="initial hyperparameters as JSON, e.g. '{\"lr\": 1e-4}'"
     )
     parser.add_argument(
@@ -64,6 +67,7 @@ def main(argv: Sequence[str]) -> int:
         state_dir=args.state_dir or default_state_dir(args.model),
         port=args.port,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         vllm_args=extra,
         config=json.loads(args.config),
         mps_trainer_share=args.mps_trainer_share,
@@ -89,7 +93,7 @@ def main(argv: Sequence[str]) -> int:
         session.wait_ready()
         print(f"hogwild: serving {args.model} at {session.url}", flush=True)
         print(
-            f"hogwild: token in {session.token_file}; worker metrics at :{args.metrics_port}/metrics",
+            f"hogwild: token in {session.token_file}; worker metrics at http://{args.metrics_host}:{args.metrics_port}/metrics",
             flush=True,
         )
         print(
@@ -98,7 +102,7 @@ def main(argv: Sequence[str]) -> int:
             flush=True,
         )
         while not stopping:
-            session.check_alive()
+            session.supervise()  # restarts a crashed worker (backoff, limit); vLLM keeps serving
             time.sleep(0.5)
     except LocalModeError as err:
         print(f"hogwild: {err}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 The same ports, protocol and layout as the pod: a run dir (manifest + worker socket), a checkpoint dir and a
 token file under one state dir. vLLM starts first and stops last, because it owns the weight memory that
-the worker maps; the worker stops first, writing a final checkpoint on SIGTERM. With `mps_trainer_share`,
+the worker maps; the worker stops first, writing a final checkpoint on SIGTERM. A worker that crashes is
+restarted (`supervise`, with hogwild.local.supervision's backoff and limit) while vLLM keeps serving; a vLLM
+that exits ends local mode. The worker's metrics listen on loopback unless `metrics_host` says otherwise. With `mps_trainer_share`,
 an MPS control daemon (hogwild.mps) starts before vLLM and stops after it.
 """
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from hogwild import auth, defaults, mps
+from hogwild.local.supervision import RestartPolicy
 from hogwild.mps_daemon import MpsDaemon, require_cuda_device
 
 STOP_TIMEOUT_S = 60.0
@@ -104,9 +107,13 @@ class LocalSession:
     host: str = "127.0.0.1"
     extra_env: dict[str, str] = field(default_factory=dict)
     mps_trainer_share: int | None = None  # percent of the SMs; None: no MPS
+    metrics_host: str = "127.0.0.1"
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _log_files: list[IO[bytes]] = field(default_factory=list)
     _mps: MpsDaemon | None = None
+    _worker_restarts: list[float] = field(default_factory=list)  # monotonic times
+    _worker_restart_at: float | None = None
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
@@ -211,6 +218,8 @@ class LocalSession:
             str(self.checkpoint_dir),
             "--metrics-port",
             str(self.metrics_port),
+            "--metrics-host",
+            self.metrics_host,
         ]
         if self.config:
             argv += ["--config", json.dumps(self.config)]
@@ -229,8 +238,54 @@ class LocalSession:
     def check_alive(self) -> None:
         for name, proc in self.processes.items():
             if proc.poll() is not None:
-                hint = f" (see {self.state_dir / f'{name}.log'})" if self.log_to_files else ""
-                raise LocalModeError(f"{name} exited with code {proc.returncode}{hint}")
+                raise LocalModeError(f"{name} exited with code {proc.returncode}{self._log_hint(name)}")
+
+    def supervise(self, out: IO[str] = sys.stdout) -> None:
+        """One look at the children: raise LocalModeError when vLLM is gone; restart a dead worker.
+
+        Non-blocking: a restart waits out its backoff over later calls (the serve loop calls this twice a
+        second), so Ctrl-C is never held up. Past the policy's limit, it raises."""
+        vllm = self.processes.get("vllm")
+        if vllm is not None and vllm.poll() is not None:
+            raise LocalModeError(f"vllm exited with code {vllm.returncode}{self._log_hint('vllm')}")
+        worker = self.processes.get("worker")
+        if worker is None or worker.poll() is None:
+            return
+        now = time.monotonic()
+        if self._worker_restart_at is None:
+            delay = self.restart_policy.next_delay(self._worker_restarts, now)
+            if delay is None:
+                print(
+                    f"hogwild: worker exited with code {worker.returncode}; it was restarted "
+                    f"{self.restart_policy.max_restarts} times in {self.restart_policy.window_s:.0f} s, giving up",
+                    file=out,
+                    flush=True,
+                )
+                raise LocalModeError(
+                    f"worker exited with code {worker.returncode} and reached the restart limit"
+                    f"{self._log_hint('worker')}"
+                )
+            print(
+                f"hogwild: worker exited with code {worker.returncode}{self._log_hint('worker')}; vLLM keeps "
+                f"serving; restarting the worker in {delay:g} s",
+                file=out,
+                flush=True,
+            )
+            self._worker_restart_at = now + delay
+        if now >= self._worker_restart_at:
+            self._worker_restart_at = None
+            self._worker_restarts.append(now)
+            self.start_worker()
+            print(
+                f"hogwild: worker restarted (pid {self.processes['worker'].pid}, restart "
+                f"{len(self._worker_restarts)}); it maps the served weights and restores the newest optimizer "
+                "state",
+                file=out,
+                flush=True,
+            )
+
+    def _log_hint(self, name: str) -> str:
+        return f" (see {self.state_dir / f'{name}.log'})" if self.log_to_files else ""
 
     def wait_ready(self, timeout_s: float = 300.0) -> dict[str, Any]:
         """Until vLLM answers /health and the worker has mapped the weights. Returns the train status."""
