@@ -149,19 +149,22 @@ def test_hogwild_logs_reach_vllm_processes_once() -> None:
     """In a vLLM process (no logging configured) hogwild's INFO lines get one handler, however many times
     the plugin loads; where logging is configured already (a test, an embedding app) nothing is added."""
     hogwild = logging.getLogger("hogwild")
-    saved = (hogwild.handlers[:], hogwild.level)
+    saved = (hogwild.handlers[:], hogwild.level, hogwild.propagate)
     try:
         hogwild.handlers.clear()
         bare_root = logging.RootLogger(logging.WARNING)
         assert general.configure_logging(bare_root) is True
         assert general.configure_logging(bare_root) is False
         assert len(hogwild.handlers) == 1 and logging.getLogger("hogwild.vllm").isEnabledFor(logging.INFO)
+        assert hogwild.propagate is False  # a root handler added later must not print each line again
         hogwild.handlers.clear()
+        hogwild.propagate = True
         configured_root = logging.RootLogger(logging.WARNING)
         configured_root.addHandler(logging.NullHandler())
         assert general.configure_logging(configured_root) is False and hogwild.handlers == []
+        assert hogwild.propagate is True
     finally:
-        hogwild.handlers[:], hogwild.level = saved
+        hogwild.handlers[:], hogwild.level, hogwild.propagate = saved
 
 
 PROTECTION = {

@@ -3,7 +3,9 @@ possibly more than once, before the model loads: everything here is idempotent.
 
 vLLM configures only its own `vllm` logger, so without a handler hogwild's INFO lines in vLLM's processes
 (the export summary, the worker's protection mode) would be dropped and its warnings printed bare. We give
-the `hogwild` logger one handler in vLLM's format, once per process, unless logging is configured already.
+the `hogwild` logger one handler in vLLM's format, once per process, unless logging is configured already;
+it then stops propagating, since a library may configure the root logger later (seen in vLLM 0.26's engine
+process: every line twice).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def configure_logging(root: logging.Logger | None = None) -> bool:
     handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%m-%d %H:%M:%S"))
     setattr(handler, _HANDLER_ATTR, True)
     hogwild.addHandler(handler)
+    hogwild.propagate = False
     if hogwild.level == logging.NOTSET:
         hogwild.setLevel(logging.INFO)
     return True
