@@ -7,11 +7,14 @@ again.
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import torch
@@ -104,6 +107,75 @@ def test_bad_train_requests_leave_weights_untouched(
     assert status == code and reply["error"]["message"]
     after = weight_snapshot(session)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def post_raw(session: LocalSession, path: str, body: bytes, token: str | None) -> tuple[int, dict[str, Any]]:
+    """POST bytes as they are (not necessarily JSON); the status and the parsed JSON answer."""
+    parts = urlsplit(session.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    try:
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        conn.request("POST", path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+NEST = 100_000
+WRONG_TYPES = {
+    "/train": b'{"samples": 5}',
+    "/checkpoint": b'{"reason": 5}',
+    "/train/restore": b'{"step": "latest"}',
+    "/train/configure": b'{"changes": [["lr", 1]]}',
+}
+ROUTE_FUZZ = {
+    f"{path} {name}": (path, body, code)
+    for path in WRONG_TYPES
+    for name, body, code in [
+        ("100k open brackets", b"[" * NEST, 400),
+        ("100k nested arrays", b"[" * NEST + b"]" * NEST, 400),
+        ("100k nested in a field", b'{"samples": ' + b"[" * NEST + b"]" * NEST + b"}", 400),
+        ("truncated", b'{"samples": [{"text": "a', 400),
+        ("not utf-8", b"\xff\xfe{}", 400),
+        ("an array", b"[1, 2]", 422),
+        ("wrong types", WRONG_TYPES[path], 422),
+        ("an unknown field nested 500 deep", b'{"evil": ' + b"[" * 500 + b"]" * 500 + b"}", 422),
+    ]
+} | {
+    "/train lone surrogate": ("/train", b'{"samples": [{"text": "\\ud800"}]}', 422),
+    "/train too many samples": ("/train", json.dumps({"samples": [{"text": "a"}] * 1025}).encode(), 413),
+    "/train/configure NaN lr": ("/train/configure", b'{"changes": {"lr": NaN}}', 422),
+    "/train/configure nested protection": ("/train/configure", b'{"changes": {"protection": ' + b'{"a": ' * 500 + b"1" + b"}" * 500 + b"}}", 422),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "body", "code"), ROUTE_FUZZ.values(), ids=ROUTE_FUZZ.keys())
+def test_malformed_bodies_get_a_clear_4xx_and_change_nothing(
+    session: LocalSession, path: str, body: bytes, code: int
+) -> None:
+    before = weight_snapshot(session)
+    status, reply = post_raw(session, path, body, session.token)
+    assert (status, set(reply["error"])) == (code, {"code", "message"}), reply
+    assert reply["error"]["message"]
+    assert http_json("GET", f"{session.url}/health")[0] == 200
+    assert http_json("GET", f"{session.url}/train/status")[1]["connected"] is True
+    after = weight_snapshot(session)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_token_in_the_query_string_is_refused_and_never_logged(session: LocalSession) -> None:
+    secret = "query-token-" + session.token[:8]
+    status, reply = post_raw(session, f"/train?token={secret}&x=1", b'{"samples": [{"text": "x"}]}', None)
+    assert status == 401 and reply["error"]["code"] == "unauthorized"
+    log = session.state_dir / "vllm.log"
+    deadline = time.monotonic() + 10
+    while "/train?<redacted>" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    text = log.read_text(errors="replace")
+    assert "/train?<redacted>" in text and secret not in text
 
 
 def test_serving_stays_responsive_during_a_long_train(session: LocalSession, model_name: str) -> None:
