@@ -2,7 +2,7 @@
 
     python bench/operator_reconcile.py [--sessions 500] [--out bench/results/operator.json]
 
-The emulator (hogwild.operator.emulator) runs in a process of its own, so the operator's memory is measured
+The emulator (hogwild.testing.emulator) runs in a process of its own, so the operator's memory is measured
 alone. The operator runs in this process with KopfRunner, exactly the code `hogwild operator` runs, with
 the status timer pushed out of the way (it would add work that depends on the interval, not on N).
 
@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "operator"))
 
 from hogwild import defaults  # noqa: E402
-from hogwild.operator.emulator import running  # noqa: E402
 from hogwild.operator.handlers import build_operator  # noqa: E402
 from hogwild.operator.options import OperatorOptions  # noqa: E402
+from hogwild.testing.emulator import running  # noqa: E402
 
 SESSIONS_URL = f"/apis/{defaults.API_GROUP}/{defaults.API_VERSION}/namespaces/bench/trainingsessions"
 PODS_URL = "/api/v1/namespaces/bench/pods"
@@ -109,7 +109,7 @@ def reconcile_stats(op: Any) -> dict[str, float]:
 
 async def bench(n: int, parallel: int) -> dict[str, Any]:
     port = free_port()
-    emulator = subprocess.Popen([sys.executable, "-m", "hogwild.operator.emulator", "--port", str(port)])
+    emulator = subprocess.Popen([sys.executable, "-m", "hogwild.testing.emulator", "--port", str(port)])
     base = f"http://127.0.0.1:{port}"
     options = OperatorOptions(status_interval_s=3600.0, metrics_port=None, api_server=base)
     results: dict[str, Any] = {"sessions": n, "load_average_1m_before": os.getloadavg()[0]}

@@ -1,6 +1,6 @@
 """Support for the operator flow tests: two clusters behind one interface, and a protocol-level worker.
 
-- `EmulatorCluster`: the kmock emulator (hogwild.operator.emulator) in the test's event loop. It has no
+- `EmulatorCluster`: the kmock emulator (hogwild.testing.emulator) in the test's event loop. It has no
   kubelet, so `mark_running` plays one (pod status through the status subresource).
 - `KubectlCluster`: a real cluster through the real kubectl (KUBECONFIG), in a namespace of its own. Where no
   kubelet runs the pod (not scheduled: an API server without scheduler or kubelet), `mark_running` plays one
@@ -30,7 +30,6 @@ import zmq
 
 from hogwild import defaults
 from hogwild.config import TrainingConfig, apply_changes, config_to_dict
-from hogwild.operator.emulator import Emulator
 from hogwild.protocol import (
     CheckpointRequest,
     ConfigureRequest,
@@ -41,6 +40,7 @@ from hogwild.protocol import (
     encode_reply,
     request_id_of,
 )
+from hogwild.testing.emulator import Emulator
 
 GROUP_VERSION = f"{defaults.API_GROUP}/{defaults.API_VERSION}"
 RESOURCES = {

@@ -28,7 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hogwild.operator import builders, pod_builder
-from hogwild.operator.emulator import Emulator
+from hogwild.testing.emulator import Emulator
 from operator_helpers import (
     EmulatorCluster,
     FakeWorker,

@@ -21,7 +21,7 @@ import kmock
 import pytest
 
 from hogwild.operator import builders
-from hogwild.operator.emulator import Emulator
+from hogwild.testing.emulator import Emulator
 from operator_helpers import (
     EmulatorCluster,
     FakeWorker,

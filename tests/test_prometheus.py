@@ -6,7 +6,7 @@ Every part is real and listens on loopback only:
   does, and a real `hogwild worker` process maps and trains them; the test drives it with
   `hogwild.client.WorkerClient`, the router's own client;
 - the real operator (`build_operator` + `kopf.run`, what `hogwild operator` runs) reconciles one
-  TrainingSession in the project's Kubernetes API emulator (hogwild.operator.emulator, on kmock). The
+  TrainingSession in the project's Kubernetes API emulator (hogwild.testing.emulator, on kmock). The
   emulator runs no kubelet, so the session stays Pending and the operator never relays to a worker;
 - Debian's Prometheus, with its own config, rules and data dir on a free port, scrapes both every second.
 
@@ -209,7 +209,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
         api_port, operator_port, prometheus_port = free_ports(3)
         processes.start(
-            "emulator", [sys.executable, "-m", "hogwild.operator.emulator", "--port", str(api_port)]
+            "emulator", [sys.executable, "-m", "hogwild.testing.emulator", "--port", str(api_port)]
         )
         api = f"http://127.0.0.1:{api_port}"
         session = {

@@ -9,7 +9,7 @@ This subclass adds what the operator and kopf rely on, as a real API server woul
 - a pod starts in phase Pending.
 It still has no selectors, no server-side apply, no garbage collection and no admission.
 
-`python -m hogwild.operator.emulator --port N` serves one until killed (the benchmark runs it in its own
+`python -m hogwild.testing.emulator --port N` serves one until killed (the benchmark runs it in its own
 process, so that the operator's memory is measured alone).
 """
 
