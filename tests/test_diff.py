@@ -9,8 +9,8 @@ import pytest
 
 from hogwild.config import TrainingConfig, config_to_dict
 from hogwild.operator import builders, pod_builder
-from hogwild.operator.diff import SpecDiff, config_changes, describe, diff_specs
-from hogwild.operator.spec import parse_spec
+from hogwild.operator.diff import SpecDiff, config_changes, describe, diff_specs, restart_reason
+from hogwild.operator.spec import Images, parse_spec
 
 SESSION = builders.SessionRef(name="chat", namespace="ml", uid="u-1")
 BASE: dict[str, Any] = {"model": {"path": "/models/qwen"}}
@@ -156,3 +156,28 @@ def test_describe_lists_restart_hot_and_reset_fields() -> None:
         parse_spec(BASE), parse_spec({**changed("training.rank", 8), "images": {"vllm": "reg/v:2"}})
     )
     assert describe(diff) == "restart for spec.images.vllm; hot rank (resets optimizer state: rank)"
+
+
+@pytest.mark.parametrize(
+    ("built_from", "now", "reason"),
+    [
+        (BASE, {**BASE, "images": {"vllm": "reg/v:2"}}, "spec.images.vllm changed"),
+        (BASE, changed("gpu.count", 0), "spec.gpu.count changed"),
+        (BASE, {**changed("training.lr", 0.01), "images": {"vllm": "reg/v:2"}}, "spec.images.vllm changed"),
+        (None, BASE, "the spec changed"),
+        ({"model": {}}, BASE, "the spec changed"),
+    ],
+    ids=["image", "gpu", "hot-fields-left-out", "pod-records-nothing", "recorded-spec-invalid"],
+)
+def test_restart_reason_names_the_fields_that_replaced_the_pod(
+    built_from: dict[str, Any] | None, now: dict[str, Any], reason: str
+) -> None:
+    assert restart_reason(built_from, parse_spec(now), Images()) == reason
+
+
+def test_recorded_spec_stays_out_of_the_pod_hash() -> None:
+    pod = pod_builder.build_pod(SESSION, parse_spec(BASE))
+    recorded = pod_builder.record_built_from(copy.deepcopy(pod), changed("training.lr", 0.01))
+    assert pod_builder.pod_hash(recorded) == pod_builder.pod_hash(pod), (
+        "a hot change must not replace the pod"
+    )

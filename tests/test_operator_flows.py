@@ -295,6 +295,8 @@ async def test_restart_change_checkpoints_then_replaces_the_pod(cluster: Cluster
             assert seen_at_checkpoint == ["pre-restart"], "checkpoint requested while the old pod still ran"
             assert pod["spec"]["initContainers"][0]["image"] == "reg/hogwild-vllm:2"
             await wait_events(cluster, "chat", {("Normal", "Checkpointed"), ("Normal", "Restarting")})
+            restarts = [e["message"] for e in await cluster.events("chat") if e["reason"] == "Restarting"]
+            assert any("spec.images.vllm changed" in m for m in restarts), restarts
             await cluster.mark_running("chat")
             await wait_status(
                 cluster,

@@ -207,7 +207,7 @@ async def test_restart_with_a_silent_worker_says_restarting_and_waits_the_bound(
             assert condition(status, "SpecApplied")["reason"] == "Restarting"
             waiting = await event(cluster, "Checkpointing", PROMPT_S)
             assert "waiting up to 3 s" in waiting
-            assert "for the final checkpoint before replacing pod chat (the spec changed)" in waiting
+            assert "for the final checkpoint before replacing pod chat (spec.images.vllm changed)" in waiting
             assert "3 s is the operator's --final-checkpoint-timeout (the spec asks 300 s)" in waiting
 
             await replaced(cluster, old, 3 + PROMPT_S)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hogwild.config import STATE_RESET_FIELDS, TrainingConfig, config_to_dict
-from hogwild.operator.spec import SessionSpec
+from hogwild.operator.spec import Images, SessionSpec, SpecError, parse_spec
 
 # SessionSpec fields -> their CR paths, for sections whose change needs a new pod.
 RESTART_SECTIONS = {
@@ -138,3 +138,18 @@ def describe(diff: SpecDiff) -> str:
     if diff.operator:
         parts.append(f"operator {', '.join(diff.operator)}")
     return "; ".join(parts) or "no change"
+
+
+def restart_reason(built_from: Mapping[str, Any] | None, new: SessionSpec, images: Images) -> str:
+    """Why a pod built from the CR spec `built_from` must be replaced for `new`: the fields that changed.
+
+    `built_from` is what the pod records (pod_builder.BUILT_FROM_ANNOTATION); a pod that records nothing, or
+    a spec that no longer parses, gives the general reason."""
+    if built_from is None:
+        return "the spec changed"
+    try:
+        old = parse_spec(built_from, images)
+    except SpecError:
+        return "the spec changed"
+    changed = diff_specs(old, new).restart
+    return f"{', '.join(changed)} changed" if changed else "the spec changed"

@@ -26,6 +26,7 @@ from hogwild.operator.builders import CONFIG_KEY, Names, SessionRef, metadata, n
 from hogwild.operator.spec import ContainerSpec, SessionSpec
 
 POD_HASH_ANNOTATION = f"{defaults.API_GROUP}/pod-hash"
+BUILT_FROM_ANNOTATION = f"{defaults.API_GROUP}/built-from-spec"
 CONFIG_ENV = "HOGWILD_TRAINING_CONFIG"
 RESTORE_ENV = defaults.ENV_RESTORE
 CURVE_ENV = "HOGWILD_CURVE_DIR"
@@ -261,9 +262,23 @@ def build_pod(session: SessionRef, spec: SessionSpec) -> dict[str, Any]:
     return pod
 
 
+def record_built_from(pod: dict[str, Any], raw_spec: Mapping[str, Any]) -> dict[str, Any]:
+    """`pod` with the CR spec it was built from, so that a later restart can say which field replaced it.
+
+    Outside the hash: hot changes never touch the pod, so this copy may lag in hot fields, never in others."""
+    pod["metadata"]["annotations"][BUILT_FROM_ANNOTATION] = json.dumps(
+        raw_spec, sort_keys=True, separators=(",", ":")
+    )
+    return pod
+
+
 def pod_hash(pod: Mapping[str, Any]) -> str:
     """Hash of what a pod was built from: its spec, labels and annotations (but not the hash itself)."""
     meta = pod.get("metadata", {})
-    annotations = {k: v for k, v in meta.get("annotations", {}).items() if k != POD_HASH_ANNOTATION}
+    annotations = {
+        k: v
+        for k, v in meta.get("annotations", {}).items()
+        if k not in {POD_HASH_ANNOTATION, BUILT_FROM_ANNOTATION}
+    }
     content = {"labels": meta.get("labels", {}), "annotations": annotations, "spec": pod.get("spec", {})}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]

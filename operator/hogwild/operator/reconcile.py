@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 import time
 from collections.abc import Mapping, MutableMapping
@@ -19,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from hogwild import auth, defaults
-from hogwild.operator import builders, pod_builder, status
+from hogwild.operator import builders, diff, pod_builder, status
 from hogwild.operator.diff import config_changes
 from hogwild.operator.final_checkpoint import EventSink, PodStopper
 from hogwild.operator.kube import APIError, Kube
@@ -180,7 +181,7 @@ class Controller:
         spec: SessionSpec,
         base: status.Observation,
     ) -> tuple[status.Observation, float | None]:
-        desired = pod_builder.build_pod(session, spec)
+        desired = pod_builder.record_built_from(pod_builder.build_pod(session, spec), body.get("spec") or {})
         want_hash = desired["metadata"]["annotations"][pod_builder.POD_HASH_ANNOTATION]
         found = await self.kube.get("Pod", session.namespace, session.name)
         if found is not None:
@@ -192,7 +193,7 @@ class Controller:
             if facts.pod_hash == want_hash and not ended:
                 self.stopper.forget(session.uid)  # a restart asked for earlier is off: the spec went back
                 return replace(base, pod=facts, pod_current=True), None
-            why = f"pod {facts.name} ended ({facts.phase})" if ended else "the spec changed"
+            why = f"pod {facts.name} ended ({facts.phase})" if ended else self._restart_reason(found, spec)
             target = self._target(body, session, facts)
             waiting = await self.stopper.replace(body, session, spec, facts, target, why)
             if waiting is not None:  # the status timer looks again; a retry here would log an error each time
@@ -206,6 +207,14 @@ class Controller:
         created, _ = await self.kube.ensure(desired)
         facts = status.pod_facts(created, pod_builder.POD_HASH_ANNOTATION)
         return replace(base, pod=facts, pod_current=facts.pod_hash == want_hash), None
+
+    def _restart_reason(self, pod: Mapping[str, Any], spec: SessionSpec) -> str:
+        recorded = (pod.get("metadata", {}).get("annotations") or {}).get(pod_builder.BUILT_FROM_ANNOTATION)
+        try:
+            built_from = json.loads(recorded) if recorded else None
+        except ValueError:
+            built_from = None
+        return diff.restart_reason(built_from, spec, self.options.image_defaults)
 
     # ---- the worker -----------------------------------------------------------------------------------
     def _target(
