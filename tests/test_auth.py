@@ -53,3 +53,27 @@ def test_missing_curve_key_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "client.public").unlink()
     with pytest.raises(auth.CredentialError, match=r"client\.public"):
         auth.load_curve_keys("server", tmp_path)
+
+
+REDACTIONS = {
+    "token in the query": ("/train?token=s3cret", "/train?<redacted>"),
+    "several parameters": ("/v1/models?a=1&token=x", "/v1/models?<redacted>"),
+    "no query": ("/train/status", "/train/status"),
+}
+
+
+@pytest.mark.parametrize(("path", "logged"), REDACTIONS.values(), ids=REDACTIONS.keys())
+def test_the_access_log_never_carries_a_query_string(path: str, logged: str) -> None:
+    import logging
+
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        "",
+        0,
+        '%s - "%s %s HTTP/%s" %d',
+        ("1.2.3.4:5", "POST", path, "1.1", 401),
+        None,
+    )
+    assert auth.RedactQueryFilter().filter(record)
+    assert record.getMessage() == f'1.2.3.4:5 - "POST {logged} HTTP/1.1" 401'

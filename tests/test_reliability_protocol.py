@@ -23,7 +23,7 @@ import torch
 import zmq
 
 from hogwild import defaults, handles, protocol, sharing
-from hogwild.client import WorkerClient
+from hogwild.client import DEAD_AFTER_S, WorkerClient, liveness_verdict
 from hogwild.protocol import ProtocolError, StatusRequest, TrainRequest
 from hogwild.testing.exporter import ExporterProcess
 from hogwild.testing.worker_process import WorkerProcess
@@ -246,3 +246,46 @@ def test_a_request_in_flight_fails_fast_when_the_worker_dies(pod: Pod, restart: 
     assert error.code == "not_connected" and error.status == 503
     assert "worker" in error.message and "step" in error.message
     assert waited_s < 30, f"noticed only after {waited_s:.0f} s"
+
+
+# ---- pure pieces: what the heartbeat concludes, what the router sends --------------------------------------
+BASE = {"incarnation": "a1", "step": 7}
+VERDICTS = {
+    "same worker answers": ("train", {"incarnation": "a1", "step": 9}, 0.0, None),
+    "same worker, long silence before": ("train", {"incarnation": "a1"}, 60.0, None),
+    "no answer yet, briefly": ("train", None, 3.0, None),
+    "another worker answers": ("train", {"incarnation": "b2", "step": 5}, 0.0, "restarted"),
+    "silent too long": ("train", None, DEAD_AFTER_S, "stopped answering"),
+    "checkpoint: previous one untouched": (
+        "checkpoint",
+        None,
+        DEAD_AFTER_S + 1,
+        "previous complete checkpoint",
+    ),
+    "train: says the step it started at": ("train", {"incarnation": "b2"}, 0.0, "at step 7"),
+}
+
+
+@pytest.mark.parametrize(("kind", "seen", "silent_s", "needle"), VERDICTS.values(), ids=VERDICTS.keys())
+def test_the_heartbeat_verdict(
+    kind: str, seen: dict[str, Any] | None, silent_s: float, needle: str | None
+) -> None:
+    verdict = liveness_verdict(kind, BASE, seen, silent_s)
+    if needle is None:
+        assert verdict is None
+    else:
+        assert verdict is not None and needle in verdict
+
+
+def test_a_body_within_the_http_limit_stays_within_the_frame_limit() -> None:
+    """Multi-byte text as \\uXXXX escapes would triple in size and be dropped on its way to the worker."""
+    text = "é" * ((defaults.MAX_TRAIN_BODY_BYTES - 100) // 2)
+    frame = protocol.encode_request(TrainRequest.from_body({"samples": [{"text": text}]}))
+    assert len(frame) <= protocol.MAX_FRAME_BYTES
+    assert protocol.decode_request(frame)[1].samples[0].text == text
+
+
+def test_a_lone_surrogate_is_an_invalid_sample() -> None:
+    with pytest.raises(ProtocolError) as err:
+        TrainRequest.from_body(json.loads('{"samples": [{"text": "\\ud800"}]}'))
+    assert err.value.code == "invalid"
