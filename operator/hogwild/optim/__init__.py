@@ -5,6 +5,7 @@
 weights without losing them.
 """
 
+from hogwild.config import ROUNDINGS, SCALE_TYPES
 from hogwild.optim.apollo import APOLLO_MINI_SCALE, Apollo
 from hogwild.optim.factory import (
     OPTIMIZER_HOT_FIELDS,
@@ -17,9 +18,9 @@ from hogwild.optim.factory import (
     param_groups,
     state_bytes,
 )
-from hogwild.optim.hyperparameters import SCALE_TYPES, validate_hyperparameters
+from hogwild.optim.hyperparameters import validate_hyperparameters
 from hogwild.optim.projections import projection_matrix
-from hogwild.optim.rounding import ROUNDINGS, apply_update_, apply_updates_, stochastic_round_bf16_
+from hogwild.optim.rounding import apply_update_, apply_updates_, stochastic_round_bf16_
 
 __all__ = [
     "APOLLO_MINI_SCALE",

@@ -10,9 +10,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from hogwild.optim.rounding import ROUNDINGS
-
-SCALE_TYPES = ("channel", "tensor")
+# The names live in hogwild.config, which the operator reads without torch.
+from hogwild.config import ROUNDINGS, SCALE_TYPES
 
 
 def _number(name: str, value: Any, low: float, *, low_open: bool = False) -> None:

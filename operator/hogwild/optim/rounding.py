@@ -28,7 +28,6 @@ try:  # Triton ships with CUDA torch; the fused kernel (update_kernel.py) is onl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-ROUNDINGS = ("stochastic", "kahan", "nearest")
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 # Multipliers of the 32-bit mixer. Both are odd and below 2^31, so that the eager path's int64 products
