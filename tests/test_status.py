@@ -348,3 +348,11 @@ def test_a_worker_not_asked_while_its_pod_leaves_keeps_what_was_known(
     after = status.compute_status(previous, leaving, LATER)
     assert conditions(after)["WorkerConnected"]["reason"] == reason
     assert conditions(after)["WorkerConnected"]["lastTransitionTime"] == NOW
+
+
+def test_condition_reasons_are_plain_strings_from_one_enum() -> None:
+    """Reasons travel to the API as JSON and come back as str: the dict must hold the enum's value."""
+    result = status.compute_status({}, obs(pod=RUNNING, pod_current=True, worker=WORKER), NOW)
+    reasons = [c["reason"] for c in result["conditions"] if c["type"] != "Ready"]
+    assert len(reasons) == 3 and all(type(r) is str for r in reasons)
+    assert set(reasons) <= {r.value for r in status.Reason}

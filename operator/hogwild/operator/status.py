@@ -9,6 +9,7 @@ Pure: facts in, a status dict out; no I/O and no clock (the caller passes `now`)
 from __future__ import annotations
 
 import datetime
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,26 @@ STUCK_REASONS = frozenset(
     }
 )
 WARNING_PHASES = frozenset({"Degraded", "Failed"})
+
+
+class Reason(str, enum.Enum):
+    """Why a condition (other than Ready, whose reason is the phase) has its status: one name per cause."""
+
+    NO_WORKER = "NoWorker"
+    UNREACHABLE = "Unreachable"
+    WEIGHTS_NOT_MAPPED = "WeightsNotMapped"
+    CONNECTED = "Connected"
+    INVALID = "Invalid"
+    WAITING = "Waiting"
+    RESTARTING = "Restarting"
+    POD_PENDING = "PodPending"
+    RELAY_FAILED = "RelayFailed"
+    APPLIED = "Applied"
+    WAITING_FOR_WORKER = "WaitingForWorker"
+    RELAYING = "Relaying"
+    CHECKPOINT_FAILED = "CheckpointFailed"
+    SAVED = "Saved"
+    NO_CHECKPOINT = "NoCheckpoint"
 
 
 @dataclass(frozen=True)
@@ -208,50 +229,63 @@ def phase_of(obs: Observation, previous_phase: str | None) -> tuple[str, str]:
     return "Training", "serving and training"
 
 
-def _condition(kind: str, ok: bool | None, reason: str, message: str) -> dict[str, Any]:
+def _condition(kind: str, ok: bool | None, reason: Reason | str, message: str) -> dict[str, Any]:
     status = "Unknown" if ok is None else ("True" if ok else "False")
-    return {"type": kind, "status": status, "reason": reason, "message": message}
+    # The plain string: the dict goes to the API as JSON and is compared with what comes back.
+    return {
+        "type": kind,
+        "status": status,
+        "reason": str(getattr(reason, "value", reason)),
+        "message": message,
+    }
 
 
 def _worker_connected(obs: Observation, previous: Mapping[str, Any]) -> dict[str, Any]:
     if obs.pod is None or not obs.pod.trainer_running:
-        return _condition("WorkerConnected", False, "NoWorker", "the trainer container is not running")
+        return _condition("WorkerConnected", False, Reason.NO_WORKER, "the trainer container is not running")
     not_asked = obs.worker is None and obs.worker_error is None and (obs.restarting or obs.deleting)
     prior = next((c for c in previous.get("conditions") or [] if c.get("type") == "WorkerConnected"), None)
     if not_asked and prior is not None:  # a pod on its way out is not asked: what was last known stands
         return {k: prior[k] for k in ("type", "status", "reason", "message") if k in prior}
     if obs.worker is None:
         return _condition(
-            "WorkerConnected", False, "Unreachable", obs.worker_error or "no reply from the worker"
+            "WorkerConnected", False, Reason.UNREACHABLE, obs.worker_error or "no reply from the worker"
         )
     if not obs.worker.connected:
         return _condition(
-            "WorkerConnected", False, "WeightsNotMapped", "the worker answers but has no weights mapped"
+            "WorkerConnected",
+            False,
+            Reason.WEIGHTS_NOT_MAPPED,
+            "the worker answers but has no weights mapped",
         )
-    return _condition("WorkerConnected", True, "Connected", "the worker has mapped vLLM's weights")
+    return _condition("WorkerConnected", True, Reason.CONNECTED, "the worker has mapped vLLM's weights")
 
 
 def _spec_applied(obs: Observation, previous: Mapping[str, Any]) -> dict[str, Any]:
     if obs.spec_error:
-        return _condition("SpecApplied", False, "Invalid", obs.spec_error)
+        return _condition("SpecApplied", False, Reason.INVALID, obs.spec_error)
     if obs.waiting:
-        return _condition("SpecApplied", False, "Waiting", obs.waiting)
+        return _condition("SpecApplied", False, Reason.WAITING, obs.waiting)
     if obs.restarting:
-        return _condition("SpecApplied", False, "Restarting", obs.restarting)
+        return _condition("SpecApplied", False, Reason.RESTARTING, obs.restarting)
     if obs.pod is None or not obs.pod_current:
-        return _condition("SpecApplied", False, "PodPending", "the pod for this spec is not running yet")
+        return _condition(
+            "SpecApplied", False, Reason.POD_PENDING, "the pod for this spec is not running yet"
+        )
     if obs.relay_error:
-        return _condition("SpecApplied", False, "RelayFailed", obs.relay_error)
+        return _condition("SpecApplied", False, Reason.RELAY_FAILED, obs.relay_error)
     if obs.worker is None:
         if previous.get("appliedSpecHash") == obs.spec_hash:
-            return _condition("SpecApplied", True, "Applied", "the worker confirmed this spec")
+            return _condition("SpecApplied", True, Reason.APPLIED, "the worker confirmed this spec")
         return _condition(
-            "SpecApplied", False, "WaitingForWorker", "the worker has not confirmed this spec yet"
+            "SpecApplied", False, Reason.WAITING_FOR_WORKER, "the worker has not confirmed this spec yet"
         )
     if obs.config_pending:
         pending = ", ".join(obs.config_pending)
-        return _condition("SpecApplied", False, "Relaying", f"waiting for the worker to confirm {pending}")
-    return _condition("SpecApplied", True, "Applied", "the worker confirmed this spec")
+        return _condition(
+            "SpecApplied", False, Reason.RELAYING, f"waiting for the worker to confirm {pending}"
+        )
+    return _condition("SpecApplied", True, Reason.APPLIED, "the worker confirmed this spec")
 
 
 def _checkpoint_json(info: CheckpointInfo) -> dict[str, Any]:
@@ -260,11 +294,11 @@ def _checkpoint_json(info: CheckpointInfo) -> dict[str, Any]:
 
 def _checkpoint_saved(obs: Observation, last: Mapping[str, Any] | None) -> dict[str, Any]:
     if obs.checkpoint_error:
-        return _condition("CheckpointSaved", False, "CheckpointFailed", obs.checkpoint_error)
+        return _condition("CheckpointSaved", False, Reason.CHECKPOINT_FAILED, obs.checkpoint_error)
     if last:
         where = f"step {last.get('step')} at {last.get('path')}"
-        return _condition("CheckpointSaved", True, "Saved", where)
-    return _condition("CheckpointSaved", False, "NoCheckpoint", "no checkpoint written yet")
+        return _condition("CheckpointSaved", True, Reason.SAVED, where)
+    return _condition("CheckpointSaved", False, Reason.NO_CHECKPOINT, "no checkpoint written yet")
 
 
 def _merge_times(

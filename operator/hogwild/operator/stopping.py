@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hogwild.operator.status import PodFacts
+from hogwild.operator.status import PodFacts, Reason
 
 # Event reasons.
 WAITING = "Checkpointing"
@@ -72,9 +72,9 @@ def plan(
     if not worker_addressable:
         return Plan(skip="the trainer container is not running")
     worker = _worker_condition(status)
-    if worker.get("status") == "False" and worker.get("reason") == "Unreachable":
+    if worker.get("status") == "False" and worker.get("reason") == Reason.UNREACHABLE.value:
         return Plan(skip=f"the worker did not answer the last status check ({worker.get('message')})")
-    if worker.get("status") == "False" and worker.get("reason") == "WeightsNotMapped":
+    if worker.get("status") == "False" and worker.get("reason") == Reason.WEIGHTS_NOT_MAPPED.value:
         return Plan(skip="the worker has no weights mapped")
     if wait.wait_s <= 0:
         return Plan(skip="final checkpoints are off (the operator's --final-checkpoint-timeout is 0)")
