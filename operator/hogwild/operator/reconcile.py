@@ -106,7 +106,7 @@ class Controller:
         except _Waiting as wait:
             outcome = self._write(body, session, previous, replace(base, waiting=str(wait)), patch)
             return replace(outcome, retry_after_s=self.options.status_interval_s)
-        obs, retry = await self._observe_pod(body, session, spec, base)
+        obs, retry = await self._converge_pod(body, session, spec, base)
         if obs.pod is not None and obs.pod_current and not obs.restarting:
             obs = await self._observe_worker(body, session, spec, obs)
         outcome = self._write(body, session, previous, obs, patch)
@@ -174,13 +174,15 @@ class Controller:
             raise _Waiting(str(err)) from None
 
     # ---- the pod --------------------------------------------------------------------------------------
-    async def _observe_pod(
+    async def _converge_pod(
         self,
         body: Mapping[str, Any],
         session: builders.SessionRef,
         spec: SessionSpec,
         base: status.Observation,
     ) -> tuple[status.Observation, float | None]:
+        """Bring the pod to this spec (create it, or checkpoint and replace an outdated one) and observe it;
+        the observation, and when to look again (None: the status timer's usual interval)."""
         desired = pod_builder.record_built_from(pod_builder.build_pod(session, spec), body.get("spec") or {})
         want_hash = desired["metadata"]["annotations"][pod_builder.POD_HASH_ANNOTATION]
         found = await self.kube.get("Pod", session.namespace, session.name)
