@@ -289,3 +289,18 @@ def test_a_lone_surrogate_is_an_invalid_sample() -> None:
     with pytest.raises(ProtocolError) as err:
         TrainRequest.from_body(json.loads('{"samples": [{"text": "\\ud800"}]}'))
     assert err.value.code == "invalid"
+
+
+HUGE_VALUES = {
+    "steps a million-entry list": ("train", {"samples": [{"text": "a"}], "steps": [0] * 1_000_000}),
+    "lr of 5 MB": ("configure", {"changes": {"lr": "x" * 5_000_000}}),
+    "an unknown key of 3 MB": ("train", {"samples": [{"text": "a"}], "x" * 3_000_000: 1}),
+    "step nested 900 deep": ("restore", {"step": json.loads("[" * 900 + "]" * 900)}),
+}
+
+
+@pytest.mark.parametrize(("kind", "body"), HUGE_VALUES.values(), ids=HUGE_VALUES.keys())
+def test_an_error_message_stays_short_whatever_it_quotes(kind: str, body: dict[str, Any]) -> None:
+    with pytest.raises(ProtocolError) as err:
+        protocol.REQUEST_TYPES[kind].from_body(body)
+    assert err.value.code == "invalid" and 0 < len(err.value.message) <= 1100
