@@ -41,6 +41,25 @@ class ServingProtection:
 
 
 @dataclass(frozen=True)
+class EvalGate:
+    """The evaluation gate: how far one /train request may raise the held-out loss before it is reverted.
+
+    `max_loss_rise` bounds the absolute rise, `max_loss_rise_ratio` the rise relative to the loss before;
+    None turns a bound off, and with both off the gate is off. The evaluation set comes with configure's
+    `eval_samples` or from `eval_file` (JSON lines, one sample per line, on a volume the worker reads).
+    Applied hot, as a whole: fields left out take their defaults.
+    """
+
+    max_loss_rise: float | None = None
+    max_loss_rise_ratio: float | None = None
+    eval_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_loss_rise is not None or self.max_loss_rise_ratio is not None
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     optimizer: str = "apollo"
     lr: float = 1e-4
@@ -60,6 +79,9 @@ class TrainingConfig:
     checkpoint_keep: int = 3
     prefix_cache: str = "reset"
     protection: ServingProtection = field(default_factory=ServingProtection)
+    # Kept versions in host memory (the state before each of the last N /train requests), for rollback.
+    snapshots: int = 2
+    gate: EvalGate = field(default_factory=EvalGate)
 
 
 # Changes to these apply to the running optimizer and keep its state.
@@ -78,6 +100,8 @@ HOT_FIELDS = frozenset(
         "checkpoint_keep",
         "prefix_cache",
         "protection",
+        "snapshots",
+        "gate",
     }
 )
 # Changes to these need a new optimizer: they apply hot but reset the optimizer state.
@@ -150,6 +174,28 @@ def _protection(value: Any) -> ServingProtection:
     )
 
 
+def _bound(name: str, value: Any) -> float | None:
+    return None if value is None else _number(name, value, low=0.0)
+
+
+def _gate(value: Any) -> EvalGate:
+    if isinstance(value, EvalGate):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"gate must be an object, got {value!r}")
+    unknown = set(value) - {f.name for f in dataclasses.fields(EvalGate)}
+    if unknown:
+        raise ConfigError(f"gate has unknown fields: {', '.join(sorted(unknown))}")
+    eval_file = value.get("eval_file", "")
+    if not isinstance(eval_file, str) or (eval_file and not eval_file.startswith("/")):
+        raise ConfigError(f"gate.eval_file must be an absolute path or empty, got {eval_file!r}")
+    return EvalGate(
+        max_loss_rise=_bound("gate.max_loss_rise", value.get("max_loss_rise")),
+        max_loss_rise_ratio=_bound("gate.max_loss_rise_ratio", value.get("max_loss_rise_ratio")),
+        eval_file=eval_file,
+    )
+
+
 _VALIDATORS: dict[str, Any] = {
     "optimizer": lambda v: _choice("optimizer", v, OPTIMIZERS),
     "lr": lambda v: _number("lr", v, low=0.0, high=1.0),
@@ -169,6 +215,8 @@ _VALIDATORS: dict[str, Any] = {
     "checkpoint_keep": lambda v: _number("checkpoint_keep", v, low=1, high=1000, integer=True),
     "prefix_cache": lambda v: _choice("prefix_cache", v, PREFIX_CACHE_POLICIES),
     "protection": _protection,
+    "snapshots": lambda v: _number("snapshots", v, low=0, high=64, integer=True),
+    "gate": _gate,
 }
 
 
