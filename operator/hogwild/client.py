@@ -75,6 +75,8 @@ class WorkerClient:
         self._socket: zmq.asyncio.Socket | None = None
         self._pending: dict[str, asyncio.Future[bytes]] = {}
         self._reader: asyncio.Task[None] | None = None
+        # When the worker last sent anything (a late reply too): a worker slow to answer is not a dead one.
+        self.last_heard = 0.0
 
     def _connect(self) -> zmq.asyncio.Socket:
         if self._socket is None:
@@ -94,6 +96,7 @@ class WorkerClient:
         assert self._socket is not None
         while True:
             frames = await self._socket.recv_multipart()
+            self.last_heard = time.monotonic()
             try:
                 frame = frames[-1]
                 future = self._pending.pop(request_id_of(frame), None)
@@ -139,10 +142,10 @@ class WorkerClient:
                     return task.result()
                 try:
                     seen: dict[str, Any] | None = await self.request(StatusRequest(), 2 * HEARTBEAT_S)
-                    answered = time.monotonic()
                 except ProtocolError:
                     seen = None
-                verdict = liveness_verdict(request.type, baseline, seen, time.monotonic() - answered)
+                silent_s = time.monotonic() - max(answered, self.last_heard)
+                verdict = liveness_verdict(request.type, baseline, seen, silent_s)
                 if verdict is not None and not task.done():
                     log.warning("hogwild: %s", verdict)
                     raise ProtocolError("not_connected", verdict)
