@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 from hogwild import defaults
 from hogwild.config import ConfigError, validate_changes
+from hogwild.versions import Target, TargetError, parse_target
 
 PROTOCOL_VERSION = 1
 
@@ -240,29 +241,49 @@ class StatusRequest:
         return {}
 
 
+def decode_samples(
+    where: str, value: Any, *, limit: int = defaults.MAX_SAMPLES_PER_REQUEST
+) -> tuple[Sample, ...]:
+    if not isinstance(value, list) or not value:
+        raise ProtocolError("invalid", f"{where} must be a non-empty list")
+    if len(value) > limit:
+        raise ProtocolError("too_large", f"at most {limit} samples in {where}, got {len(value)}")
+    return tuple(decode_sample(f"{where}[{i}]", s) for i, s in enumerate(value))
+
+
 @dataclass(frozen=True)
 class ConfigureRequest:
-    """Change hyperparameters (snake_case names of hogwild.config). The reply says `state_reset`."""
+    """Change hyperparameters (snake_case names of hogwild.config). The reply says `state_reset`.
+
+    `eval_samples`, when given, replaces the evaluation gate's held-out set (hogwild.config.EvalGate)."""
 
     type: ClassVar[str] = "configure"
     changes: Mapping[str, Any] = field(default_factory=dict)
+    eval_samples: tuple[Sample, ...] | None = None
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> ConfigureRequest:
-        _no_unknown("configure", body, {"changes"})
+        _no_unknown("configure", body, {"changes", "eval_samples"})
         try:
             changes = validate_changes(body.get("changes", {}))
         except ConfigError as err:
             raise ProtocolError("invalid", str(err)) from None
-        return cls(changes=changes)
+        samples = body.get("eval_samples")
+        if samples is not None:
+            samples = decode_samples("eval_samples", samples)
+        return cls(changes=changes, eval_samples=samples)
 
     def to_body(self) -> dict[str, Any]:
         changes = dict(self.changes)
-        if "protection" in changes and not isinstance(changes["protection"], Mapping):
-            changes["protection"] = vars(changes["protection"]).copy()
+        for nested in ("protection", "gate"):
+            if nested in changes and not isinstance(changes[nested], Mapping):
+                changes[nested] = vars(changes[nested]).copy()
         if "betas" in changes:
             changes["betas"] = list(changes["betas"])
-        return {"changes": changes}
+        body: dict[str, Any] = {"changes": changes}
+        if self.eval_samples is not None:
+            body["eval_samples"] = [encode_sample(s) for s in self.eval_samples]
+        return body
 
 
 @dataclass(frozen=True)
@@ -294,13 +315,45 @@ class RestoreRequest:
         return {"step": self.step, "weights": self.weights, "optimizer": self.optimizer}
 
 
-Request = TrainRequest | CheckpointRequest | StatusRequest | ConfigureRequest | RestoreRequest
+@dataclass(frozen=True)
+class RollbackRequest:
+    """Put the served weights and the optimizer state back to a kept version (hogwild.versions.Target):
+    `previous`, a version `<lineage>.<step>`, or a checkpoint step. The reply says what was restored."""
+
+    type: ClassVar[str] = "rollback"
+    to: Target
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> RollbackRequest:
+        _no_unknown("rollback", body, {"to"})
+        if "to" not in body:
+            raise ProtocolError("invalid", "rollback needs 'to': 'previous', a version or a checkpoint step")
+        try:
+            return cls(to=parse_target(body["to"]))
+        except TargetError as err:
+            raise ProtocolError("invalid", str(err)) from None
+
+    def to_body(self) -> dict[str, Any]:
+        t = self.to
+        return {"to": "previous" if t.previous else (t.version if t.version is not None else t.step)}
+
+
+Request = (
+    TrainRequest | CheckpointRequest | StatusRequest | ConfigureRequest | RestoreRequest | RollbackRequest
+)
 REQUEST_TYPES: dict[str, Any] = {
     cls.type: cls
-    for cls in (TrainRequest, CheckpointRequest, StatusRequest, ConfigureRequest, RestoreRequest)
+    for cls in (
+        TrainRequest,
+        CheckpointRequest,
+        StatusRequest,
+        ConfigureRequest,
+        RestoreRequest,
+        RollbackRequest,
+    )
 }
 # Requests that change weights or training state: they need the token on HTTP.
-WEIGHT_CHANGING = frozenset({"train", "checkpoint", "configure", "restore"})
+WEIGHT_CHANGING = frozenset({"train", "checkpoint", "configure", "restore", "rollback"})
 
 
 # ---- envelopes ----------------------------------------------------------------------------------------

@@ -119,7 +119,8 @@ def pick_target(
     `previous` is the snapshot taken before the last update of the current weights' ancestry (the caller
     tracks it), else the newest checkpoint of another version at or below the current step. A version is
     looked up among snapshots first (they are newer), then checkpoints; a step only among checkpoints."""
-    current_step = parse_version(current).step if parse_version(current) else math.inf
+    parsed = parse_version(current)
+    current_step = parsed.step if parsed is not None else math.inf
     found: Kept | None = None
     if target.previous:
         found = previous_snapshot

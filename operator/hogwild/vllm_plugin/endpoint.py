@@ -13,11 +13,12 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
-from hogwild import auth, defaults
+from hogwild import auth, checkpoint, defaults, versions
 from hogwild.client import WorkerClient
 from hogwild.vllm_plugin import routes as routes_module
 from hogwild.vllm_plugin.load_hint import ServingLoadMiddleware
 from hogwild.vllm_plugin.safety import unsafe_settings
+from hogwild.vllm_plugin.versions import WeightsVersionMiddleware, write_start_version
 
 log = logging.getLogger("hogwild.vllm")
 
@@ -45,6 +46,8 @@ class HogwildRoutesPlugin:
         # The serving-load hint lives in the run dir that both containers share.
         hint = LoadHint(run_dir() / HINT_NAME)
         app.add_middleware(ServingLoadMiddleware, hint=hint)
+        # Every OpenAI response names the weight version that produced it (hogwild.vllm_plugin.versions).
+        app.add_middleware(WeightsVersionMiddleware, path=run_dir() / versions.VERSION_FILE)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:
@@ -63,6 +66,11 @@ class HogwildRoutesPlugin:
             )
         directory = run_dir()
         directory.mkdir(parents=True, exist_ok=True)
+        # New weights in memory: a version of a fresh lineage until the worker maps them and starts its own.
+        served = checkpoint.read_meta(Path(str(getattr(args, "model", "")))) or {}
+        log.info(
+            "hogwild: serving weights version %s", write_start_version(directory, int(served.get("step", 0)))
+        )
         results = await engine_client.collective_rpc("hogwild_export", args=(str(directory),))
         log.info("hogwild: weights exported: %s", results)
         address = (

@@ -3,7 +3,10 @@
     POST /train           train on samples; blocks until the steps finish; answers step, loss, tokens
     POST /checkpoint      write a checkpoint now
     POST /train/restore   roll weights and optimizer state back to a checkpoint (newest by default)
-    POST /train/configure change hyperparameters at runtime (same fields as the CR's hot fields)
+    POST /train/rollback  put weights and optimizer state back to a kept version: {"to": "previous" |
+                          "<lineage>.<step>" | <checkpoint step>}; answers what was restored and how long it took
+    POST /train/configure change hyperparameters at runtime (same fields as the CR's hot fields) and the
+                          evaluation gate's held-out set (`eval_samples`)
     GET  /train/status    the worker's status (no token: it changes nothing)
 
 Every error is JSON `{"error": {"code", "message"}}` with DESIGN.md's status codes. Nothing here blocks the
@@ -28,6 +31,7 @@ from hogwild.protocol import (
     ConfigureRequest,
     ProtocolError,
     RestoreRequest,
+    RollbackRequest,
     StatusRequest,
     TrainRequest,
     parse_json,
@@ -136,9 +140,23 @@ class TrainingRoutes:
             reply.pop("id", None)
             return JSONResponse(reply)
 
+    async def rollback(self, request: Request) -> JSONResponse:
+        """Like forward, but never beside a train request: a rollback under it gets 409, and a train
+        request that arrives during the rollback gets 409 too (the one-train lock is held)."""
+        self.authorize(request)
+        message = RollbackRequest.from_body(await self.json_body(request))
+        if self.train_lock.locked():
+            raise ProtocolError("busy", "a training request is running; roll back after it finishes")
+        async with self.train_lock:
+            return await self.relay(message, changes_weights=True)
+
     async def forward(self, request: Request, kind: Any, *, changes_weights: bool) -> JSONResponse:
         self.authorize(request)
-        message = kind.from_body(await self.json_body(request))
+        return await self.relay(
+            kind.from_body(await self.json_body(request)), changes_weights=changes_weights
+        )
+
+    async def relay(self, message: Any, *, changes_weights: bool) -> JSONResponse:
         status = await self.probe()
         reply = await self.client.request_watched(message, defaults.CONTROL_TIMEOUT_S * 10, baseline=status)
         if changes_weights:
@@ -184,6 +202,10 @@ def attach(app: FastAPI, get_routes: Any) -> None:
     @app.post("/train/restore")
     async def restore(request: Request) -> JSONResponse:
         return await guarded(lambda r: r.forward(request, RestoreRequest, changes_weights=True))
+
+    @app.post("/train/rollback")
+    async def rollback(request: Request) -> JSONResponse:
+        return await guarded(lambda r: r.rollback(request))
 
     @app.post("/train/configure")
     async def configure(request: Request) -> JSONResponse:

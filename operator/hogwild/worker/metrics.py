@@ -153,6 +153,20 @@ class WorkerMetrics:
         self.requests = counter("requests", "Requests received, by type", ("type",))
         self.train_requests = counter("train_requests", "Train requests finished, by result", ("result",))
         self.remaps = counter("remaps", "Times the weights were (re)mapped after the exporter changed")
+        # Safe online learning (hogwild.worker.safety): versions, kept versions, rollbacks, the gate.
+        self.weights_step = gauge("weights_step", "Step of the served weights' version (<lineage>.<step>)")
+        self.lineages = counter(
+            "lineages", "New weight lineages, by why (mapped, restore, rollback, revert)", ("reason",)
+        )
+        self.snapshot_bytes = gauge("snapshot_bytes", "Host memory held by kept snapshots")
+        self.snapshot_seconds = gauge("snapshot_seconds", "Seconds the last snapshot took to copy")
+        self.rollbacks = counter(
+            "rollbacks", "Rollbacks and reverts applied, by what they restored", ("kind", "reason")
+        )
+        self.rollback_seconds = gauge("rollback_seconds", "Seconds the last rollback or revert took")
+        self.evaluations = counter("evaluations", "Evaluation-gate verdicts, by verdict", ("verdict",))
+        self.reverts = counter("reverts", "Updates reverted by the evaluation gate")
+        self.eval_loss = gauge("eval_loss", "Held-out loss of the last evaluation")
         self._protection = _ProtectionCollector()
         r.register(self._protection)
         self._gpu = _GpuCollector()

@@ -25,7 +25,9 @@ from hogwild.worker.model import MappedModel
 from hogwild.worker.trainer import Trainer
 
 
-def checkpoint_meta(trainer: Trainer, mapped: MappedModel, reason: str) -> dict[str, Any]:
+def checkpoint_meta(
+    trainer: Trainer, mapped: MappedModel, reason: str, version: str | None = None
+) -> dict[str, Any]:
     """meta.json fields beyond the layout's own; `base_model` follows a chain of checkpoints to its root."""
     model_path = mapped.manifest.model_path
     served_meta = checkpoint.read_meta(Path(model_path)) or {}
@@ -38,17 +40,20 @@ def checkpoint_meta(trainer: Trainer, mapped: MappedModel, reason: str) -> dict[
         "model_path": model_path,
         "base_model": served_meta.get("base_model", model_path),
         "exporter_nonce": mapped.manifest.exporter.nonce,
+        "weights_version": version,  # the weights' version (hogwild.versions): a rollback target by name
     }
 
 
-def save(root: Path, trainer: Trainer, mapped: MappedModel, reason: str) -> checkpoint.Written:
+def save(
+    root: Path, trainer: Trainer, mapped: MappedModel, reason: str, version: str | None = None
+) -> checkpoint.Written:
     return checkpoint.write(
         root,
         step=trainer.counters.step,
         weights=mapped.checkpoint_tensors(),
         optimizer_state=trainer.state_dict(),
         model_dir=mapped.manifest.model_path,
-        meta=checkpoint_meta(trainer, mapped, reason),
+        meta=checkpoint_meta(trainer, mapped, reason, version),
         hf_config=mapped.module.config,
         tokenizer=trainer.tokenizer,
     )

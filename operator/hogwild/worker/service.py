@@ -29,6 +29,7 @@ from hogwild.protocol import (
     ProtocolError,
     Request,
     RestoreRequest,
+    RollbackRequest,
     StatusRequest,
     TrainRequest,
     new_id,
@@ -36,6 +37,7 @@ from hogwild.protocol import (
 from hogwild.worker import device_gate, gpu_power, persistence, protection, serving_load, status
 from hogwild.worker.metrics import WorkerMetrics
 from hogwild.worker.model import MappedModel, prewarm_imports
+from hogwild.worker.safety import Safety
 from hogwild.worker.trainer import StepStats, Trainer
 from hogwild.worker.watcher import Watcher
 
@@ -82,6 +84,16 @@ class WorkerService:
         )
         # NVML once the weights are mapped: finding the GPU initializes CUDA (see gpu_power.OnDemand).
         metrics.watch_gpu(gpu_power.OnDemand(settings.device, lambda: self.watcher.mapped is not None).read)
+        # Versions, kept versions, rollback and the evaluation gate (hogwild.worker.safety).
+        self.safety = Safety(
+            run_dir=settings.run_dir,
+            checkpoint_dir=settings.checkpoint_dir,
+            trainer=self.trainer,
+            mapped=lambda: self.watcher.mapped,
+            metrics=metrics,
+        )
+        self._versioned: MappedModel | None = None  # the mapping the current lineage started with
+        self._rolling_back = False
         self.endpoints: dict[str, Any] = {}
         # Which process answers: a client that sees it change knows its in-flight request died with the last.
         self.incarnation = new_id()
@@ -125,6 +137,10 @@ class WorkerService:
             if self.busy:
                 raise ProtocolError("busy", "a train request is running; restore after it finishes")
             self._start_maintenance(lambda: self.restore(request), done)
+        elif isinstance(request, RollbackRequest):
+            if self.busy:
+                raise ProtocolError("busy", "a train request is running; roll back after it finishes")
+            self._start_maintenance(lambda: self.rollback(request), done)
         else:  # decode_request only returns the types above
             raise ProtocolError("unknown_type", f"no handler for {request.type}")
 
@@ -166,6 +182,8 @@ class WorkerService:
             raise ProtocolError("busy", "training is paused (configure paused=false to resume)")
         if self.busy:
             raise ProtocolError("busy", "a train request is already running; one runs at a time")
+        if self._rolling_back:
+            raise ProtocolError("busy", "a rollback is running; train after it finishes")
 
         def finished(result: dict[str, Any] | ProtocolError) -> None:
             self.metrics.train_requests.labels(
@@ -213,10 +231,18 @@ class WorkerService:
                 mapping_error=self.watcher.mapping_error,
                 endpoints={"incarnation": self.incarnation, **self.endpoints},
                 protection=dataclasses.asdict(self.gate.stats),
+                safety=self.safety.status(),
             )
         )
 
     def configure(self, request: ConfigureRequest) -> dict[str, Any]:
+        # The evaluation set and the gate are checked before anything changes: a bad set changes nothing.
+        gate = request.changes.get("gate", self.trainer.config.gate)
+        if request.eval_samples is not None:
+            self.safety.set_eval_samples(request.eval_samples)
+        if "gate" in request.changes:
+            self.safety.load_eval_file(gate)
+        self.safety.check_policy(gate)
         try:
             reply = self.trainer.configure(request.changes)
         except ConfigError as err:
@@ -246,10 +272,11 @@ class WorkerService:
                 )
             return "paused" if self.trainer.config.paused else None
 
-        result = self.trainer.train(
-            request, should_stop=should_stop, rest=lambda s: self._stopping.wait(s) and None
+        reply = self.safety.gated(
+            lambda: self.trainer.train(
+                request, should_stop=should_stop, rest=lambda s: self._stopping.wait(s) and None
+            ).reply()
         )
-        reply = result.reply()
         log.info(
             "trained",
             extra={
@@ -266,7 +293,9 @@ class WorkerService:
                 raise ProtocolError(
                     "not_connected", "the served weights are not mapped; nothing to checkpoint"
                 )
-            written = persistence.save(self.settings.checkpoint_dir, self.trainer, mapped, reason)
+            written = persistence.save(
+                self.settings.checkpoint_dir, self.trainer, mapped, reason, self.safety.version
+            )
             self._saved_now(mapped)
         removed = checkpoint.prune(self.settings.checkpoint_dir, self.trainer.config.checkpoint_keep)
         self.last_checkpoint = written.checkpoint
@@ -284,6 +313,7 @@ class WorkerService:
             "seconds": written.seconds,
             "reason": reason,
             "pruned": [str(p) for p in removed],
+            "version": written.checkpoint.meta.get("weights_version"),
         }
         log.info("checkpoint written", extra={"event": "checkpoint", **reply})
         return reply
@@ -316,7 +346,13 @@ class WorkerService:
                 self._unsaved_at(mapped, time.time())
             else:
                 self._saved_now(mapped)
+            if request.weights:
+                self.safety.snapshots.went_back_to(None)
+                self.safety.new_lineage(
+                    f"restore of {found.path.name}", found.meta.get("weights_version"), "restore"
+                )
         reply = {
+            "version": self.safety.version,
             "step": self.trainer.counters.step,
             "path": str(found.path),
             "weights": request.weights,
@@ -324,6 +360,17 @@ class WorkerService:
         }
         log.info("restored", extra={"event": "restored", **reply})
         return reply
+
+    def rollback(self, request: RollbackRequest) -> dict[str, Any]:
+        self._rolling_back = True
+        try:
+            reply = self.safety.rollback(request.to)
+            mapped = self.mapped
+            if mapped is not None:  # the rolled-back weights are not the newest checkpoint's (in general)
+                self._unsaved_at(mapped, time.time())
+            return reply
+        finally:
+            self._rolling_back = False
 
     # ---- the unsaved-since marker -------------------------------------------------------------------------
     def _marker(self, mapped: MappedModel) -> persistence.UnsavedMarker:
@@ -352,6 +399,8 @@ class WorkerService:
 
     def _on_step(self, stats: StepStats) -> None:
         self.metrics.observe_step(stats)
+        if not stats.skipped:
+            self.safety.publish()
         self.metrics.optimizer_state_bytes.set(self.trainer.optimizer_state_bytes)
         if stats.skipped:  # the weights and the optimizer state are what they were: nothing new to save
             return
@@ -368,6 +417,10 @@ class WorkerService:
     def tick(self) -> None:
         """Called by the socket loop between messages: follow the manifest, start interval checkpoints."""
         self.watcher.poll()
+        if self.watcher.mapped is not self._versioned:
+            self._versioned = self.watcher.mapped
+            if self._versioned is not None:
+                self.safety.mapped_now(self.watcher.restored_from)
         due = status.interval_checkpoint_due(
             interval_s=self.trainer.config.checkpoint_interval_s,
             since_last_s=time.monotonic() - self._last_checkpoint_mono,

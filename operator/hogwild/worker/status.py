@@ -58,6 +58,7 @@ class StatusInputs:
     mapping_error: str | None
     endpoints: dict[str, Any]
     protection: dict[str, Any] | None = None  # what serving protection did (points, waits, waited_s, ...)
+    safety: dict[str, Any] | None = None  # version, lineage, kept versions, the gate (hogwild.worker.safety)
 
 
 def status_reply(s: StatusInputs) -> dict[str, Any]:
@@ -89,5 +90,6 @@ def status_reply(s: StatusInputs) -> dict[str, Any]:
         "trained_since_checkpoint": s.trained_since_checkpoint,
         "mapping_error": s.mapping_error,
         "protection": s.protection,
+        **(s.safety or {}),
         **s.endpoints,
     }

@@ -49,6 +49,7 @@ class Watcher:
         self.mapped: MappedModel | None = None
         self.mapping_error: str | None = None
         self._failed_map: tuple[str, float] | None = None
+        self.restored_from: str | None = None  # the checkpoint whose state the mapped weights resumed
 
     def poll(self) -> None:
         """Read the manifest once and act on it: map, re-map, disconnect, or nothing."""
@@ -94,7 +95,7 @@ class Watcher:
             )
             self.trainer.attach(mapped.module, tokenizer, int(mapped.module.config.vocab_size))
             self.mapped, self.mapping_error, self._failed_map = mapped, None, None
-            restored = self._restore_optimizer_state()
+            restored = self.restored_from = self._restore_optimizer_state()
         self.metrics.connected.set(1)
         self.metrics.remaps.inc()
         self.metrics.weight_bytes.set(mapped.weight_bytes)
