@@ -263,14 +263,21 @@ VERDICTS = {
         "previous complete checkpoint",
     ),
     "train: says the step it started at": ("train", {"incarnation": "b2"}, 0.0, "at step 7"),
+    "train: counts the steps surely applied": (
+        "train",
+        None,
+        DEAD_AFTER_S,
+        "at least 3 of this request's steps",
+    ),
 }
+LAST = {"incarnation": "a1", "step": 10}
 
 
 @pytest.mark.parametrize(("kind", "seen", "silent_s", "needle"), VERDICTS.values(), ids=VERDICTS.keys())
 def test_the_heartbeat_verdict(
     kind: str, seen: dict[str, Any] | None, silent_s: float, needle: str | None
 ) -> None:
-    verdict = liveness_verdict(kind, BASE, seen, silent_s)
+    verdict = liveness_verdict(kind, BASE, seen, silent_s, LAST)
     if needle is None:
         assert verdict is None
     else:

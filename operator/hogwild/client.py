@@ -39,12 +39,17 @@ DEAD_AFTER_S = 10.0
 
 
 def liveness_verdict(
-    kind: str, baseline: Mapping[str, Any], seen: Mapping[str, Any] | None, silent_s: float
+    kind: str,
+    baseline: Mapping[str, Any],
+    seen: Mapping[str, Any] | None,
+    silent_s: float,
+    last: Mapping[str, Any] | None = None,
 ) -> str | None:
     """Why a `kind` request in flight is lost, or None while the worker that took it still answers. Pure.
 
     `baseline`: the status read before the request was sent; `seen`: the latest heartbeat's status (None when
-    it got no answer); `silent_s`: how long nothing has answered."""
+    it got no answer); `silent_s`: how long nothing has answered; `last`: the latest status of the worker
+    that took the request (its step says how many of the request's steps are surely applied)."""
     was = baseline.get("incarnation")
     if seen is not None and (was is None or seen.get("incarnation") == was):
         return None
@@ -56,9 +61,12 @@ def liveness_verdict(
         else f"stopped answering for {silent_s:.0f} s (dead or hung)"
     )
     if kind == "train":
+        start, now = baseline.get("step"), (last or baseline).get("step")
+        done = now - start if isinstance(start, int) and isinstance(now, int) else 0
         outcome = (
-            f"it was at step {baseline.get('step')} when this request started; steps it finished before dying are "
-            "in the served weights but were not acknowledged and are not checkpointed: read /train/status"
+            f"it was at step {start} when this request started and at step {now} when last heard from, so at "
+            f"least {done} of this request's steps are in the served weights (maybe more), unacknowledged and "
+            "not checkpointed: read /train/status"
         )
     elif kind == "checkpoint":
         outcome = "no checkpoint was acknowledged; the previous complete checkpoint is untouched"
@@ -134,7 +142,7 @@ class WorkerClient:
 
         `baseline` is a status read just before (it names the worker's incarnation)."""
         task = asyncio.ensure_future(self.request(request, timeout_s))
-        answered = time.monotonic()
+        answered, last = time.monotonic(), baseline
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_S)
@@ -145,7 +153,9 @@ class WorkerClient:
                 except ProtocolError:
                     seen = None
                 silent_s = time.monotonic() - max(answered, self.last_heard)
-                verdict = liveness_verdict(request.type, baseline, seen, silent_s)
+                verdict = liveness_verdict(request.type, baseline, seen, silent_s, last)
+                if verdict is None and seen is not None:
+                    last = seen
                 if verdict is not None and not task.done():
                     log.warning("hogwild: %s", verdict)
                     raise ProtocolError("not_connected", verdict)
