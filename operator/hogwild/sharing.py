@@ -148,7 +148,8 @@ def export_cuda_ipc(
     handles = {name: reduce_tensor(p.detach()) for name, p in params}
     path = Path(run_dir) / f"weights-{identity.nonce}.ipc"
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb", opener=lambda p, flags: os.open(p, flags, 0o600)) as f:  # owner-only, as the shm file
+    # Owner-only, as the shm file: the handles reach the served weights.
+    with open(tmp, "wb", opener=lambda p, flags: os.open(p, flags, 0o600)) as f:
         pickle.dump(handles, f)
         f.flush()
         os.fsync(f.fileno())
