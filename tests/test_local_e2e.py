@@ -130,6 +130,7 @@ WRONG_TYPES = {
     "/checkpoint": b'{"reason": 5}',
     "/train/restore": b'{"step": "latest"}',
     "/train/configure": b'{"changes": [["lr", 1]]}',
+    "/train/rollback": b'{"to": [1]}',
 }
 ROUTE_FUZZ = {
     f"{path} {name}": (path, body, code)

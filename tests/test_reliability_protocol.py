@@ -133,6 +133,10 @@ FUZZ: dict[str, tuple[list[bytes], str]] = {
     "restore step a string": ([b"", msg(type="restore", step="1")], "invalid"),
     "restore nothing": ([b"", msg(type="restore", weights=False, optimizer=False)], "invalid"),
     "checkpoint reason too long": ([b"", msg(type="checkpoint", reason="r" * 1000)], "invalid"),
+    "rollback to a list": ([b"", msg(type="rollback", to=[1])], "invalid"),
+    "rollback without a target": ([b"", msg(type="rollback")], "invalid"),
+    "rollback to a nested version": ([b"", b'{"v":1,"type":"rollback","id":"r","to":' + b"[" * NEST + b"]" * NEST + b"}"], "bad_request"),
+    "eval samples an object": ([b"", msg(type="configure", eval_samples={"text": "a"})], "invalid"),
     # too big
     "too many samples": ([b"", msg(type="train", samples=ONE * 1025)], "too_large"),
     "9 MiB frame": ([b"", text_frame(9 * MIB)], "too_large"),
