@@ -117,14 +117,27 @@ def session_status(namespace: str, name: str) -> dict[str, Any]:
     return dict(json.loads(found.stdout).get("status") or {}) if found.returncode == 0 else {}
 
 
-def test_helm_install_then_the_minimal_example_gets_its_pod(namespace: str, tmp_path: Path) -> None:
+def sessions_elsewhere(namespace: str) -> list[str]:
+    listed = kubectl("get", "trainingsessions", "-A", "-o", "json", check=False)
+    items = json.loads(listed.stdout).get("items", []) if listed.returncode == 0 else []
+    return [
+        f"{i['metadata']['namespace']}/{i['metadata']['name']}"
+        for i in items
+        if i["metadata"]["namespace"] != namespace
+    ]
+
+
+@pytest.mark.parametrize("scope", ["cluster", "namespaces"], ids=["default-cluster-scope", "namespace-scope"])
+def test_helm_install_then_the_minimal_example_gets_its_pod(
+    scope: str, namespace: str, tmp_path: Path
+) -> None:
     """README's quick start: install the chart, apply examples/minimal.yaml, the session's pod appears."""
+    if scope == "cluster" and (others := sessions_elsewhere(namespace)):
+        pytest.skip(f"a cluster-scoped operator would act on sessions this test did not create: {others[:3]}")
     release = "hw"
-    values = {
-        "watch.scope": "namespaces",
-        "watch.namespaces": [namespace],
-        "operator.service.port": free_port(),
-    }
+    values: dict[str, Any] = {"operator.service.port": free_port()}
+    if scope == "namespaces":
+        values.update({"watch.scope": "namespaces", "watch.namespaces": [namespace]})
     installed = helm("install", release, CHART, "--namespace", namespace, *set_args(values))
     assert installed.returncode == 0, installed.stderr
     operator: OperatorProcess | None = None
