@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from hogwild import auth, defaults
-from hogwild.operator import builders, diff, pod_builder, status
+from hogwild.operator import builders, diff, pod_builder, safety, status
 from hogwild.operator.diff import config_changes
 from hogwild.operator.final_checkpoint import EventSink, PodStopper
 from hogwild.operator.kube import APIError, Kube
@@ -28,7 +28,7 @@ from hogwild.operator.metrics import OperatorMetrics
 from hogwild.operator.options import OperatorOptions
 from hogwild.operator.relay import Relay, Target, client_keys
 from hogwild.operator.spec import SessionSpec, SpecError, parse_spec
-from hogwild.protocol import ConfigureRequest, ProtocolError, StatusRequest
+from hogwild.protocol import ConfigureRequest, ProtocolError, RollbackRequest, Sample, StatusRequest
 
 logger = logging.getLogger(__name__)
 # Children other than the pod are re-checked at most this often (and whenever the spec changes).
@@ -59,6 +59,8 @@ class Controller:
         self._locks: dict[str, asyncio.Lock] = {}
         self._children_ok: dict[str, tuple[str, float]] = {}  # uid -> (spec hash, monotonic deadline)
         self._keys: dict[str, auth.CurveKeys] = {}  # uid -> the operator's CURVE keys for that session
+        self._eval_sent: dict[str, str] = {}  # uid -> hash of the ConfigMap's evaluation set last relayed
+        self._rolled_back: dict[str, str] = {}  # uid -> the last spec.rollback id answered (status may lag)
         self.stopper = PodStopper(options, kube, relay, emit)
 
     def _lock(self, uid: str) -> asyncio.Lock:
@@ -128,6 +130,8 @@ class Controller:
             kind, reason, message = event
             self.emit(body, kind, reason, message)
             logger.info("phase session=%s/%s %s", session.namespace, session.name, message)
+        for kind, reason, message in safety.safety_events(previous, new):
+            self.emit(body, kind, reason, message)
         self.metrics.set_phase(session.namespace, session.name, new["phase"])
         return Outcome(new["phase"], message=new["message"])
 
@@ -254,14 +258,21 @@ class Controller:
             return obs
         timeout = self.options.status_timeout_s
         try:
-            facts = status.worker_facts(await self.relay.request(target, StatusRequest(), timeout))
+            reply = await self.relay.request(target, StatusRequest(), timeout)
         except ProtocolError as err:
             self._children_ok.pop(session.uid, None)  # re-read the keys next time, in case they changed
             return replace(obs, worker_error=f"{err.code}: {err.message}")
+        facts = status.worker_facts(reply)
+        obs = replace(obs, safety=safety.safety_status(reply))
+        obs = await self._rollback(body, session, spec, target, obs)
         changes = config_changes(spec.training, facts.config)
-        if changes:
+        try:
+            samples = await self._eval_samples(session, spec, force="gate" in changes)
+        except ValueError as err:
+            return replace(obs, worker=facts, relay_error=f"evaluation set: {err}")
+        if changes or samples is not None:
             try:
-                request = ConfigureRequest(changes=changes)
+                request = ConfigureRequest(changes=changes, eval_samples=samples[0] if samples else None)
                 reply = await self.relay.request(target, request, self.options.configure_timeout_s)
                 facts = status.worker_facts(await self.relay.request(target, StatusRequest(), timeout))
             except ProtocolError as err:
@@ -269,13 +280,11 @@ class Controller:
                 return replace(
                     obs, worker=facts, config_pending=pending, relay_error=f"{err.code}: {err.message}"
                 )
+            if samples is not None:
+                self._eval_sent[session.uid] = samples[1]
             reset = " (optimizer state reset)" if reply.get("state_reset") else ""
-            self.emit(
-                body,
-                "Normal",
-                "Configured",
-                f"worker applied {', '.join(sorted(changes))}{reset}",
-            )
+            applied = sorted(changes) + (["the evaluation set"] if samples is not None else [])
+            self.emit(body, "Normal", "Configured", f"worker applied {', '.join(applied)}{reset}")
             logger.info(
                 "configure session=%s/%s fields=%s%s",
                 session.namespace,
@@ -285,6 +294,50 @@ class Controller:
             )
         pending = tuple(sorted(config_changes(spec.training, facts.config)))
         return replace(obs, worker=facts, config_pending=pending)
+
+    async def _eval_samples(
+        self, session: builders.SessionRef, spec: SessionSpec, *, force: bool
+    ) -> tuple[tuple[Sample, ...], str] | None:
+        """The ConfigMap's evaluation set and its hash, when it must be relayed (changed, or the gate is)."""
+        ref = spec.eval_config_map
+        if ref is None:
+            return None
+        found = await self.kube.get("ConfigMap", session.namespace, ref.name)
+        samples, digest = safety.eval_samples_of(found, ref)
+        return (samples, digest) if force or self._eval_sent.get(session.uid) != digest else None
+
+    async def _rollback(
+        self,
+        body: Mapping[str, Any],
+        session: builders.SessionRef,
+        spec: SessionSpec,
+        target: Target,
+        obs: status.Observation,
+    ) -> status.Observation:
+        """spec.rollback, once per id: relayed, recorded in status.rollback, announced by an Event."""
+        wanted = spec.rollback
+        if wanted is None or not safety.rollback_due(wanted, body.get("status") or {}):
+            return obs
+        if self._rolled_back.get(session.uid) == wanted.id:
+            return obs
+        try:
+            reply = await self.relay.request(
+                target, RollbackRequest(wanted.target()), self.options.configure_timeout_s
+            )
+        except ProtocolError as err:
+            if not safety.rollback_is_final(err):  # busy or away: the next reconcile asks again
+                return replace(obs, relay_error=f"rollback {wanted.id}: {err.code}: {err.message}")
+            record = safety.rollback_record(wanted, None, f"{err.code}: {err.message}", now_iso())
+            self.emit(
+                body, "Warning", "RollbackFailed", f"rollback {wanted.id} to {wanted.to}: {record['message']}"
+            )
+        else:
+            record = safety.rollback_record(wanted, reply, None, now_iso())
+            self.emit(body, "Normal", "RolledBack", f"rollback {wanted.id}: {record['message']}")
+            obs = replace(obs, safety={**obs.safety, "weightsVersion": record["version"]})
+        self._rolled_back[session.uid] = wanted.id
+        logger.info("rollback session=%s/%s id=%s %s", session.namespace, session.name, wanted.id, record)
+        return replace(obs, safety={**obs.safety, "rollback": record})
 
     # ---- delete ---------------------------------------------------------------------------------------
     async def finalize(self, body: Mapping[str, Any], patch: MutableMapping[str, Any]) -> None:
@@ -309,7 +362,7 @@ class Controller:
             await self.stopper.finalize(body, session, spec, target_for, write_status)
             await self.relay.forget(session.namespace, session.name)
             self.metrics.forget(session.namespace, session.name)
-            for cache in (self._children_ok, self._keys):
+            for cache in (self._children_ok, self._keys, self._eval_sent, self._rolled_back):
                 cache.pop(session.uid, None)
             logger.info("deleted session=%s/%s", session.namespace, session.name)
         self._locks.pop(session.uid, None)

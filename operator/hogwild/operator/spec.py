@@ -16,6 +16,7 @@ from hogwild import mps
 from hogwild.config import ConfigError, TrainingConfig, config_from_dict
 from hogwild.operator import fields
 from hogwild.operator.fields import SpecError
+from hogwild.operator.safety import ConfigMapRef, RollbackSpec, parse_eval_config_map, parse_rollback
 
 GPU_SHARING = ("DevicePlugin", "DRA")
 RESTORE_POLICIES = ("Newest", "Base")
@@ -48,6 +49,14 @@ TRAINING_FIELDS = {
     "paused": "paused",
     "prefixCache": "prefix_cache",
     "protection": "protection",
+    "snapshots": "snapshots",
+    "gate": "gate",
+}
+# spec.training.gate -> hogwild.config.EvalGate; evalConfigMap is the operator's (hogwild.operator.safety).
+GATE_FIELDS = {
+    "maxLossRise": "max_loss_rise",
+    "maxLossRiseRatio": "max_loss_rise_ratio",
+    "evalFile": "eval_file",
 }
 PROTECTION_FIELDS = {
     "maxDutyCycle": "max_duty_cycle",
@@ -147,6 +156,8 @@ class SessionSpec:
     auth: AuthSpec = field(default_factory=AuthSpec)
     metrics_enabled: bool = True
     pod: PodSpec = field(default_factory=PodSpec)
+    rollback: RollbackSpec | None = None  # one-shot, by id (hogwild.operator.safety)
+    eval_config_map: ConfigMapRef | None = None  # the gate's evaluation set, relayed by the operator
 
 
 # ---- sections -----------------------------------------------------------------------------------------
@@ -275,6 +286,10 @@ def training_changes(training: Mapping[str, Any], checkpoint: Mapping[str, Any])
     if isinstance(protection, Mapping):
         fields.known("spec.training.protection", protection, PROTECTION_FIELDS)
         changes["protection"] = {PROTECTION_FIELDS[k]: v for k, v in protection.items() if v is not None}
+    gate = changes.get("gate")
+    if isinstance(gate, Mapping):
+        fields.known("spec.training.gate", gate, {*GATE_FIELDS, "evalConfigMap"})
+        changes["gate"] = {GATE_FIELDS[k]: v for k, v in gate.items() if k in GATE_FIELDS and v is not None}
     for camel, snake in CHECKPOINT_CONFIG_FIELDS.items():
         if checkpoint.get(camel) is not None:
             changes[snake] = checkpoint[camel]
@@ -376,6 +391,7 @@ SPEC_FIELDS = {
     "auth",
     "metrics",
     "pod",
+    "rollback",
 }
 
 
@@ -396,4 +412,6 @@ def parse_spec(raw: Any, image_defaults: Images | None = None) -> SessionSpec:
         auth=_auth(spec.get("auth")),
         metrics_enabled=fields.flag("spec.metrics.enabled", metrics.get("enabled"), True),
         pod=_pod(spec.get("pod")),
+        rollback=parse_rollback(spec.get("rollback")),
+        eval_config_map=parse_eval_config_map(fields.obj("spec.training", spec.get("training")).get("gate")),
     )

@@ -117,6 +117,8 @@ class Observation:
     config_pending: tuple[str, ...] = ()  # hot fields the worker has not confirmed
     relay_error: str | None = None
     checkpoint_error: str | None = None
+    # weightsVersion, lineage, gate, rollback: hogwild.operator.safety computes them; kept when not re-observed
+    safety: Mapping[str, Any] = field(default_factory=dict)
 
 
 # ---- facts from API objects and replies ---------------------------------------------------------------
@@ -314,6 +316,9 @@ def _merge_times(
     return new
 
 
+SAFETY_KEYS = ("weightsVersion", "lineage", "gate", "rollback")
+
+
 def compute_status(previous: Mapping[str, Any] | None, obs: Observation, now: str) -> dict[str, Any]:
     """The whole new status. Fields the worker did not (re)confirm keep their last confirmed values."""
     prev = dict(previous or {})
@@ -325,9 +330,13 @@ def compute_status(previous: Mapping[str, Any] | None, obs: Observation, now: st
         "podName": obs.pod_name,
         "endpoint": obs.endpoint,
     }
-    for key in ("step", "tokensTrained", "loss", "skippedSteps", "lastCheckpoint", "appliedSpecHash"):
+    for key in (
+        *("step", "tokensTrained", "loss", "skippedSteps", "lastCheckpoint", "appliedSpecHash"),
+        *SAFETY_KEYS,
+    ):
         if prev.get(key) is not None:
             status[key] = prev[key]
+    status.update(obs.safety)
     worker = obs.worker
     if worker is not None:
         facts = {
