@@ -113,6 +113,11 @@ REQUIRED_METRICS = [
             "hogwild_worker_last_checkpoint_timestamp",
             "hogwild_worker_checkpoint_interval_seconds",
             "hogwild_worker_unsaved_since_timestamp_seconds",
+            # safe online learning: version over time, evaluations, reverts, rollbacks
+            "hogwild_worker_weights_step",
+            "hogwild_worker_evaluations_total",
+            "hogwild_worker_reverts_total",
+            "hogwild_worker_rollbacks_total",
         },
         id="training",
     ),
