@@ -4,6 +4,7 @@ them (hogwild.protocol's rollback and configure): pure tables, no processes."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from hogwild import versions
 from hogwild.config import ConfigError, EvalGate, validate_changes
 from hogwild.protocol import ConfigureRequest, ProtocolError, RollbackRequest, decode_request, encode_request
 from hogwild.versions import Kept, Target, TargetError
+from hogwild.vllm_plugin.versions import WeightsVersionMiddleware, read_version
 
 VERSIONS = {
     "plain": ("3fa2c901.12", versions.Version("3fa2c901", 12)),
@@ -185,3 +187,54 @@ def test_an_empty_or_malformed_evaluation_set_is_invalid(samples: Any) -> None:
     with pytest.raises(ProtocolError) as err:
         ConfigureRequest.from_body({"eval_samples": samples})
     assert err.value.status == 422 and "eval_samples" in err.value.message
+
+
+# ---- the version in OpenAI responses (hogwild.vllm_plugin.versions) ------------------------------------------
+class VersionedApp:
+    """An ASGI app that answers while the worker moves the version: arrival v.1, start v.2, last chunk v.3."""
+
+    def __init__(self, path: Path, content_type: bytes) -> None:
+        self.path, self.content_type = path, content_type
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.path.write_text("aaaaaaaa.2")
+        headers = [(b"content-type", self.content_type)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+        self.path.write_text("aaaaaaaa.3")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+RESPONSES = {
+    "whole": ("/v1/completions", b"application/json", ("aaaaaaaa.2", "aaaaaaaa.1"), None),
+    "streamed": ("/v1/completions", b"text/event-stream", ("aaaaaaaa.2", "aaaaaaaa.1"), "aaaaaaaa.3"),
+    "not a serving route": ("/train/status", b"application/json", (None, None), None),
+}
+
+
+@pytest.mark.parametrize(
+    ("route", "content_type", "headers", "last"), RESPONSES.values(), ids=RESPONSES.keys()
+)
+async def test_a_response_names_the_versions_that_produced_it(
+    tmp_path: Path, route: str, content_type: bytes, headers: tuple[str | None, str | None], last: str | None
+) -> None:
+    path = tmp_path / versions.VERSION_FILE
+    path.write_text("aaaaaaaa.1")
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    app = VersionedApp(path, content_type)
+    await WeightsVersionMiddleware(app, path)({"type": "http", "path": route}, None, send)
+    got = dict(sent[0]["headers"])
+    assert (got.get(versions.HEADER.encode()), got.get(versions.FIRST_HEADER.encode())) == tuple(
+        h.encode() if h else None for h in headers
+    )
+    body = b"".join(m.get("body", b"") for m in sent[1:]).decode()
+    closing = f"{versions.STREAM_COMMENT_PREFIX}{last}\n\n"
+    assert body.endswith(closing) if last else versions.STREAM_COMMENT_PREFIX not in body
+
+
+def test_a_missing_version_file_reads_as_unknown(tmp_path: Path) -> None:
+    assert read_version(tmp_path / "absent") == "unknown"
