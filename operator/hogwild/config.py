@@ -79,8 +79,10 @@ class TrainingConfig:
     checkpoint_keep: int = 3
     prefix_cache: str = "reset"
     protection: ServingProtection = field(default_factory=ServingProtection)
-    # Kept versions in host memory (the state before each of the last N /train requests), for rollback.
-    snapshots: int = 2
+    # Kept versions in host memory (the state before each of the last N /train requests), for rollback. Each
+    # costs host RAM and a device-to-host copy per /train request the size of the weights plus the optimizer
+    # state (docs/safety.md); 1 keeps `previous` in memory.
+    snapshots: int = 1
     gate: EvalGate = field(default_factory=EvalGate)
 
 

@@ -65,6 +65,7 @@ class Safety:
         self.last_verdict: dict[str, Any] | None = None
         self.last_rollback: dict[str, Any] | None = None
         self._published = ""
+        self._checkpoints: tuple[tuple[int, int], list[Kept]] | None = None  # ((mtime, links), what it held)
         # (version, snapshot): the current weights are that kept snapshot's unchanged copy (right after a
         # rollback or revert to it), so it is not copied again.
         self._copy_of_kept: tuple[str, snapshots.Snapshot] | None = None
@@ -112,10 +113,20 @@ class Safety:
         return snap
 
     def kept_checkpoints(self) -> list[Kept]:
-        return [
-            Kept("checkpoint", str(c.path), c.meta.get("weights_version"), c.step)
-            for c in checkpoint.list_complete(self.checkpoint_dir)
-        ]
+        """The checkpoints on the volume, read again only when the directory changed (status asks every second
+        during a train request: the heartbeat)."""
+        try:
+            found = os.stat(self.checkpoint_dir)
+            stamp = (found.st_mtime_ns, found.st_nlink)
+        except OSError:
+            return []
+        if self._checkpoints is None or self._checkpoints[0] != stamp:
+            kept = [
+                Kept("checkpoint", str(c.path), c.meta.get("weights_version"), c.step)
+                for c in checkpoint.list_complete(self.checkpoint_dir)
+            ]
+            self._checkpoints = (stamp, kept)
+        return list(self._checkpoints[1])
 
     def rollback(self, target: Target, *, reason: str = "rollback") -> dict[str, Any]:
         started = time.monotonic()
