@@ -128,7 +128,12 @@ class WorkerService:
         if isinstance(request, StatusRequest):
             done(self.status())
         elif isinstance(request, ConfigureRequest):
-            done(self.configure(request))
+            if request.eval_samples is not None or "gate" in request.changes:
+                # A new evaluation set is evaluated first (after a running step): off the socket thread, so
+                # status keeps answering the heartbeat meanwhile.
+                self._run("configure", lambda: self.configure(request), done)
+            else:
+                done(self.configure(request))
         elif isinstance(request, TrainRequest):
             self._start_train(request, done)
         elif isinstance(request, CheckpointRequest):
