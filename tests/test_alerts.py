@@ -31,6 +31,7 @@ ALERTS = {
     "HogwildCheckpointTooOld": "warning",
     "HogwildSkippedStepsHigh": "warning",
     "HogwildWorkerDisconnected": "critical",
+    "HogwildTrainingShareBelowFloor": "warning",
     "HogwildServingSlowdown": "warning",
 }
 RULES = alert_rules()

@@ -27,7 +27,7 @@ DEFAULT = ServingProtection()
     ("settings", "seen", "reason"),
     [
         pytest.param(DEFAULT, Observation(False, False, 0.0, 0.0), None, id="idle-server"),
-        pytest.param(DEFAULT, Observation(True, False, 0.01, 0.5), None, id="busy-server-holds"),
+        pytest.param(DEFAULT, Observation(True, False, 0.01, 0.5), None, id="busy-server-holds-with-credit"),
         pytest.param(
             ServingProtection(yield_when_busy=False), Observation(True, False, 0.0, 0.0), "off", id="off"
         ),
@@ -36,10 +36,10 @@ DEFAULT = ServingProtection()
         ),
         pytest.param(DEFAULT, Observation(True, True, 0.0, 0.0), "stale", id="dead-writer"),
         pytest.param(DEFAULT, Observation(True, False, 1.0, 0.0), "max_wait", id="busy-past-max-wait"),
-        pytest.param(DEFAULT, Observation(True, False, 0.1, 0.95), "share", id="share-exhausted"),
+        pytest.param(DEFAULT, Observation(True, False, 0.1, 0.0), "share", id="share-exhausted"),
         pytest.param(
             ServingProtection(min_training_share=0.0),
-            Observation(True, False, 0.1, 0.99),
+            Observation(True, False, 0.1, 0.0),
             None,
             id="no-share",
         ),

@@ -213,12 +213,32 @@ def test_a_step_is_counted_as_applied_or_skipped(skipped: bool, expected: dict[s
     ("gate", "on_gpu", "expected"),
     [
         pytest.param(
-            None, False, {"points": 0.0, "holds": 0.0, "held_seconds": 0.0, "gpu": 0.0}, id="no-gate-yet"
+            None,
+            False,
+            {"points": 0.0, "holds": 0.0, "held_seconds": 0.0, "gpu": 0.0, "share": 1.0, "floor": 0.0},
+            id="no-gate-yet",
         ),
         pytest.param(
-            SimpleNamespace(points=120, waits=7, waited_s=0.75, gave_up=1, share_kept=2),
+            SimpleNamespace(
+                points=120,
+                waits=7,
+                waited_s=0.75,
+                gave_up=1,
+                share_kept=2,
+                training_share=0.12,
+                training_share_floor=0.1,
+            ),
             True,
-            {"points": 120.0, "holds": 7.0, "held_seconds": 0.75, "gpu": 1.0, "max_wait": 1.0, "share": 2.0},
+            {
+                "points": 120.0,
+                "holds": 7.0,
+                "held_seconds": 0.75,
+                "gpu": 1.0,
+                "max_wait": 1.0,
+                "released_share": 2.0,
+                "share": 0.12,
+                "floor": 0.1,
+            },
             id="waiting-in-the-gpu",
         ),
     ],
@@ -236,7 +256,9 @@ def test_protection_counts_are_read_from_the_gate(
         "held_seconds": "hogwild_worker_protection_held_seconds_total",
         "gpu": "hogwild_worker_protection_gpu_wait",
         "max_wait": 'hogwild_worker_protection_released_total{reason="max_wait"}',
-        "share": 'hogwild_worker_protection_released_total{reason="share"}',
+        "released_share": 'hogwild_worker_protection_released_total{reason="share"}',
+        "share": "hogwild_worker_training_share",
+        "floor": "hogwild_worker_training_share_floor",
     }
     assert {key: values[names[key]] for key in expected} == expected
 

@@ -15,6 +15,12 @@ thread sets it where the host gate would stop waiting (protection off, a stale h
 mid-request, `max_wait_s` of continuous busy, `min_training_share`) and on close, so no enqueued wait can hold
 training forever. `run_anyway` is that decision, pure.
 
+For the share, the watchdog accounts each period to the trainer's token bucket (`training_share`) as held
+(busy, gate shut, trainer in a step) or ran (trainer in a step, stream free). A trainer counts as in a step
+from its first point until the service says the step ended (`idle`), while it passed a point in the last
+ACTIVE_S or is being held: a held stream soon blocks the host on a sync, so it passes no point while held,
+and a hold must keep counting then (it did not, and the share never opened the gate on an H200).
+
 Driver calls go through ctypes (`libcuda.so.1`); where any of them fails (no CUDA, a driver without stream
 memory operations, a hint file that cannot be page-locked) the worker keeps the host gate.
 """
@@ -35,7 +41,8 @@ from typing import Any
 
 from hogwild.config import ServingProtection
 from hogwild.worker import serving_load
-from hogwild.worker.protection import GateStats, TrailingFraction
+from hogwild.worker.protection import GateStats
+from hogwild.worker.training_share import TrainingShare
 
 log = logging.getLogger("hogwild.worker")
 
@@ -44,7 +51,7 @@ _PASS_MASK = 0x0101
 _WAIT_VALUE_AND = 0x2  # CU_STREAM_WAIT_VALUE_AND
 _REGISTER_PORTABLE_DEVICEMAP = 0x1 | 0x2  # CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP
 WATCH_S = 0.005  # the watchdog's period: the resolution of max_wait_s and of the waited-time statistics
-ACTIVE_S = 0.5  # a trainer that passed a point this recently is training: the gate holding it counts
+ACTIVE_S = 0.5  # a trainer in a step that passed a point this recently (or is held) is training
 
 
 class DeviceGateError(RuntimeError):
@@ -58,7 +65,7 @@ class Observation:
     busy: bool  # the server reports requests in flight
     stale: bool  # ... but has not updated the hint for HINT_STALE_S: a writer that died mid-request
     busy_for_s: float  # how long the server has been busy without a break (or since the last forced opening)
-    waited_fraction: float  # trailing fraction of wall time the gate held training
+    hold_allowed_s: float  # the trainer's credit of holding left (training_share; inf without a floor)
 
 
 def run_anyway(settings: ServingProtection, seen: Observation) -> str | None:
@@ -68,7 +75,7 @@ def run_anyway(settings: ServingProtection, seen: Observation) -> str | None:
 
     The host gate's limits, at the watchdog's resolution: a point waits at most `max_wait_s` (here: a server
     busy that long without a break lets one watchdog period of training through, then the count restarts),
-    and training keeps `min_training_share` of the recent wall time.
+    and training keeps `min_training_share` of its time: no hold without credit left.
     """
     if not (settings.yield_when_busy and settings.gpu_wait):
         return "off"
@@ -78,10 +85,64 @@ def run_anyway(settings: ServingProtection, seen: Observation) -> str | None:
         return "stale"
     if seen.busy_for_s >= settings.max_wait_s:
         return "max_wait"
-    share = settings.min_training_share
-    if share > 0.0 and seen.waited_fraction >= 1.0 - share:
+    if settings.min_training_share > 0.0 and seen.hold_allowed_s <= 0.0:
         return "share"
     return None
+
+
+class HoldPolicy:
+    """The watchdog's decisions, pure (times from its clock): at each tick, whether the trainer's byte opens
+    (`tick`), and the accounting of the period since the last tick to the token bucket and `stats`."""
+
+    def __init__(self, settings: ServingProtection, stats: GateStats, now: float) -> None:
+        self.settings = settings
+        self.stats = stats
+        self.share = TrainingShare(settings.min_training_share, now)
+        self._last_point = -math.inf  # the trainer counts as active for ACTIVE_S after a point
+        self._stepping = False  # from a point until `idle`
+        self._tick_at = now
+        self._was_held = self._was_training = False  # what the last tick decided for the period after it
+        self._busy_since: float | None = None
+
+    def update(self, settings: ServingProtection) -> None:
+        self.settings = settings
+        self.share.set_floor(settings.min_training_share)
+
+    def point(self, now: float) -> None:
+        self._last_point = now
+        self._stepping = True
+
+    def idle(self) -> None:
+        self._stepping = False
+
+    def tick(self, now: float, busy: bool, stale: bool) -> bool:
+        """Whether the trainer's byte is open until the next tick."""
+        # The period since the last tick, as that tick left the gate.
+        elapsed = max(0.0, now - self._tick_at)
+        self._tick_at = now
+        if self._was_held:
+            self.share.held(elapsed, now)
+            self.stats.waited_s += elapsed
+        elif self._was_training:
+            self.share.ran(elapsed, now)
+        training = self._stepping and (now - self._last_point < ACTIVE_S or self._was_held)
+        if not busy:
+            self._busy_since = None
+        elif self._busy_since is None:
+            self._busy_since = now
+            if training:
+                self.stats.waits += 1
+        seen = Observation(busy, stale, now - (self._busy_since or now), self.share.hold_allowed_s())
+        reason = run_anyway(self.settings, seen)
+        if reason == "max_wait":
+            self.stats.gave_up += 1
+            self._busy_since = now
+        elif reason == "share" and training:
+            self.stats.share_kept += 1
+        self._was_held = busy and reason is None and training
+        self._was_training = training
+        self.stats.training_share = self.share.delivered(now)
+        return reason is not None
 
 
 class _Driver:
@@ -192,9 +253,7 @@ class DeviceGate:
         self._hint = _PinnedHint(self._driver, self.path)
         self._retired: list[_PinnedHint] = []  # earlier files (a restarted server): open, kept registered
         self.stats = stats
-        self.held = TrailingFraction(time.monotonic())  # of wall time the gate held an active trainer
-        self._last_point = -math.inf  # the trainer counts as active for ACTIVE_S after a point
-        self._busy_since: float | None = None
+        self.policy = HoldPolicy(settings, stats, time.monotonic())
         self._failed_inode: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="device-gate", daemon=True)
@@ -205,7 +264,7 @@ class DeviceGate:
         """At a preemption point: the stream's next work waits until the server is idle or the trainer's byte
         lets it through."""
         self.stats.points += 1
-        self._last_point = time.monotonic()
+        self.policy.point(time.monotonic())
         stream = self._current_stream()
         self._driver.check(
             self._driver.wait_value(stream, self._hint.word, _PASS_MASK, _WAIT_VALUE_AND),
@@ -215,6 +274,11 @@ class DeviceGate:
     def update(self, settings: ServingProtection) -> None:
         """Hot change: the watchdog applies it at its next tick (within WATCH_S)."""
         self.settings = settings
+        self.policy.update(settings)
+
+    def idle(self) -> None:
+        """The trainer finished its step (its last work passed every wait): not training until a point."""
+        self.policy.idle()
 
     def _watch(self) -> None:
         try:
@@ -234,25 +298,7 @@ class DeviceGate:
         hint = self._hint.hint()
         busy = hint is not None and hint[0] > 0
         stale = hint is not None and busy and time.time() - hint[1] >= self.stale_s
-        training = now - self._last_point < ACTIVE_S
-        if not busy:
-            self._busy_since = None
-        elif self._busy_since is None:
-            self._busy_since = now
-            if training:
-                self.stats.waits += 1
-        seen = Observation(busy, stale, now - (self._busy_since or now), self.held.value)
-        reason = run_anyway(self.settings, seen)
-        if reason == "max_wait":
-            self.stats.gave_up += 1
-            self._busy_since = now
-        elif reason == "share":
-            self.stats.share_kept += 1
-        self._hint.set_open(reason is not None)
-        held = busy and reason is None and training
-        elapsed = self.held.add(now, inside=held)
-        if held:
-            self.stats.waited_s += elapsed
+        self._hint.set_open(self.policy.tick(now, busy, stale))
 
     def _follow_file(self) -> None:
         """A restarted server replaces the hint file: open the old word for good and wait on the new one."""

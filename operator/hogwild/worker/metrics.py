@@ -13,7 +13,9 @@ nothing.
 
 Serving protection's counts (`protection_*`) are read from the serving gate at scrape time: how often training
 was held for serving and for how long, the holds cut short (`max_wait`, `share`), and whether the points wait in
-the GPU stream (hogwild.worker.device_gate) or on the host.
+the GPU stream (hogwild.worker.device_gate) or on the host. `training_share` is the share of its own recent time
+(~5 s) the trainer kept beside serving (hogwild.worker.training_share) and `training_share_floor` the configured
+`min_training_share` (0 while protection is off): the alert HogwildTrainingShareBelowFloor compares them.
 
 On a CUDA device with NVML, the GPU's SM clock, power draw, power limit and whether the clock is held by the
 power limit (`gpu_*`) are read at scrape time too (hogwild.worker.gpu_power): at the limit, training slows
@@ -37,8 +39,9 @@ STEP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 
 
 class _ProtectionCollector:
-    """The serving gate's counts (`protection.GateStats`: points, waits, waited_s, gave_up, share_kept), read
-    when Prometheus scrapes; zeros until a gate is attached (`WorkerMetrics.watch_protection`)."""
+    """The serving gate's counts (`protection.GateStats`: points, waits, waited_s, gave_up, share_kept, and the
+    training share kept against its floor), read when Prometheus scrapes; zeros (share 1) until a gate is
+    attached (`WorkerMetrics.watch_protection`)."""
 
     def __init__(self) -> None:
         self.stats: Callable[[], Any] = lambda: None
@@ -80,6 +83,16 @@ class _ProtectionCollector:
             PREFIX + "protection_gpu_wait",
             "1 while the preemption points wait in the GPU stream, 0 on the host",
             value=float(on_gpu),
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "training_share",
+            "Share of its recent time (~5 s) the trainer kept beside serving: ran / (ran + held)",
+            value=float(getattr(stats, "training_share", 1.0)),
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "training_share_floor",
+            "Configured min_training_share (0 while serving protection is off)",
+            value=float(getattr(stats, "training_share_floor", 0.0)),
         )
 
 

@@ -17,9 +17,9 @@ training work running when a serving step arrives:
   on the hint's gate word (`hogwild.worker.device_gate`) and the host goes on launching. Otherwise it waits
   here on the host: first until at most ~QUEUE_BUDGET_S of its work is left queued on the GPU (`ChunkQueue`),
   then it launches nothing while the server is busy. A server that is never idle (continuous batching under
-  steady traffic) would then slow training to a trickle, so the gate also keeps `min_training_share` of wall
-  time for training: it stops waiting while the trailing fraction of time spent waiting (over
-  ~`SHARE_WINDOW_S`) is above 1 - min_training_share.
+  steady traffic) would then slow training to a trickle, so the gate also keeps `min_training_share` of the
+  trainer's own time for training: a token bucket (`hogwild.worker.training_share`) that running fills and
+  holding drains; the gate holds only while it has credit. The time between steps counts as neither (`idle`).
 - Some pieces of a training step are long and outside any module: the output head with the loss over the
   whole vocabulary, the gradient clip, and the update norm's weight sample. `hogwild.worker.pieces` computes
   the same things in preemptible pieces, and APOLLO has a point between its buckets.
@@ -36,7 +36,6 @@ Settings come from `hogwild.config.ServingProtection` and apply hot (`ServingGat
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -48,6 +47,7 @@ import torch
 from hogwild.config import ServingProtection
 from hogwild.worker import preemptible_linear
 from hogwild.worker.serving_load import LoadProbe
+from hogwild.worker.training_share import TrainingShare
 
 if TYPE_CHECKING:  # device_gate imports this module
     from hogwild.worker.device_gate import DeviceGate
@@ -59,8 +59,8 @@ POLL_S = 0.0002
 # arrives then may have to wait behind. From 1 to MAX_DEPTH chunks.
 QUEUE_BUDGET_S = 0.002
 MAX_DEPTH = 4
-# Time constant of the trailing fraction of wall time the gate spends waiting (min_training_share).
-SHARE_WINDOW_S = 5.0
+# Time between two points longer than this is not training (a pause the trainer's caller took, not a chunk).
+IDLE_GAP_S = 1.0
 # How often a gate without its GPU-side wait tries again to set one up (the hint file may not exist yet).
 DEVICE_RETRY_S = 10.0
 
@@ -72,6 +72,8 @@ class GateStats:
     waited_s: float = 0.0
     gave_up: int = 0  # waits that ended at max_wait_s with the server still busy
     share_kept: int = 0  # waits limited (or skipped) to keep min_training_share of the time for training
+    training_share: float = 1.0  # the share of its recent time the trainer kept (ran / (ran + held))
+    training_share_floor: float = 0.0  # min_training_share while protection is on, else 0
     gpu_wait_error: str = ""  # why the GPU-side wait could not start or stopped ("" while it never failed)
 
 
@@ -129,23 +131,6 @@ class ChunkQueue:
             self._last_done = done
 
 
-class TrailingFraction:
-    """The fraction of recent wall time spent in some state (waiting, held): an exponential average with time
-    constant SHARE_WINDOW_S, which `min_training_share` is checked against."""
-
-    def __init__(self, now: float) -> None:
-        self.value = 0.0
-        self._at = now
-
-    def add(self, now: float, inside: bool) -> float:
-        """Fold the time since the last call in, as spent inside the state or not; returns that time."""
-        elapsed = max(0.0, now - self._at)
-        keep = math.exp(-elapsed / SHARE_WINDOW_S)
-        self.value = self.value * keep + (1.0 - keep) * float(inside)
-        self._at = now
-        return elapsed
-
-
 class ServingGate:
     """Preemption points for the training step; see the module docstring."""
 
@@ -162,6 +147,7 @@ class ServingGate:
         self.settings = settings or ServingProtection()
         self.queue = queue or ChunkQueue()
         self.stats = GateStats()
+        self._set_floor(self.settings)
         # Where set (`use_device`, or made by `device_factory` on a point while settings.gpu_wait), points wait
         # in the GPU stream instead (hogwild.worker.device_gate). The factory returns None while it cannot
         # start yet (tried again after DEVICE_RETRY_S) and raises where it never can (then the host it is).
@@ -169,24 +155,31 @@ class ServingGate:
         self._device_factory = device_factory
         self._device_retry_at = 0.0
         self._clock, self._sleep = clock, sleep
-        self.waited = TrailingFraction(clock())  # of wall time spent waiting at points
-
-    def _wait_allowed_s(self) -> float:
-        """How long a wait may last before the waited fraction reaches 1 - min_training_share."""
-        share = self.settings.min_training_share
-        if share <= 0.0:
-            return self.settings.max_wait_s
-        if self.waited.value >= 1.0 - share:
-            return 0.0
-        # Waiting moves the fraction toward 1 as 1 - (1 - f) exp(-t / window): solve for the threshold.
-        until_limit = SHARE_WINDOW_S * math.log((1.0 - self.waited.value) / share)
-        return min(self.settings.max_wait_s, until_limit)
+        self.share = TrainingShare(self.settings.min_training_share, clock())  # on the host path
+        self._last: float | None = None  # when the trainer left its last point; None between steps
 
     def update(self, settings: ServingProtection) -> None:
         """Hot change: the next point uses the new settings."""
         self.settings = settings
+        self.share.set_floor(settings.min_training_share)
+        self._set_floor(settings)
         if self.device is not None:
             self.device.update(settings)
+
+    def _set_floor(self, settings: ServingProtection) -> None:
+        self.stats.training_share_floor = settings.min_training_share if settings.yield_when_busy else 0.0
+
+    def idle(self) -> None:
+        """The trainer finished a step: the time until its next point is not training (nor held)."""
+        self._ran_until(self._clock())
+        self._last = None
+        if self.device is not None:
+            self.device.idle()
+
+    def _ran_until(self, now: float) -> None:
+        if self._last is not None and now - self._last <= IDLE_GAP_S:
+            self.share.ran(now - self._last, now)
+        self.stats.training_share = self.share.delivered(now)
 
     def _start_device(self) -> DeviceGate | None:
         if self._device_factory is None or self._clock() < self._device_retry_at:
@@ -239,10 +232,11 @@ class ServingGate:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             self.queue.mark()
         started = self._clock()
-        self.waited.add(started, inside=False)  # since the last point: training (or idle between steps)
+        self._ran_until(started)  # since the last point: a chunk of training
+        self._last = started
         if not self.probe.busy():
             return
-        allowed = self._wait_allowed_s()
+        allowed = min(self.settings.max_wait_s, self.share.hold_allowed_s())
         if allowed < self.settings.max_wait_s:
             self.stats.share_kept += 1
             if allowed <= 0.0:
@@ -255,7 +249,9 @@ class ServingGate:
                 break
             self._sleep(POLL_S)
         ended = self._clock()
-        self.waited.add(ended, inside=True)
+        self.share.held(ended - started, ended)
+        self.stats.training_share = self.share.delivered(ended)
+        self._last = ended
         self.queue.waited()
         self.stats.waits += 1
         self.stats.waited_s += ended - started
