@@ -94,4 +94,5 @@ def main(argv: Sequence[str]) -> int:
         session.stop()
         if not args.keep:
             shutil.rmtree(state_dir, ignore_errors=True)
+            shutil.rmtree(session.run_dir, ignore_errors=True)
     return 0 if learned else 1

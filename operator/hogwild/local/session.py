@@ -1,7 +1,8 @@
 """Local mode: vLLM with the plugin plus the training worker, as two local processes.
 
-The same ports, protocol and layout as the pod: a run dir (manifest + worker socket), a checkpoint dir and a
-token file under one state dir. vLLM starts first and stops last, because it owns the weight memory that
+The same ports, protocol and layout as the pod: a run dir (manifest + worker socket + load hint), a checkpoint
+dir and a token file. The last two live under the state dir; the run dir on /dev/shm where there is one
+(`run_dir_for`), memory-backed like the pod's. vLLM starts first and stops last, because it owns the weight memory that
 the worker maps; the worker stops first, writing a final checkpoint on SIGTERM. A worker that crashes is
 restarted (`supervise`, with hogwild.local.supervision's backoff and limit) while vLLM keeps serving; a vLLM
 that exits ends local mode. The worker's metrics listen on loopback unless `metrics_host` says otherwise. With `mps_trainer_share`,
@@ -11,10 +12,12 @@ an MPS control daemon (hogwild.mps) starts before vLLM and stops after it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -95,6 +98,33 @@ def load_or_create_token(path: Path) -> str:
     return token
 
 
+SHM = Path("/dev/shm")
+
+
+def run_dir_for(state_dir: Path, shm: Path = SHM) -> Path:
+    """Where local mode keeps its run dir: a private dir on the memory-backed `shm` where it can make one,
+    else `state_dir/run`.
+
+    Why: the GPU-side wait page-locks the load-hint file in the run dir (cuMemHostRegister), which failed with
+    CUresult 1 for a file on disk beside real vLLM on an H200 and worked on tmpfs (bench/RESULTS.md); a pod's
+    run dir is a memory-backed emptyDir. One dir per user and state dir (the same one after a restart); a name
+    that is not a private dir of ours (someone else's, a link, open to others) falls back to the state dir.
+    """
+    fallback = state_dir / "run"
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        return fallback
+    digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:16]
+    path = shm / f"hogwild-{os.getuid()}-{digest}"
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(path)
+    except OSError:
+        return fallback
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return fallback
+    return path
+
+
 @dataclass
 class LocalSession:
     model: str
@@ -109,6 +139,7 @@ class LocalSession:
     mps_trainer_share: int | None = None  # percent of the SMs; None: no MPS
     metrics_host: str = "127.0.0.1"
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    shm: Path = SHM  # where the run dir goes when it can (run_dir_for)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _log_files: list[IO[bytes]] = field(default_factory=list)
     _mps: MpsDaemon | None = None
@@ -117,7 +148,7 @@ class LocalSession:
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
-        self.run_dir = self.state_dir / "run"
+        self.run_dir = run_dir_for(self.state_dir, Path(self.shm))
         self.checkpoint_dir = self.state_dir / "checkpoints"
         self.token_file = self.state_dir / "token"
         self.token = load_or_create_token(self.token_file)
