@@ -9,6 +9,7 @@ The pure parts (parsing, records, Events) are tables at the end.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -78,7 +79,9 @@ async def test_gate_versions_and_rollback_through_the_resource(
             await point_at(cluster, "chat", ready["control_endpoint"])
             await cluster.mark_running("chat")
             await wait_events(cluster, "chat", {("Normal", "Configured")})
-            status = worker.wait_until(lambda s: s["gate"]["enabled"] and s["gate"]["eval_set"])
+            status = await asyncio.to_thread(
+                worker.wait_until, lambda s: s["gate"]["enabled"] and s["gate"]["eval_set"]
+            )
             assert status["gate"]["eval_set"]["samples"] == 1 and status["config"]["snapshots"] == 3
 
             taught = worker.call("train", samples=[FACT], steps=2)
@@ -119,6 +122,22 @@ async def test_gate_versions_and_rollback_through_the_resource(
             )
             assert status["rollback"]["result"] == "Failed" and "not_found" in status["rollback"]["message"]
             await wait_events(cluster, "chat", {("Warning", "RollbackFailed")})
+
+            # A new pod's worker holds no evaluation set (its run dir is new): the operator relays it again.
+            worker.close()
+            (exporter.run_dir / "eval-set.json").unlink()
+            worker = WorkerProcess(exporter.run_dir, tmp_path / "checkpoints", curve_dir=curve_dir, env=ENV)
+            ready = worker.wait_connected(timeout_s=120)
+            assert ready["gate"]["eval_set"] is None
+            await point_at(cluster, "chat", ready["control_endpoint"])
+            # In a thread: the emulator serves the operator from this event loop.
+            status = await asyncio.to_thread(
+                worker.wait_until, lambda s: s["gate"]["eval_set"] is not None, 60
+            )
+            assert (
+                status["gate"]["eval_set"]["digest"]
+                == safety.eval_samples_of(config_map, safety.ConfigMapRef("facts"))[1]
+            )
         finally:
             worker.close()
 
@@ -185,6 +204,16 @@ def test_a_bad_evaluation_configmap_says_what_is_wrong(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         safety.eval_samples_of(config_map, safety.ConfigMapRef("f"))
+
+
+def test_the_worker_and_the_operator_agree_on_a_sets_digest() -> None:
+    from hogwild.worker.evaluation import EvalSet
+
+    samples, digest = safety.eval_samples_of(
+        {"data": {"eval.jsonl": json.dumps(FACT)}}, safety.ConfigMapRef("f")
+    )
+    reply = {"gate": {"eval_set": EvalSet(samples, "api").summary()}}
+    assert safety.worker_eval_digest(reply) == digest and safety.worker_eval_digest({}) is None
 
 
 def test_the_evaluation_set_hash_follows_its_content() -> None:

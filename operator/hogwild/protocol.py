@@ -13,6 +13,7 @@ The `/train` HTTP body is exactly the train message's fields. Pure: no sockets, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import uuid
@@ -249,6 +250,13 @@ def decode_samples(
     if len(value) > limit:
         raise ProtocolError("too_large", f"at most {limit} samples in {where}, got {len(value)}")
     return tuple(decode_sample(f"{where}[{i}]", s) for i, s in enumerate(value))
+
+
+def samples_digest(samples: tuple[Sample, ...]) -> str:
+    """A short hash of samples as they are sent: equal sets, equal digests (the operator compares the
+    evaluation set it would relay with the one the worker holds)."""
+    canonical = json.dumps([encode_sample(s) for s in samples], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,6 @@ class Controller:
         self._locks: dict[str, asyncio.Lock] = {}
         self._children_ok: dict[str, tuple[str, float]] = {}  # uid -> (spec hash, monotonic deadline)
         self._keys: dict[str, auth.CurveKeys] = {}  # uid -> the operator's CURVE keys for that session
-        self._eval_sent: dict[str, str] = {}  # uid -> hash of the ConfigMap's evaluation set last relayed
         self._rolled_back: dict[str, str] = {}  # uid -> the last spec.rollback id answered (status may lag)
         self.stopper = PodStopper(options, kube, relay, emit)
 
@@ -267,7 +266,9 @@ class Controller:
         obs = await self._rollback(body, session, spec, target, obs)
         changes = config_changes(spec.training, facts.config)
         try:
-            samples = await self._eval_samples(session, spec, force="gate" in changes)
+            samples = await self._eval_samples(
+                session, spec, force="gate" in changes, held=safety.worker_eval_digest(reply)
+            )
         except ValueError as err:
             return replace(obs, worker=facts, relay_error=f"evaluation set: {err}")
         if changes or samples is not None:
@@ -280,8 +281,6 @@ class Controller:
                 return replace(
                     obs, worker=facts, config_pending=pending, relay_error=f"{err.code}: {err.message}"
                 )
-            if samples is not None:
-                self._eval_sent[session.uid] = samples[1]
             reset = " (optimizer state reset)" if reply.get("state_reset") else ""
             applied = sorted(changes) + (["the evaluation set"] if samples is not None else [])
             self.emit(body, "Normal", "Configured", f"worker applied {', '.join(applied)}{reset}")
@@ -296,15 +295,16 @@ class Controller:
         return replace(obs, worker=facts, config_pending=pending)
 
     async def _eval_samples(
-        self, session: builders.SessionRef, spec: SessionSpec, *, force: bool
+        self, session: builders.SessionRef, spec: SessionSpec, *, force: bool, held: str | None
     ) -> tuple[tuple[Sample, ...], str] | None:
-        """The ConfigMap's evaluation set and its hash, when it must be relayed (changed, or the gate is)."""
+        """The ConfigMap's evaluation set and its digest, when it must be relayed: the worker holds another
+        (`held`, its digest), or the gate is relayed too."""
         ref = spec.eval_config_map
         if ref is None:
             return None
         found = await self.kube.get("ConfigMap", session.namespace, ref.name)
         samples, digest = safety.eval_samples_of(found, ref)
-        return (samples, digest) if force or self._eval_sent.get(session.uid) != digest else None
+        return (samples, digest) if force or held != digest else None
 
     async def _rollback(
         self,
@@ -362,7 +362,7 @@ class Controller:
             await self.stopper.finalize(body, session, spec, target_for, write_status)
             await self.relay.forget(session.namespace, session.name)
             self.metrics.forget(session.namespace, session.name)
-            for cache in (self._children_ok, self._keys, self._eval_sent, self._rolled_back):
+            for cache in (self._children_ok, self._keys, self._rolled_back):
                 cache.pop(session.uid, None)
             logger.info("deleted session=%s/%s", session.namespace, session.name)
         self._locks.pop(session.uid, None)

@@ -6,21 +6,21 @@ the status and Events say about versions, reverts and rollbacks. Pure: no I/O.
   as impossible (unknown version) is recorded as Failed and not retried; one it could not take now (busy,
   not connected) is tried again on the next reconcile.
 - `spec.training.gate.evalConfigMap` names a ConfigMap whose key holds the evaluation set as JSON lines; the
-  operator relays its samples with configure whenever their content changes (or the gate is relayed).
+  operator relays its samples with configure whenever the worker holds another set (their digests differ: a
+  changed ConfigMap, or a new pod whose worker holds none), and whenever the gate is relayed.
 - The worker's status reply carries the version, the lineage and the gate's counts; a rise of the revert
   count since the last status write is one Warning Event per observation, naming the rejected version.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from hogwild.operator import fields
 from hogwild.operator.fields import SpecError
-from hogwild.protocol import ProtocolError, Sample, decode_samples, parse_json
+from hogwild.protocol import ProtocolError, Sample, decode_samples, parse_json, samples_digest
 from hogwild.versions import Target, TargetError, parse_target
 
 DEFAULT_EVAL_KEY = "eval.jsonl"
@@ -79,7 +79,7 @@ def parse_eval_config_map(raw_gate: Any) -> ConfigMapRef | None:
 def eval_samples_of(
     config_map: Mapping[str, Any] | None, ref: ConfigMapRef
 ) -> tuple[tuple[Sample, ...], str]:
-    """(samples, content hash) of the ConfigMap's key. Raises ValueError saying what is wrong."""
+    """(samples, their digest) of the ConfigMap's key. Raises ValueError saying what is wrong."""
     if config_map is None:
         raise ValueError(f"ConfigMap {ref.name} (spec.training.gate.evalConfigMap) does not exist")
     text = (config_map.get("data") or {}).get(ref.key)
@@ -91,7 +91,15 @@ def eval_samples_of(
         samples = decode_samples(f"ConfigMap {ref.name}/{ref.key}", values)
     except ProtocolError as err:
         raise ValueError(err.message) from None
-    return samples, hashlib.sha256(text.encode()).hexdigest()[:16]
+    return samples, samples_digest(samples)
+
+
+def worker_eval_digest(reply: Mapping[str, Any]) -> str | None:
+    """The digest of the evaluation set the worker holds, from its status reply (None: none, or not said)."""
+    gate = reply.get("gate")
+    eval_set = gate.get("eval_set") if isinstance(gate, Mapping) else None
+    digest = eval_set.get("digest") if isinstance(eval_set, Mapping) else None
+    return digest if isinstance(digest, str) else None
 
 
 # ---- rollback bookkeeping ----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from hogwild import defaults
-from hogwild.protocol import ProtocolError, Sample, decode_samples, encode_sample, parse_json
+from hogwild.protocol import ProtocolError, Sample, decode_samples, encode_sample, parse_json, samples_digest
 from hogwild.worker import batches
 
 SAVED_NAME = "eval-set.json"
@@ -35,7 +35,7 @@ class EvalSet:
     source: str  # "api", or the file it was read from
 
     def summary(self) -> dict[str, Any]:
-        return {"samples": len(self.samples), "source": self.source}
+        return {"samples": len(self.samples), "source": self.source, "digest": samples_digest(self.samples)}
 
 
 def read_file(path: str) -> EvalSet:
