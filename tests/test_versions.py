@@ -77,9 +77,18 @@ def test_a_rollback_body_needs_exactly_a_target(body: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("value", ["previous", "3fa2c901.12", 7], ids=["previous", "version", "step"])
-def test_a_rollback_message_round_trips(value: Any) -> None:
-    _, decoded = decode_request(encode_request(RollbackRequest(versions.parse_target(value))))
+@pytest.mark.parametrize("request_id", [None, "2026-12-03-a"], ids=["no id", "an id"])
+def test_a_rollback_message_round_trips(value: Any, request_id: str | None) -> None:
+    _, decoded = decode_request(encode_request(RollbackRequest(versions.parse_target(value), request_id)))
     assert isinstance(decoded, RollbackRequest) and decoded.to == versions.parse_target(value)
+    assert decoded.request_id == request_id
+
+
+@pytest.mark.parametrize("request_id", ["", "x" * 65, 7], ids=["empty", "too long", "not a string"])
+def test_a_bad_rollback_request_id_is_invalid(request_id: Any) -> None:
+    with pytest.raises(ProtocolError) as err:
+        RollbackRequest.from_body({"to": "previous", "request_id": request_id})
+    assert err.value.status == 422
 
 
 SNAP_A = Kept("snapshot", "1", "aaaaaaaa.3", 3)

@@ -121,6 +121,20 @@ def test_rollback_to_previous_follows_ancestry_and_restores_weights_and_optimize
     assert world.metric("rollbacks_total", kind="snapshot", reason="rollback") == 3
 
 
+def test_a_repeated_rollback_id_is_answered_again_and_changes_nothing(world: World) -> None:
+    world.configure(snapshots=3)
+    v0 = world.safety.version
+    world.train()
+    world.train()
+    first = world.safety.rollback(versions.Target(previous=True), request_id="r1")
+    weights, version = world.weights(), world.safety.version
+    again = world.safety.rollback(versions.Target(previous=True), request_id="r1")
+    assert again == {**first, "repeated": True} and same(world.weights(), weights)
+    assert world.safety.version == version and world.safety.rollbacks == 1
+    # Another id goes one further back.
+    assert world.safety.rollback(versions.Target(previous=True), request_id="r2")["restored"]["version"] == v0
+
+
 def test_a_snapshot_survives_training_after_a_rollback_to_it(world: World) -> None:
     world.configure(snapshots=2)
     v0, w0 = world.safety.version, world.weights()

@@ -326,24 +326,36 @@ class RestoreRequest:
 @dataclass(frozen=True)
 class RollbackRequest:
     """Put the served weights and the optimizer state back to a kept version (hogwild.versions.Target):
-    `previous`, a version `<lineage>.<step>`, or a checkpoint step. The reply says what was restored."""
+    `previous`, a version `<lineage>.<step>`, or a checkpoint step. The reply says what was restored.
+
+    `request_id` makes it idempotent: the worker answers a repeat of the id it last applied with that
+    rollback's reply (`repeated: true`) and changes nothing (the operator sends spec.rollback.id)."""
 
     type: ClassVar[str] = "rollback"
     to: Target
+    request_id: str | None = None
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> RollbackRequest:
-        _no_unknown("rollback", body, {"to"})
+        _no_unknown("rollback", body, {"to", "request_id"})
         if "to" not in body:
             raise ProtocolError("invalid", "rollback needs 'to': 'previous', a version or a checkpoint step")
+        request_id = body.get("request_id")
+        if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 64):
+            raise ProtocolError("invalid", "request_id must be a string of 1 to 64 characters")
         try:
-            return cls(to=parse_target(body["to"]))
+            return cls(to=parse_target(body["to"]), request_id=request_id)
         except TargetError as err:
             raise ProtocolError("invalid", str(err)) from None
 
     def to_body(self) -> dict[str, Any]:
         t = self.to
-        return {"to": "previous" if t.previous else (t.version if t.version is not None else t.step)}
+        body: dict[str, Any] = {
+            "to": "previous" if t.previous else (t.version if t.version is not None else t.step)
+        }
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        return body
 
 
 Request = (

@@ -322,7 +322,7 @@ class Controller:
             return obs
         try:
             reply = await self.relay.request(
-                target, RollbackRequest(wanted.target()), self.options.configure_timeout_s
+                target, RollbackRequest(wanted.target(), wanted.id), self.options.configure_timeout_s
             )
         except ProtocolError as err:
             if not safety.rollback_is_final(err):  # busy or away: the next reconcile asks again

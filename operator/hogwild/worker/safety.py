@@ -65,6 +65,7 @@ class Safety:
         self.last_verdict: dict[str, Any] | None = None
         self.last_rollback: dict[str, Any] | None = None
         self._published = ""
+        self._last_request: tuple[str, dict[str, Any]] | None = None  # (rollback request_id, its reply)
         self._checkpoints: tuple[tuple[int, int], list[Kept]] | None = None  # ((mtime, links), what it held)
         # (version, snapshot): the current weights are that kept snapshot's unchanged copy (right after a
         # rollback or revert to it), so it is not copied again.
@@ -128,7 +129,11 @@ class Safety:
             self._checkpoints = (stamp, kept)
         return list(self._checkpoints[1])
 
-    def rollback(self, target: Target, *, reason: str = "rollback") -> dict[str, Any]:
+    def rollback(
+        self, target: Target, *, reason: str = "rollback", request_id: str | None = None
+    ) -> dict[str, Any]:
+        if request_id is not None and self._last_request and self._last_request[0] == request_id:
+            return {**self._last_request[1], "repeated": True}  # idempotent: applied already, not again
         started = time.monotonic()
         with self.trainer.exclusive():
             mapped = self._mapped_or_fail()
@@ -176,7 +181,9 @@ class Safety:
             "seconds": seconds,
         }
         if reason == "rollback":
-            self.last_rollback = {"to": str(target), **reply, "time": time.time()}
+            self.last_rollback = {"to": str(target), **reply, "time": time.time(), "request_id": request_id}
+        if request_id is not None:
+            self._last_request = (request_id, reply)
         log.info(reason, extra={"event": reason, **{k: v for k, v in reply.items() if k != "restored"}})
         return reply
 

@@ -369,7 +369,7 @@ class WorkerService:
     def rollback(self, request: RollbackRequest) -> dict[str, Any]:
         self._rolling_back = True
         try:
-            reply = self.safety.rollback(request.to)
+            reply = self.safety.rollback(request.to, request_id=request.request_id)
             mapped = self.mapped
             if mapped is not None:  # the rolled-back weights are not the newest checkpoint's (in general)
                 self._unsaved_at(mapped, time.time())
