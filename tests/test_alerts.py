@@ -32,6 +32,7 @@ ALERTS = {
     "HogwildSkippedStepsHigh": "warning",
     "HogwildWorkerDisconnected": "critical",
     "HogwildTrainingShareBelowFloor": "warning",
+    "HogwildUpdatesReverted": "warning",
     "HogwildServingSlowdown": "warning",
 }
 RULES = alert_rules()
