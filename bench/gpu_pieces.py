@@ -3,7 +3,7 @@
 1. `pieces`: forward + backward of one 7B MLP (gate, up, down at 4096 tokens, bf16) with torch's `F.linear`
    against `preemptible_linear`'s pieces (a no-op point), and against pieces without the autograd Function
    (plain row-block matmuls), so a slowdown can be pinned on the matmul shapes or on the Function.
-2. `blocked`: does a process whose stream is held at a `cuStreamWaitValue32` (device_gate) slow another
+2. `blocked`: does a process whose stream is held at a `cuStreamWaitValue32` (worker/protection/device.py) slow another
    process's GPU work? A child holds its stream on a busy hint; this process times bf16 matmuls alone, then
    while the child is held, then after it is released.
 
@@ -42,7 +42,7 @@ def _time_ms(fn: Any, reps: int = 20) -> float:
 
 
 def pieces() -> dict[str, float]:
-    from hogwild.worker import preemptible_linear
+    from hogwild.worker.protection import preemptible_linear
 
     hidden, inter, tokens = 3584, 18944, 4096
     torch.manual_seed(0)
@@ -88,7 +88,7 @@ CHILD = """
 import sys, time, torch
 from pathlib import Path
 from hogwild.config import ServingProtection
-from hogwild.worker.device_gate import try_device_gate
+from hogwild.worker.protection.device import try_device_gate
 from hogwild.worker.protection import GateStats
 torch.zeros(1, device="cuda")
 device = try_device_gate(Path(sys.argv[1]), ServingProtection(), GateStats())
@@ -105,7 +105,7 @@ print("released", flush=True)
 
 
 def blocked(run_dir: Path) -> dict[str, float]:
-    from hogwild.worker.serving_load import HINT_NAME, LoadHint
+    from hogwild.load_hint import HINT_NAME, LoadHint
 
     hint = LoadHint(run_dir / HINT_NAME)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)

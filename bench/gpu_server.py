@@ -13,7 +13,7 @@ sized step). Load windows (`load` command):
 - `saturate`: steps back to back; the capacity, and the ratio while something else uses the GPU;
 - `periodic` / `poisson`: an open-loop arrival process at `rate` steps per second; each step's latency runs
   from its arrival to its completion, so queueing behind a slow step counts.
-While a request is in flight (arrived, not finished) the load hint (`hogwild.worker.serving_load.LoadHint`)
+While a request is in flight (arrived, not finished) the load hint (`hogwild.load_hint.LoadHint`)
 says so: that is what the worker's serving protection reads.
 """
 
@@ -34,8 +34,8 @@ from gpu_common import hf_config, now_s, percentile, random_vllm_params, serve_c
 
 class Server:
     def __init__(self, args: argparse.Namespace) -> None:
+        from hogwild.load_hint import HINT_NAME, LoadHint
         from hogwild.testing.exporter import export
-        from hogwild.worker.serving_load import HINT_NAME, LoadHint
 
         self.device = args.device
         self.config = hf_config(args.shape)

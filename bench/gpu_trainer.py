@@ -61,7 +61,7 @@ def preemptible_tail(trainer: Any, point: Callable[[], None], chunk: int = 32) -
     1.5B, ~60 ms at 7B). Here a point comes before every `chunk` parameters of the clip and before each of
     APOLLO's same-shape buckets, by wrapping the instance's methods; the arithmetic is the same.
     """
-    from hogwild.worker.pieces import preemptible_clip
+    from hogwild.worker.protection.pieces import preemptible_clip
 
     optimizer = trainer.optimizer
     wrapped: list[str] = []
@@ -97,7 +97,7 @@ def chunked_head(trainer: Any, point: Callable[[], None], rows: int = 1024) -> C
     on a detached copy of the last hidden state, and the body's backward takes the summed gradient: the
     same loss and gradients (summed in another order), and no full fp32 logits in memory.
     """
-    from hogwild.worker.pieces import chunked_head_backward
+    from hogwild.worker.protection.pieces import chunked_head_backward
 
     def backward(batch: Any) -> float:
         device = trainer.named_params[0][1].device
@@ -118,10 +118,11 @@ def chunked_head(trainer: Any, point: Callable[[], None], rows: int = 1024) -> C
 class TrainLoop:
     def __init__(self, args: argparse.Namespace) -> None:
         from hogwild.handles import read_manifest
+        from hogwild.load_hint import HINT_NAME
         from hogwild.sharing import wait_for_manifest
         from hogwild.worker.model import map_model
         from hogwild.worker.protection import ServingGate, install_preemption_points
-        from hogwild.worker.serving_load import HINT_NAME, HintFileProbe
+        from hogwild.worker.protection.probes import HintFileProbe
 
         if torch.cuda.is_available():
             torch.cuda.init()
@@ -158,10 +159,11 @@ class TrainLoop:
         the input embedding, default on); `depth` (chunks allowed in flight; default: the gate's adaptive depth);
         `queue_budget_ms` (the adaptive depth's budget; default protection.QUEUE_BUDGET_S); `split_matmuls`
         (projections above preemptible_linear.PIECE_FLOPS in pieces, default on as in the worker). A native
-        candidate waits in the GPU stream (hogwild.worker.device_gate) as the worker does, unless its
+        candidate waits in the GPU stream (hogwild.worker.protection.device) as the worker does, unless its
         `gpu_wait` setting is off."""
         from hogwild.config import ServingProtection, validate_changes
-        from hogwild.worker.protection import QUEUE_BUDGET_S, install_preemption_points
+        from hogwild.worker.protection import install_preemption_points
+        from hogwild.worker.protection.gate import QUEUE_BUDGET_S
 
         values = dict(protection or {})
         native = bool(values.pop("native", False))
@@ -211,8 +213,8 @@ class TrainLoop:
         self.duty = settings.max_duty_cycle
 
     def _device_wait(self, wanted: bool) -> None:
-        from hogwild.worker.device_gate import try_device_gate
-        from hogwild.worker.serving_load import HINT_NAME
+        from hogwild.load_hint import HINT_NAME
+        from hogwild.worker.protection.device import try_device_gate
 
         if wanted and self.gate.device is None:
             device = try_device_gate(Path(self.run_dir) / HINT_NAME, self.gate.settings, self.gate.stats)

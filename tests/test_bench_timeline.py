@@ -12,8 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from gpu_timeline import PointRecorder, collision_report
-from hogwild.worker.pieces import in_pieces
 from hogwild.worker.protection import install_preemption_points
+from hogwild.worker.protection.pieces import in_pieces
 
 # (arrival, launched, done, gpu_ms): three ordinary requests and one that waited 5 ms for the GPU.
 REQUESTS = [

@@ -1,4 +1,4 @@
-"""Serving protection in the GPU stream (worker/device_gate.py) and the hint file's gate word it waits on.
+"""Serving protection in the GPU stream (worker/protection/device.py) and the hint file's gate word it waits on.
 
 The decision and the hint's bytes are pure and run here. The GPU tests run the real driver calls
 (cuMemHostRegister on the hint file's page, cuStreamWaitValue32) on the GPU machine: a kernel enqueued after a
@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from hogwild import load_hint
 from hogwild.config import ServingProtection
-from hogwild.worker import serving_load
-from hogwild.worker.device_gate import Observation, run_anyway
-from hogwild.worker.serving_load import HintFileProbe, LoadHint, read_hint
+from hogwild.load_hint import LoadHint, read_hint
+from hogwild.worker.protection.device import Observation, run_anyway
+from hogwild.worker.protection.probes import HintFileProbe
 
 DEFAULT = ServingProtection()
 
@@ -55,11 +56,11 @@ def test_when_the_trainer_runs_anyway(
 def test_the_server_writes_its_idle_byte(tmp_path: Path, active: int, idle_byte: int) -> None:
     hint = LoadHint(tmp_path / "serving-load")
     raw = (tmp_path / "serving-load").read_bytes()
-    assert raw[serving_load.SERVER_IDLE_BYTE] == 1  # a fresh hint: nothing in flight
+    assert raw[load_hint.SERVER_IDLE_BYTE] == 1  # a fresh hint: nothing in flight
     hint.set(active)
     raw = (tmp_path / "serving-load").read_bytes()
-    assert raw[serving_load.SERVER_IDLE_BYTE] == idle_byte
-    assert raw[serving_load.TRAINER_OPEN_BYTE] == 0  # never the server's to write
+    assert raw[load_hint.SERVER_IDLE_BYTE] == idle_byte
+    assert raw[load_hint.TRAINER_OPEN_BYTE] == 0  # never the server's to write
     assert read_hint(raw) is not None and read_hint(raw)[0] == active  # type: ignore[index]
     hint.close()
 
@@ -67,8 +68,8 @@ def test_the_server_writes_its_idle_byte(tmp_path: Path, active: int, idle_byte:
 def test_a_version_1_hint_still_reads(tmp_path: Path) -> None:
     """A server from before the gate word (version 1) still protects through the host gate."""
     path = tmp_path / "serving-load"
-    header = serving_load._HINT.pack(serving_load._HINT_MAGIC, 1, 2, 1, time.time())
-    path.write_bytes(header.ljust(serving_load.HINT_BYTES, b"\0"))
+    header = load_hint.pack_header(1, 2, 1, time.time())
+    path.write_bytes(header.ljust(load_hint.HINT_BYTES, b"\0"))
     assert HintFileProbe(path).busy() is True
 
 
@@ -115,8 +116,8 @@ FACTORY_CASES = [
 def test_the_gate_starts_its_gpu_wait_when_it_can(
     outcomes: list[str | None], advance_s: float, points: int, calls: int, gpu_waits: int, host_points: int
 ) -> None:
-    from hogwild.worker.device_gate import DeviceGateError
     from hogwild.worker.protection import ServingGate
+    from hogwild.worker.protection.device import DeviceGateError
 
     device = FakeDevice()
     made: list[str | None] = []
@@ -144,8 +145,8 @@ def test_the_gate_starts_its_gpu_wait_when_it_can(
 
 
 def test_a_failing_gpu_wait_falls_back_to_the_host_for_good() -> None:
-    from hogwild.worker.device_gate import DeviceGateError
     from hogwild.worker.protection import ServingGate
+    from hogwild.worker.protection.device import DeviceGateError
 
     class Failing(FakeDevice):
         def wait_here(self) -> None:
@@ -214,18 +215,18 @@ RELEASES = ["server-idle", "stale-hint", "protection-off", "close"]
 @cuda
 @pytest.mark.parametrize("release", RELEASES)
 def test_work_after_a_point_waits_in_the_gpu_while_the_server_is_busy(tmp_path: Path, release: str) -> None:
-    from hogwild.worker.device_gate import DeviceGate
     from hogwild.worker.protection import GateStats, ServingGate
+    from hogwild.worker.protection.device import DeviceGate
 
     directory = _hint_dir(tmp_path)
-    server = LoadHint(directory / serving_load.HINT_NAME)
+    server = LoadHint(directory / load_hint.HINT_NAME)
     server.set(1)
-    gate = ServingGate(HintFileProbe(directory / serving_load.HINT_NAME), DEFAULT)
+    gate = ServingGate(HintFileProbe(directory / load_hint.HINT_NAME), DEFAULT)
     target = torch.zeros(1 << 20, device="cuda")  # also makes this thread's CUDA context current
     torch.cuda.synchronize()
     stale_s = 0.5 if release == "stale-hint" else 60.0
     device = DeviceGate(
-        directory / serving_load.HINT_NAME,
+        directory / load_hint.HINT_NAME,
         DEFAULT,
         lambda: int(torch.cuda.current_stream().cuda_stream),
         GateStats(),
@@ -256,16 +257,16 @@ def test_work_after_a_point_waits_in_the_gpu_while_the_server_is_busy(tmp_path: 
 def test_a_restarted_server_s_new_hint_file_is_followed(tmp_path: Path) -> None:
     """vLLM restarted: its new LoadHint replaces the file. The watchdog page-locks the new one (on its own
     thread, which needs the CUDA context) and the GPU waits on the new server's byte."""
-    from hogwild.worker.device_gate import WATCH_S, try_device_gate
     from hogwild.worker.protection import GateStats
+    from hogwild.worker.protection.device import WATCH_S, try_device_gate
 
     directory = _hint_dir(tmp_path)
-    first = LoadHint(directory / serving_load.HINT_NAME)
+    first = LoadHint(directory / load_hint.HINT_NAME)
     target = torch.zeros(1 << 20, device="cuda")
-    device = try_device_gate(directory / serving_load.HINT_NAME, DEFAULT, GateStats())
+    device = try_device_gate(directory / load_hint.HINT_NAME, DEFAULT, GateStats())
     assert device is not None
     first.close()
-    second = LoadHint(directory / serving_load.HINT_NAME)  # a new file at the same path
+    second = LoadHint(directory / load_hint.HINT_NAME)  # a new file at the same path
     second.set(1)
     time.sleep(20 * WATCH_S)  # the watchdog notices the new inode
     done = _kernel_after(device.wait_here, target)

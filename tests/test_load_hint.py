@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from hogwild.vllm_plugin.load_hint import ServingLoadMiddleware
-from hogwild.worker.serving_load import HintFileProbe, LoadHint
+from hogwild.load_hint import LoadHint
+from hogwild.vllm_plugin.in_flight import ServingLoadMiddleware
+from hogwild.worker.protection.probes import HintFileProbe
 
 
 class Recorder:

@@ -1,4 +1,4 @@
-"""Projections whose large matmuls run in pieces with a preemption point before each (worker/preemptible_linear).
+"""Projections whose large matmuls run in pieces with a preemption point before each (worker/protection/preemptible_linear).
 
 Real torch autograd in float64 on CPU: the pieces must give the same outputs and gradients as `F.linear`, and
 call the point where the docstring says (the GPU timing effect is measured by bench --part interference).
@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hogwild.worker import preemptible_linear
-from hogwild.worker.preemptible_linear import piece_count, piecewise_forward, row_blocks
-from hogwild.worker.protection import install_preemption_points
+from hogwild.worker.protection import install_preemption_points, preemptible_linear
+from hogwild.worker.protection.preemptible_linear import piece_count, piecewise_forward, row_blocks
 from model_helpers import tiny_qwen2
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from hogwild.config import ServingProtection
+from hogwild.load_hint import LoadHint
 from hogwild.worker.protection import ServingGate, install_preemption_points
-from hogwild.worker.serving_load import HintFileProbe, LoadHint, parse_vllm_load
+from hogwild.worker.protection.probes import HintFileProbe, parse_vllm_load
 from model_helpers import tiny_qwen2
 
 
@@ -108,7 +109,7 @@ class FakeEvent:
 def test_chunk_queue_depth_follows_measured_chunks(
     chunk_s: float, fixed_depth: int | None, waits_at: tuple[int, ...], expected_depth: int
 ) -> None:
-    from hogwild.worker.protection import ChunkQueue
+    from hogwild.worker.protection.gate import ChunkQueue
 
     log: list[str] = []
     clock = [0.0]
@@ -126,7 +127,7 @@ def test_chunk_queue_depth_follows_measured_chunks(
 
 
 def test_chunk_queue_waits_oldest_first() -> None:
-    from hogwild.worker.protection import ChunkQueue
+    from hogwild.worker.protection.gate import ChunkQueue
 
     log: list[str] = []
     clock = [0.0]
@@ -182,7 +183,7 @@ def test_points_come_before_each_block_forward_and_backward(granularity: str, bl
 def test_the_chunked_head_gives_the_whole_head_gradients(tied: bool) -> None:
     import torch.nn.functional as F
 
-    from hogwild.worker.pieces import chunked_head_backward
+    from hogwild.worker.protection.pieces import chunked_head_backward
 
     model = tiny_qwen2(tied=tied)
     ids = torch.randint(0, 300, (2, 150))
@@ -205,7 +206,7 @@ def test_the_chunked_head_gives_the_whole_head_gradients(tied: bool) -> None:
 
 
 def test_the_preemptible_clip_matches_torch() -> None:
-    from hogwild.worker.pieces import preemptible_clip
+    from hogwild.worker.protection.pieces import preemptible_clip
 
     params = [torch.nn.Parameter(torch.randn(7, 5, dtype=torch.float64)) for _ in range(10)]
     for p in params:
@@ -239,7 +240,7 @@ def test_update_norm_sample(
 ) -> None:
     """The sampled update norm is the exact norm of the in-place change when it samples every element, and
     its strided estimate when not; with a point, both halves pass one before each piece, lazily."""
-    from hogwild.worker import pieces
+    from hogwild.worker.protection import pieces
 
     monkeypatch.setattr(pieces, "UPDATE_NORM_SAMPLE_ELEMENTS", sample_limit)
     generator = torch.Generator().manual_seed(len(sizes))

@@ -181,7 +181,7 @@ def test_with_yield_when_busy_the_head_and_clip_are_preemptible_and_compute_the_
     monkeypatch: pytest.MonkeyPatch, accumulation: int, head_rows: int
 ) -> None:
     from hogwild.protocol import decode_sample
-    from hogwild.worker import pieces
+    from hogwild.worker.protection import pieces
 
     monkeypatch.setattr(pieces, "HEAD_ROWS", head_rows)  # several chunks even on short samples
     monkeypatch.setattr(pieces, "CLIP_CHUNK", 5)

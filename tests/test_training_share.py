@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from hogwild.config import ServingProtection
-from hogwild.worker.device_gate import WATCH_S, HoldPolicy
+from hogwild.load_hint import HINT_NAME, LoadHint
 from hogwild.worker.protection import GateStats, ServingGate, install_preemption_points
-from hogwild.worker.serving_load import HINT_NAME, HintFileProbe, LoadHint
-from hogwild.worker.training_share import WINDOW_S, TrainingShare
+from hogwild.worker.protection.device import WATCH_S, HoldPolicy
+from hogwild.worker.protection.probes import HintFileProbe
+from hogwild.worker.protection.share import WINDOW_S, TrainingShare
 from model_helpers import tiny_qwen2
 
 # ---- the bucket ----------------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def test_serving_requests_update_the_load_hint(server: Server) -> None:
     """The middleware runs inside the real server: a completion moves the hint the trainer reads."""
     import time
 
-    from hogwild.worker.serving_load import HINT_NAME, read_hint
+    from hogwild.load_hint import HINT_NAME, read_hint
 
     started = time.time()
     complete(server.url, server.model, "the cat sees")

@@ -217,7 +217,7 @@ def test_plaintext_on_the_tcp_port_gets_no_answer(worker: WorkerProcess) -> None
 def test_training_yields_while_the_server_has_requests_in_flight(
     pod: Pod, in_flight: int, waited: bool
 ) -> None:
-    from hogwild.worker.serving_load import HINT_NAME, LoadHint
+    from hogwild.load_hint import HINT_NAME, LoadHint
 
     hint = LoadHint(pod.run_dir / HINT_NAME)  # what vLLM's side keeps current
     hint.set(in_flight)

@@ -26,9 +26,10 @@ class ServingProtection:
     wait at each preemption point (every projection, layer, head chunk and optimizer bucket) while vLLM has
     requests in flight, up to `max_wait_s` per point. On by default: without it, training beside a half-loaded
     server let the serving queue grow without bound on an H100 (bench/RESULTS.md). `min_training_share` bounds
-    what a server that never idles can take: the trainer stops waiting while it has waited more than
-    1 - share of the recent wall time (0: serving may starve training). `gpu_wait` makes the points wait in
-    the GPU stream itself where the driver allows (hogwild.worker.device_gate: the host keeps launching, so
+    what a server that never idles can take: training keeps at least that share of its own time (a token
+    bucket, hogwild.worker.protection.share: each second trained earns (1 - share) / share seconds of
+    holding; 0: serving may starve training). `gpu_wait` makes the points wait in
+    the GPU stream itself where the driver allows (hogwild.worker.protection.device: the host keeps launching, so
     training loses far less to the waits; on an H100 at 1.5B, half-loaded, it kept 0.60 of its idle-server speed
     against 0.42 on the host, at serving p99 1.09x against 1.11x: bench/RESULTS.md), else on the host.
     """

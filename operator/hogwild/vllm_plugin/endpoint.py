@@ -15,8 +15,9 @@ from typing import Any
 
 from hogwild import auth, checkpoint, defaults, versions
 from hogwild.client import WorkerClient
+from hogwild.load_hint import HINT_NAME, LoadHint
 from hogwild.vllm_plugin import routes as routes_module
-from hogwild.vllm_plugin.load_hint import ServingLoadMiddleware
+from hogwild.vllm_plugin.in_flight import ServingLoadMiddleware
 from hogwild.vllm_plugin.safety import unsafe_settings
 from hogwild.vllm_plugin.versions import WeightsVersionMiddleware, write_start_version
 
@@ -41,8 +42,6 @@ class HogwildRoutesPlugin:
     def attach_router(self, app: Any) -> None:
         routes_module.attach(app, lambda: self.routes)
         auth.redact_access_log()  # a token sent as ?token= must not land in the serving log
-        from hogwild.worker.serving_load import HINT_NAME, LoadHint
-
         # The serving-load hint lives in the run dir that both containers share.
         hint = LoadHint(run_dir() / HINT_NAME)
         app.add_middleware(ServingLoadMiddleware, hint=hint)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hogwild import versions
-from hogwild.vllm_plugin.load_hint import SERVING_PREFIXES
+from hogwild.vllm_plugin.in_flight import SERVING_PREFIXES
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]

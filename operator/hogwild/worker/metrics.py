@@ -13,8 +13,8 @@ nothing.
 
 Serving protection's counts (`protection_*`) are read from the serving gate at scrape time: how often training
 was held for serving and for how long, the holds cut short (`max_wait`, `share`), and whether the points wait in
-the GPU stream (hogwild.worker.device_gate) or on the host. `training_share` is the share of its own recent time
-(~5 s) the trainer kept beside serving (hogwild.worker.training_share) and `training_share_floor` the configured
+the GPU stream (hogwild.worker.protection.device) or on the host. `training_share` is the share of its own recent time
+(~5 s) the trainer kept beside serving (hogwild.worker.protection.share) and `training_share_floor` the configured
 `min_training_share` (0 while protection is off): the alert HogwildTrainingShareBelowFloor compares them.
 
 On a CUDA device with NVML, the GPU's SM clock, power draw, power limit and whether the clock is held by the

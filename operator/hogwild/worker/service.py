@@ -34,7 +34,7 @@ from hogwild.protocol import (
     TrainRequest,
     new_id,
 )
-from hogwild.worker import device_gate, gpu_power, persistence, protection, serving_load, status
+from hogwild.worker import gpu_power, persistence, protection, status
 from hogwild.worker.metrics import WorkerMetrics
 from hogwild.worker.model import MappedModel, prewarm_imports
 from hogwild.worker.safety import Safety
@@ -59,17 +59,7 @@ class WorkerService:
         self.metrics = metrics
         self.trainer = Trainer(config, on_step=self._on_step)
         # Serving protection: preemption points in every step, which wait while vLLM has requests in flight.
-        probe = serving_load.default_probe(settings.run_dir, settings.vllm_metrics_url)
-        # Points wait in the GPU stream where the driver allows (device_gate), once vLLM's hint file is there.
-        hint = Path(settings.run_dir) / serving_load.HINT_NAME
-
-        def start_device_gate() -> device_gate.DeviceGate | None:
-            return device_gate.try_device_gate(hint, self.gate.settings, self.gate.stats)
-
-        with_hint = isinstance(probe, serving_load.HintFileProbe)  # vLLM's /metrics has no gate word
-        self.gate = protection.ServingGate(
-            probe, config.protection, device_factory=start_device_gate if with_hint else None
-        )
+        self.gate = protection.serving_gate(settings.run_dir, config.protection, settings.vllm_metrics_url)
         metrics.watch_protection(lambda: self.gate.stats, lambda: self.gate.device is not None)
         # The same points inside the pieces no module hook cuts: head and loss, clip, optimizer step.
         self.trainer.preemption_point = self.gate.point
@@ -403,6 +393,7 @@ class WorkerService:
             self._marker(mapped).mark(when)
 
     def _on_step(self, stats: StepStats) -> None:
+        self.gate.idle()  # until the next step's first point the trainer is neither training nor held
         self.metrics.observe_step(stats)
         if not stats.skipped:
             self.safety.publish()
@@ -454,4 +445,3 @@ class WorkerService:
             except Exception:
                 log.exception("final checkpoint failed", extra={"event": "checkpoint_failed"})
         self.gate.close()
-        serving_load.close_probe(self.gate.probe)

@@ -28,7 +28,7 @@ from hogwild.config import TrainingConfig, apply_changes, config_to_dict
 from hogwild.faults import fault_point
 from hogwild.optim import factory
 from hogwild.protocol import ProtocolError, Sample, TrainRequest
-from hogwild.worker import batches, pieces
+from hogwild.worker import batches, protection
 from hogwild.worker.batches import Encoded, StepBatch
 
 log = logging.getLogger("hogwild.worker")
@@ -201,7 +201,7 @@ class Trainer:
         return [batches.encode_sample(self.tokenizer, s, self.vocab_size) for s in samples]
 
     def _point(self) -> Callable[[], None] | None:
-        """The preemption point for the step's own pieces, or None: run them whole (see `pieces`)."""
+        """The preemption point for the step's own pieces, or None: run them whole (see `protection.pieces`)."""
         return self.preemption_point if self.config.protection.yield_when_busy else None
 
     def backward(self, batch: StepBatch) -> float:
@@ -210,27 +210,27 @@ class Trainer:
         point = self._point()
         total = torch.zeros((), dtype=torch.float64, device=device)  # read once: no sync per micro-batch
         for micro in batch.micro_batches:
-            total += pieces.micro_batch_backward(self.module, micro, batch.targets, device, point)
+            total += protection.micro_batch_backward(self.module, micro, batch.targets, device, point)
         return float(total)
 
     def _grad_norm_and_clip(self) -> float:
         params = [p for _, p in self.named_params]
-        return pieces.grad_norm_and_clip(params, self.config.clip_grad_norm, self._point())
+        return protection.grad_norm_and_clip(params, self.config.clip_grad_norm, self._point())
 
     def _optimizer_step_with_update_norm(self) -> float:
         assert self.optimizer is not None
         # APOLLO takes a point between its buckets; torch's AdamW runs whole.
         if hasattr(self.optimizer, "preemption_point"):
             self.optimizer.preemption_point = self._point()
-        sample = pieces.UpdateNormSample([p for _, p in self.named_params], self._point())
+        sample = protection.UpdateNormSample([p for _, p in self.named_params], self._point())
         self.optimizer.step()
         return sample.norm()
 
     def _yield_to_serving(self) -> None:
-        protection = self.config.protection
-        if not (protection.yield_when_busy and self.serving_busy):
+        settings = self.config.protection
+        if not (settings.yield_when_busy and self.serving_busy):
             return
-        deadline = time.monotonic() + protection.max_wait_s
+        deadline = time.monotonic() + settings.max_wait_s
         while self.serving_busy() and time.monotonic() < deadline:
             time.sleep(0.005)
 

@@ -1,9 +1,10 @@
-"""Tells the training worker, through the shared load-hint file, how many serving requests are in flight.
+"""Counts the serving requests in flight and tells the training worker, through the load-hint file.
 
-The worker's serving protection (`hogwild.worker.protection`) launches no training work while this count is
-above zero, so serving steps do not queue behind training kernels. This middleware is the writer: it counts
-OpenAI-API requests from arrival until their response (streamed or not) has been sent. Training routes are
-not counted: they are the trainer's own work.
+The worker's serving protection (`hogwild.worker.protection`) holds training work while this count is above
+zero (within its `min_training_share`), so serving steps do not queue behind training kernels. This
+middleware counts OpenAI-API requests from arrival until their response (streamed or not) has been sent;
+training routes are not counted (they are the trainer's own work). The file's format and writer are the
+contract module `hogwild.load_hint`: the plugin never imports the worker.
 
 While any request is in flight, a heartbeat task on the event loop rewrites the count every `HEARTBEAT_S`.
 The reader treats a "busy" hint that has not changed for 10 s as left by a dead writer (and trains again),
@@ -21,7 +22,7 @@ from typing import Any
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
 SERVING_PREFIXES = ("/v1/", "/v2/", "/generate", "/tokenize", "/pooling", "/classify", "/score", "/rerank")
-HEARTBEAT_S = 1.0  # well under the reader's staleness limit (serving_load.HINT_STALE_S, 10 s)
+HEARTBEAT_S = 1.0  # well under the reader's staleness limit (hogwild.load_hint.HINT_STALE_S, 10 s)
 
 
 class Counter:

@@ -1,10 +1,10 @@
 """Serving protection on the GPU itself: the trainer's stream waits, in the GPU, while the server is busy.
 
-Why: the host-side gate (`protection.ServingGate`) can only stop launching. A serving step that arrives finds
+Why: the host-side gate (`gate.ServingGate`) can only stop launching. A serving step that arrives finds
 whatever the trainer queued before, so the gate keeps that queue short (`ChunkQueue`, ~2 ms), and the short
 queue is what costs training: the host can no longer run ahead of the GPU, so every host stall idles it
 (25 % of idle-server training at 1.5B and more at 7B once the projections were cut finer; bench/RESULTS.md).
-Here each preemption point enqueues a wait on the load hint's gate word (`serving_load.GATE_OFFSET`) into the
+Here each preemption point enqueues a wait on the load hint's gate word (`load_hint.GATE_OFFSET`) into the
 trainer's stream (`cuStreamWaitValue32` on the hint file's page, registered with `cuMemHostRegister`). The GPU
 holds the trainer's next chunk there while the server's byte says busy and starts it microseconds after it
 says idle. The host launches as it would without protection, and what a serving step can find ahead of it
@@ -15,7 +15,7 @@ thread sets it where the host gate would stop waiting (protection off, a stale h
 mid-request, `max_wait_s` of continuous busy, `min_training_share`) and on close, so no enqueued wait can hold
 training forever. `run_anyway` is that decision, pure.
 
-For the share, the watchdog accounts each period to the trainer's token bucket (`training_share`) as held
+For the share, the watchdog accounts each period to the trainer's token bucket (`share`) as held
 (busy, gate shut, trainer in a step) or ran (trainer in a step, stream free). A trainer counts as in a step
 from its first point until the service says the step ended (`idle`), while it passed a point in the last
 ACTIVE_S or is being held: a held stream soon blocks the host on a sync, so it passes no point while held,
@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hogwild import load_hint
 from hogwild.config import ServingProtection
-from hogwild.worker import serving_load
-from hogwild.worker.protection import GateStats
-from hogwild.worker.training_share import TrainingShare
+from hogwild.worker.protection.gate import GateStats
+from hogwild.worker.protection.share import TrainingShare
 
 log = logging.getLogger("hogwild.worker")
 
@@ -186,16 +186,16 @@ class _PinnedHint:
         self.driver, self.path = driver, path
         with open(path, "r+b") as f:
             self.inode = os.fstat(f.fileno()).st_ino
-            self.map = mmap.mmap(f.fileno(), serving_load.HINT_BYTES)
-        version = serving_load.hint_version(self.map[: serving_load.GATE_OFFSET])
-        if version is None or version < serving_load.GATE_VERSION:
+            self.map = mmap.mmap(f.fileno(), load_hint.HINT_BYTES)
+        version = load_hint.hint_version(self.map[: load_hint.GATE_OFFSET])
+        if version is None or version < load_hint.GATE_VERSION:
             self.map.close()
             raise DeviceGateError(f"{path} has no gate word (a server from before hint version 2)")
-        self.view = (ctypes.c_char * serving_load.HINT_BYTES).from_buffer(self.map)
+        self.view = (ctypes.c_char * load_hint.HINT_BYTES).from_buffer(self.map)
         self.host = ctypes.addressof(self.view)
         try:
             driver.check(
-                driver.register(self.host, serving_load.HINT_BYTES, _REGISTER_PORTABLE_DEVICEMAP),
+                driver.register(self.host, load_hint.HINT_BYTES, _REGISTER_PORTABLE_DEVICEMAP),
                 "cuMemHostRegister",
             )
         except DeviceGateError:
@@ -209,13 +209,13 @@ class _PinnedHint:
         except DeviceGateError:
             self.close()
             raise
-        self.word = device.value + serving_load.GATE_OFFSET
+        self.word = device.value + load_hint.GATE_OFFSET
 
     def hint(self) -> tuple[int, float] | None:
-        return serving_load.read_hint(self.map[: serving_load.GATE_OFFSET])
+        return load_hint.read_hint(self.map[: load_hint.GATE_OFFSET])
 
     def set_open(self, value: bool) -> None:
-        self.map[serving_load.TRAINER_OPEN_BYTE] = 1 if value else 0
+        self.map[load_hint.TRAINER_OPEN_BYTE] = 1 if value else 0
 
     def close(self, registered: bool = True) -> None:
         """Only after nothing can wait on it any more (the caller opened it and synchronized)."""
@@ -239,7 +239,7 @@ class DeviceGate:
         settings: ServingProtection,
         current_stream: Callable[[], int],
         stats: GateStats,
-        stale_s: float = serving_load.HINT_STALE_S,
+        stale_s: float = load_hint.HINT_STALE_S,
         bind_context: Callable[[], None] = lambda: None,
     ) -> None:
         """`bind_context` makes the CUDA context current on the watchdog thread, which page-locks the new hint

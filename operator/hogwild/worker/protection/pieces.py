@@ -3,7 +3,7 @@ update norm's weight sample.
 
 Each comes whole or preemptible. Whole is one long piece of GPU work (the head, its fp32 logits and the loss
 are ~10 ms at 1.5B and 4k tokens; the clip ~18 ms at 7B). Preemptible (`chunked_head_backward`,
-`preemptible_clip`, `UpdateNormSample` with a point; `hogwild.worker.protection` supplies the point) is the
+`preemptible_clip`, `UpdateNormSample` with a point; the gate supplies the point) is the
 same arithmetic in chunks (`in_pieces`) with a preemption point before each, so a serving step that arrives
 waits for one chunk, not the whole piece. The trainer passes a point (the preemptible form) only while
 serving protection's `yield_when_busy` is on: the bench measured that the default protection needs both
