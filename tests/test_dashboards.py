@@ -130,6 +130,8 @@ REQUIRED_METRICS = [
             "vllm:generation_tokens_total",
             "hogwild_worker_tokens_total",
             "hogwild_worker_busy",
+            "hogwild_worker_training_share",
+            "hogwild_worker_training_share_floor",
         },
         id="interference",
     ),
