@@ -324,3 +324,35 @@ def test_share_zero_waits_the_whole_max_wait_every_time() -> None:
         gate.point()
     assert gate.stats.gave_up == 100 and gate.stats.share_kept == 0
     assert gate.stats.waited_s == pytest.approx(50.0, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("hint_file", "metrics_url", "probe", "gpu_wait_possible"),
+    [
+        pytest.param(True, None, "HintFileProbe", True, id="hint-file"),
+        pytest.param(True, "http://127.0.0.1:1/metrics", "HintFileProbe", True, id="hint-file-wins"),
+        pytest.param(False, "http://127.0.0.1:1/metrics", "MetricsProbe", False, id="no-hint-vllm-metrics"),
+        pytest.param(False, None, "HintFileProbe", True, id="no-hint-yet"),
+    ],
+)
+def test_the_worker_s_gate_reads_the_hint_file_or_vllm_s_metrics(
+    tmp_path: Path, hint_file: bool, metrics_url: str | None, probe: str, gpu_wait_possible: bool
+) -> None:
+    """`serving_gate` is the package's face for the worker: the probe it reads, and a GPU-side wait only where
+    a hint file (with its gate word) is the source; `close` stops the probe too."""
+    from hogwild.load_hint import HINT_NAME
+    from hogwild.worker.protection import serving_gate
+
+    writer = LoadHint(tmp_path / HINT_NAME) if hint_file else None
+    gate = serving_gate(tmp_path, ServingProtection(), metrics_url)
+    try:
+        assert type(gate.probe).__name__ == probe
+        assert (gate.device_factory is not None) is gpu_wait_possible
+    finally:
+        gate.close()
+        if writer is not None:
+            writer.close()
+    thread = getattr(gate.probe, "_thread", None)
+    if thread is not None:
+        thread.join(timeout=2.0)
+        assert not thread.is_alive()
