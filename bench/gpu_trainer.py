@@ -181,7 +181,7 @@ class TrainLoop:
         self.trainer.configure({"protection": values})
         # `native`: the worker's own path, as `hogwild.worker.service` wires it: the gate's point is the
         # trainer's, so with yield_when_busy the head and loss, the clip and the optimizer step run in
-        # pieces (`hogwild.worker.pieces`) with no bench emulation.
+        # pieces (`hogwild.worker.protection.pieces`) with no bench emulation.
         self.trainer.preemption_point = self.point if native else None
         if granularity == "step":
             self.trainer.serving_busy = self.gate.busy
