@@ -63,28 +63,45 @@ async def test_the_trainer_sees_the_server_busy(tmp_path: Path) -> None:
     assert observed == [True] and probe.busy() is False
 
 
+class FakeClock:
+    """Wall time that moves only when the test says: the staleness rule is judged on it, never on the host."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_a_request_longer_than_the_staleness_limit_stays_busy(tmp_path: Path) -> None:
-    """The heartbeat keeps the hint fresh; a reader with a short staleness limit stands for the 10 s one."""
-    hint = LoadHint(tmp_path / "serving-load")
-    probe = HintFileProbe(tmp_path / "serving-load", stale_s=0.3)
+    """The heartbeat keeps the hint fresh: eight 0.1 s ticks of a request are over twice the 0.3 s limit."""
+    clock = FakeClock()
+    hint = LoadHint(tmp_path / "serving-load", clock=clock)
+    probe = HintFileProbe(tmp_path / "serving-load", stale_s=0.3, clock=clock)
     observed: list[bool] = []
 
     async def long_request(scope: Any, receive: Any, send: Any) -> None:
-        for _ in range(8):  # 0.8 s: over twice the limit
-            await asyncio.sleep(0.1)
+        for _ in range(8):
+            clock.now += 0.1
+            await asyncio.sleep(0.02)  # the heartbeat (every 0.005 s) runs between ticks
             observed.append(probe.busy())
 
-    middleware = ServingLoadMiddleware(long_request, hint, heartbeat_s=0.05)
+    middleware = ServingLoadMiddleware(long_request, hint, heartbeat_s=0.005)
     await middleware({"type": "http", "path": "/v1/completions"}, None, None)
     assert observed == [True] * 8
     assert probe.busy() is False and middleware._heartbeat is None
 
 
-async def test_without_a_heartbeat_the_reader_takes_a_silent_writer_for_dead(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("silent_s", "busy"), [(0.1, True), (0.19, True), (0.21, False), (60.0, False)],
+                         ids=["fresh", "just-fresh", "just-stale", "long-dead"])  # fmt: skip
+def test_without_a_heartbeat_the_reader_takes_a_silent_writer_for_dead(
+    tmp_path: Path, silent_s: float, busy: bool
+) -> None:
     """The staleness rule the heartbeat exists for: a writer that stops updating reads as idle."""
-    hint = LoadHint(tmp_path / "serving-load")
+    clock = FakeClock()
+    hint = LoadHint(tmp_path / "serving-load", clock=clock)
     hint.set(1)
-    probe = HintFileProbe(tmp_path / "serving-load", stale_s=0.2)
+    probe = HintFileProbe(tmp_path / "serving-load", stale_s=0.2, clock=clock)
     assert probe.busy() is True
-    await asyncio.sleep(0.3)
-    assert probe.busy() is False
+    clock.now += silent_s
+    assert probe.busy() is busy

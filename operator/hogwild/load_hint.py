@@ -22,6 +22,7 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HINT_NAME = "serving-load"
@@ -44,12 +45,14 @@ class LoadHint:
     is needed.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], clock: Callable[[], float] = time.time) -> None:
+        # Wall time stamps the updates (readers in another process compare it with theirs); tests inject one.
+        self._clock = clock
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
-            header = _HINT.pack(_HINT_MAGIC, _HINT_VERSION, 0, 0, time.time())
+            header = _HINT.pack(_HINT_MAGIC, _HINT_VERSION, 0, 0, self._clock())
             f.write((header + b"\1").ljust(HINT_BYTES, b"\0"))  # idle: no request yet
         os.replace(tmp, self.path)
         self._file = open(self.path, "r+b")  # noqa: SIM115 - kept open for the mapping's lifetime
@@ -60,7 +63,7 @@ class LoadHint:
     def set(self, active: int) -> None:
         self.active = active
         self._updates += 1
-        self._map[: _HINT.size] = _HINT.pack(_HINT_MAGIC, _HINT_VERSION, active, self._updates, time.time())
+        self._map[: _HINT.size] = _HINT.pack(_HINT_MAGIC, _HINT_VERSION, active, self._updates, self._clock())
         self._map[SERVER_IDLE_BYTE] = 0 if active > 0 else 1
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -26,7 +27,13 @@ class LoadProbe(Protocol):
 class HintFileProbe:
     """Reads a `LoadHint` file. A missing, foreign or stale file reads as idle: training is never stuck."""
 
-    def __init__(self, path: str | os.PathLike[str], stale_s: float = HINT_STALE_S) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        stale_s: float = HINT_STALE_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._clock = clock  # the writer's kind of time (wall), injectable for tests
         self.path = Path(path)
         self.stale_s = stale_s
         self._map: mmap.mmap | None = None
@@ -50,7 +57,7 @@ class HintFileProbe:
         if hint is None:
             return False
         active, updated = hint
-        return active > 0 and time.time() - updated < self.stale_s
+        return active > 0 and self._clock() - updated < self.stale_s
 
 
 def parse_vllm_load(metrics_text: str) -> int:
