@@ -13,7 +13,6 @@ The `/train` HTTP body is exactly the train message's fields. Pure: no sockets, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import uuid
@@ -23,133 +22,22 @@ from typing import Any, ClassVar
 
 from hogwild import defaults
 from hogwild.config import ConfigError, validate_changes
+
+# The protocol's face: the errors (hogwild.errors) and the sample schema (hogwild.samples) live apart, and are
+# imported from here by whoever speaks the protocol.
+from hogwild.errors import ERROR_STATUS as ERROR_STATUS
+from hogwild.errors import MAX_ERROR_MESSAGE_CHARS as MAX_ERROR_MESSAGE_CHARS
+from hogwild.errors import ProtocolError as ProtocolError
+from hogwild.samples import CHAT_ROLES as CHAT_ROLES
+from hogwild.samples import SAMPLE_KINDS as SAMPLE_KINDS
+from hogwild.samples import Sample as Sample
+from hogwild.samples import decode_sample as decode_sample
+from hogwild.samples import decode_samples as decode_samples
+from hogwild.samples import encode_sample as encode_sample
+from hogwild.samples import samples_digest as samples_digest
 from hogwild.versions import Target, TargetError, parse_target
 
 PROTOCOL_VERSION = 1
-
-# Error codes and the HTTP status each one maps to on the serving port (DESIGN.md "Contracts").
-ERROR_STATUS = {
-    "bad_request": 400,
-    "unsupported_version": 400,
-    "unknown_type": 400,
-    "unauthorized": 401,
-    "not_found": 404,
-    "busy": 409,
-    "too_large": 413,
-    "invalid": 422,
-    "internal": 500,
-    "not_connected": 503,
-    "timeout": 504,
-}
-MAX_ERROR_MESSAGE_CHARS = 1000
-
-
-class ProtocolError(Exception):
-    """A request that cannot be served. `code` is one of ERROR_STATUS; the message is for a person."""
-
-    def __init__(self, code: str, message: str) -> None:
-        if code not in ERROR_STATUS:
-            raise ValueError(f"unknown error code {code!r}")
-        if len(message) > MAX_ERROR_MESSAGE_CHARS:  # it may quote the offending value, which may be huge
-            message = message[:MAX_ERROR_MESSAGE_CHARS] + " [...]"
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    @property
-    def status(self) -> int:
-        return ERROR_STATUS[self.code]
-
-
-# ---- samples ------------------------------------------------------------------------------------------
-SAMPLE_KINDS = ("text", "prompt_completion", "messages", "tokens")
-CHAT_ROLES = ("system", "user", "assistant", "tool")
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One training example. Loss falls on `text`, on `completion`, on assistant turns, or where labels != -100."""
-
-    kind: str
-    text: str = ""
-    prompt: str = ""
-    completion: str = ""
-    messages: tuple[tuple[str, str], ...] = ()
-    input_ids: tuple[int, ...] = ()
-    labels: tuple[int, ...] = ()
-
-
-def _text(where: str, value: Any, *, allow_empty: bool = False) -> str:
-    if not isinstance(value, str):
-        raise ProtocolError("invalid", f"{where} must be a string, got {type(value).__name__}")
-    if not value and not allow_empty:
-        raise ProtocolError("invalid", f"{where} must not be empty")
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        raise ProtocolError("invalid", f"{where} is not valid Unicode (a lone surrogate)") from None
-    return value
-
-
-def _int_list(where: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or not value:
-        raise ProtocolError("invalid", f"{where} must be a non-empty list of integers")
-    if not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-        raise ProtocolError("invalid", f"{where} must contain only integers")
-    return tuple(value)
-
-
-def _decode_messages(where: str, value: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(value, list) or not value:
-        raise ProtocolError("invalid", f"{where} must be a non-empty list of {{role, content}} objects")
-    turns = []
-    for i, turn in enumerate(value):
-        if not isinstance(turn, Mapping) or set(turn) - {"role", "content"}:
-            raise ProtocolError("invalid", f"{where}[{i}] must be an object with only 'role' and 'content'")
-        role = turn.get("role")
-        if role not in CHAT_ROLES:
-            raise ProtocolError("invalid", f"{where}[{i}].role must be one of {', '.join(CHAT_ROLES)}")
-        turns.append((str(role), _text(f"{where}[{i}].content", turn.get("content"), allow_empty=True)))
-    if not any(role == "assistant" for role, _ in turns):
-        raise ProtocolError("invalid", f"{where} has no assistant turn, so there is nothing to learn")
-    return tuple(turns)
-
-
-def decode_sample(where: str, value: Any) -> Sample:
-    if not isinstance(value, Mapping):
-        raise ProtocolError("invalid", f"{where} must be an object")
-    keys = set(value)
-    if keys == {"text"}:
-        return Sample("text", text=_text(f"{where}.text", value["text"]))
-    if keys == {"prompt", "completion"}:
-        return Sample(
-            "prompt_completion",
-            prompt=_text(f"{where}.prompt", value["prompt"], allow_empty=True),
-            completion=_text(f"{where}.completion", value["completion"]),
-        )
-    if keys == {"messages"}:
-        return Sample("messages", messages=_decode_messages(f"{where}.messages", value["messages"]))
-    if keys in ({"input_ids"}, {"input_ids", "labels"}):
-        ids = _int_list(f"{where}.input_ids", value["input_ids"])
-        labels = _int_list(f"{where}.labels", value["labels"]) if "labels" in value else ids
-        if len(labels) != len(ids):
-            raise ProtocolError("invalid", f"{where}.labels must have as many entries as input_ids")
-        return Sample("tokens", input_ids=ids, labels=labels)
-    raise ProtocolError(
-        "invalid",
-        f"{where} must have exactly one of these shapes: {{text}}, {{prompt, completion}}, {{messages}}, "
-        f"{{input_ids[, labels]}}; got keys {sorted(keys)}",
-    )
-
-
-def encode_sample(sample: Sample) -> dict[str, Any]:
-    if sample.kind == "text":
-        return {"text": sample.text}
-    if sample.kind == "prompt_completion":
-        return {"prompt": sample.prompt, "completion": sample.completion}
-    if sample.kind == "messages":
-        return {"messages": [{"role": r, "content": c} for r, c in sample.messages]}
-    return {"input_ids": list(sample.input_ids), "labels": list(sample.labels)}
 
 
 # ---- requests -----------------------------------------------------------------------------------------
@@ -240,23 +128,6 @@ class StatusRequest:
 
     def to_body(self) -> dict[str, Any]:
         return {}
-
-
-def decode_samples(
-    where: str, value: Any, *, limit: int = defaults.MAX_SAMPLES_PER_REQUEST
-) -> tuple[Sample, ...]:
-    if not isinstance(value, list) or not value:
-        raise ProtocolError("invalid", f"{where} must be a non-empty list")
-    if len(value) > limit:
-        raise ProtocolError("too_large", f"at most {limit} samples in {where}, got {len(value)}")
-    return tuple(decode_sample(f"{where}[{i}]", s) for i, s in enumerate(value))
-
-
-def samples_digest(samples: tuple[Sample, ...]) -> str:
-    """A short hash of samples as they are sent: equal sets, equal digests (the operator compares the
-    evaluation set it would relay with the one the worker holds)."""
-    canonical = json.dumps([encode_sample(s) for s in samples], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
