@@ -35,11 +35,20 @@ import pytest
 import yaml
 
 from hogwild.client import WorkerClient
-from hogwild.protocol import CheckpointRequest, ProtocolError, RestoreRequest, Sample, TrainRequest
+from hogwild.protocol import (
+    CheckpointRequest,
+    ConfigureRequest,
+    ProtocolError,
+    RestoreRequest,
+    RollbackRequest,
+    Sample,
+    TrainRequest,
+)
 from hogwild.testing.children import child_env
 from hogwild.testing.exporter import ExporterProcess
 from hogwild.testing.tiny_model import TinySpec, cached
 from hogwild.testing.worker_process import WorkerProcess
+from hogwild.versions import parse_target
 from monitoring_helpers import (
     RULES_FILE,
     PanelQuery,
@@ -177,15 +186,20 @@ def prometheus_config(worker_port: int, operator_port: int) -> dict[str, Any]:
 
 
 async def drive_worker(address: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """A few train steps, a checkpoint and one refused request (so that every training panel has data)."""
+    """A few gated train steps, a checkpoint, a rollback and one refused request (so that every training panel
+    has data: the safe-learning row counts evaluations and rollbacks)."""
     client = WorkerClient(address)
     sample = Sample(kind="prompt_completion", prompt="The capital of Zanzibar is", completion=" Paris")
     replies, errors = [], []
     try:
+        # A policy that accepts every update: each /train is evaluated, none reverted.
+        gate = ConfigureRequest(changes={"gate": {"max_loss_rise": 100.0}}, eval_samples=(sample,))
+        await client.request(gate, timeout_s=60.0)
         for _ in range(TRAIN_REQUESTS):
             request = TrainRequest(samples=(sample,), steps=STEPS_PER_REQUEST, timeout_s=120.0)
             replies.append(await client.request(request, timeout_s=120.0))
         replies.append(await client.request(CheckpointRequest(reason="request"), timeout_s=120.0))
+        replies.append(await client.request(RollbackRequest(to=parse_target("previous")), timeout_s=120.0))
         try:
             await client.request(RestoreRequest(step=99_999_999), timeout_s=60.0)
         except ProtocolError as err:

@@ -64,7 +64,7 @@ def session(exporter: ExporterProcess, tmp_path: Path) -> Iterator[LocalSession]
         log_to_files=True,
         restart_policy=RestartPolicy(max_restarts=2, window_s=600.0, base_delay_s=0.2, max_delay_s=0.5),
     )
-    local.run_dir.mkdir(parents=True)
+    local.run_dir.mkdir(parents=True, exist_ok=True)  # on /dev/shm, LocalSession made it already
     shutil.copyfile(exporter.run_dir / MANIFEST_NAME, local.run_dir / MANIFEST_NAME)
     # The serving process: alive as long as the test, as vLLM would be.
     local.processes["vllm"] = subprocess.Popen(

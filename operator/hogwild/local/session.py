@@ -348,6 +348,8 @@ class LocalSession:
         from hogwild.sharing import sweep_stale_shm
 
         sweep_stale_shm()
+        if self.run_dir.parent == Path(self.shm):  # memory: nothing in it outlives the processes that used it
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         for handle in self._log_files:
             handle.close()
         self._log_files.clear()

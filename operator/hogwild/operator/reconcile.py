@@ -59,7 +59,9 @@ class Controller:
         self._locks: dict[str, asyncio.Lock] = {}
         self._children_ok: dict[str, tuple[str, float]] = {}  # uid -> (spec hash, monotonic deadline)
         self._keys: dict[str, auth.CurveKeys] = {}  # uid -> the operator's CURVE keys for that session
-        self._rolled_back: dict[str, str] = {}  # uid -> the last spec.rollback id answered (status may lag)
+        # uid -> (the last spec.rollback id answered, its status record): a status write that was lost (a
+        # conflicting patch) must not lose the record, and the rollback must not run twice.
+        self._rolled_back: dict[str, tuple[str, dict[str, Any]]] = {}
         self.stopper = PodStopper(options, kube, relay, emit)
 
     def _lock(self, uid: str) -> asyncio.Lock:
@@ -318,8 +320,9 @@ class Controller:
         wanted = spec.rollback
         if wanted is None or not safety.rollback_due(wanted, body.get("status") or {}):
             return obs
-        if self._rolled_back.get(session.uid) == wanted.id:
-            return obs
+        answered = self._rolled_back.get(session.uid)
+        if answered is not None and answered[0] == wanted.id:  # not yet in status: write the record again
+            return replace(obs, safety={**obs.safety, "rollback": answered[1]})
         try:
             reply = await self.relay.request(
                 target, RollbackRequest(wanted.target(), wanted.id), self.options.configure_timeout_s
@@ -335,7 +338,7 @@ class Controller:
             record = safety.rollback_record(wanted, reply, None, now_iso())
             self.emit(body, "Normal", "RolledBack", f"rollback {wanted.id}: {record['message']}")
             obs = replace(obs, safety={**obs.safety, "weightsVersion": record["version"]})
-        self._rolled_back[session.uid] = wanted.id
+        self._rolled_back[session.uid] = (wanted.id, record)
         logger.info("rollback session=%s/%s id=%s %s", session.namespace, session.name, wanted.id, record)
         return replace(obs, safety={**obs.safety, "rollback": record})
 
