@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from hogwild.protocol import (
     request_id_of,
 )
 from hogwild.testing.emulator import Emulator
+from operator_process import FAST_ARGS, OperatorProcess, free_port, start_operator
 
 GROUP_VERSION = f"{defaults.API_GROUP}/{defaults.API_VERSION}"
 RESOURCES = {
@@ -382,3 +384,38 @@ class FakeWorker:
         self._thread.join(5)
         self._socket.close(linger=0)
         self._context.term()
+
+
+@contextlib.asynccontextmanager
+async def run_operator(
+    cluster: EmulatorCluster | KubectlCluster, *extra_args: str, **values: Any
+) -> AsyncIterator[OperatorProcess]:
+    """`hogwild operator` as the chart runs it (tests/operator_process.py), for the cluster's watch scope plus
+    `values` (dotted chart paths) and `extra_args` after the short test intervals."""
+    chart_values = {
+        **cluster.chart_values,
+        "operator.service.port": free_port(),
+        "operator.logFormat": "plain",
+        "operator.extraArgs": [*FAST_ARGS, *extra_args],
+        **values,
+    }
+    process = await asyncio.to_thread(start_operator, cluster.namespace, chart_values, cluster.kubeconfig)
+    try:
+        if isinstance(cluster, EmulatorCluster):  # objects made before kopf watches would be missed
+            emulator = cluster.emulator
+            await eventually(
+                lambda: resolved(emulator.watching("trainingsessions") or not process.alive()),
+                "kopf watching",
+            )
+        assert process.alive(), f"hogwild operator exited:\n{process.log()[-4000:]}"
+        yield process
+    except BaseException:
+        print(f"--- {' '.join(process.command)}\n{process.log()[-6000:]}")
+        raise
+    finally:
+        await asyncio.to_thread(process.stop)
+
+
+async def resolved(value: bool) -> bool:
+    """`value`, awaitable (what `eventually` polls)."""
+    return value

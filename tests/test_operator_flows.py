@@ -15,8 +15,6 @@ with the `hogwild.dev/worker-address` annotation, which only `--allow-worker-add
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,15 +34,14 @@ from operator_helpers import (
     curve_keys,
     eventually,
     kubectl_path,
+    resolved,
+    run_operator,
     session_manifest,
 )
 from operator_process import (
-    FAST_ARGS,
-    OperatorProcess,
     free_port,
     peering_objects,
     render_chart,
-    start_operator,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,34 +72,7 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         yield EmulatorCluster(emulator, str(server.url), scope=request.param, kubeconfig_dir=tmp_path)
 
 
-@contextlib.asynccontextmanager
-async def operator(cluster: Cluster, *extra_args: str, **values: Any) -> AsyncIterator[OperatorProcess]:
-    """`hogwild operator` as the chart runs it, for the cluster's scope plus `values` (dotted chart paths)."""
-    chart_values = {
-        **cluster.chart_values,
-        "operator.service.port": free_port(),
-        "operator.logFormat": "plain",
-        "operator.extraArgs": [*FAST_ARGS, *extra_args],
-        **values,
-    }
-    process = await asyncio.to_thread(start_operator, cluster.namespace, chart_values, cluster.kubeconfig)
-    try:
-        if isinstance(cluster, EmulatorCluster):  # objects made before kopf watches would be missed
-            await eventually(
-                lambda: _true(cluster.emulator.watching("trainingsessions") or not process.alive()),
-                "kopf watching",
-            )
-        assert process.alive(), f"hogwild operator exited:\n{process.log()[-4000:]}"
-        yield process
-    except BaseException:
-        print(f"--- {' '.join(process.command)}\n{process.log()[-6000:]}")
-        raise
-    finally:
-        await asyncio.to_thread(process.stop)
-
-
-async def _true(value: bool) -> bool:
-    return value
+operator = run_operator
 
 
 async def status_of(cluster: Cluster, name: str) -> dict[str, Any]:
@@ -349,7 +319,7 @@ async def test_delete_asks_for_a_final_checkpoint_then_lets_go(
         try:
             await point_at(cluster, "chat", worker.address)
             await cluster.mark_running("chat")
-            await eventually(lambda: _true("status" in worker.kinds()), "the worker asked for its status")
+            await eventually(lambda: resolved("status" in worker.kinds()), "the worker asked for its status")
 
             await cluster.delete("TrainingSession", "chat")
 

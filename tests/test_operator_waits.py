@@ -9,7 +9,6 @@ is waited for at most the bound (`--final-checkpoint-timeout`, or a shorter `spe
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import time
@@ -29,9 +28,10 @@ from operator_helpers import (
     curve_keys,
     eventually,
     kubectl_path,
+    run_operator,
     session_manifest,
 )
-from operator_process import FAST_ARGS, OperatorProcess, free_port, start_operator
+from operator_process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "crds" / "hogwild.dev_trainingsessions.yaml"
@@ -59,32 +59,7 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         yield EmulatorCluster(emulator, str(server.url), kubeconfig_dir=tmp_path)
 
 
-@contextlib.asynccontextmanager
-async def operator(cluster: Cluster, *extra_args: str) -> AsyncIterator[OperatorProcess]:
-    values = {
-        **cluster.chart_values,
-        "operator.service.port": free_port(),
-        "operator.logFormat": "plain",
-        "operator.extraArgs": [*FAST_ARGS, *extra_args],
-    }
-    process = await asyncio.to_thread(start_operator, cluster.namespace, values, cluster.kubeconfig)
-    try:
-        if isinstance(cluster, EmulatorCluster):  # objects made before kopf watches would be missed
-            await eventually(
-                lambda: _true(cluster.emulator.watching("trainingsessions") or not process.alive()),
-                "kopf watching",
-            )
-        assert process.alive(), f"hogwild operator exited:\n{process.log()[-4000:]}"
-        yield process
-    except BaseException:
-        print(f"--- {' '.join(process.command)}\n{process.log()[-6000:]}")
-        raise
-    finally:
-        await asyncio.to_thread(process.stop)
-
-
-async def _true(value: bool) -> bool:
-    return value
+operator = run_operator
 
 
 def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
