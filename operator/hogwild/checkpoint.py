@@ -1,4 +1,4 @@
-"""The checkpoint layout (DESIGN.md "Contracts"), and writing, finding, pruning and restoring checkpoints.
+"""The checkpoint layout (docs/design.md "Contracts"), and writing, finding, pruning and restoring checkpoints.
 
     <checkpoint dir>/step-<8 digits>/
         model.safetensors              (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)

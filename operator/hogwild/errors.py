@@ -5,7 +5,7 @@ Pure: no I/O. `hogwild.protocol` re-exports these; the sample schema (hogwild.sa
 
 from __future__ import annotations
 
-# Error codes and the HTTP status each one maps to on the serving port (DESIGN.md "Contracts").
+# Error codes and the HTTP status each one maps to on the serving port (docs/design.md "Contracts").
 ERROR_STATUS = {
     "bad_request": 400,
     "unsupported_version": 400,

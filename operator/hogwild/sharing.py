@@ -5,7 +5,7 @@ rebinds the parameter as a view of the file, so from then on the file is the ser
 GPU: CUDA IPC handles of the exporter's own parameter storage (nothing moves; parameters are never rebound,
 because CUDA graphs and compiled code hold raw pointers and would silently keep reading the old memory).
 
-Two traps this module avoids (FACTS.md): pickling `reduce_tensor` of a CPU tensor silently copies it, and
+Two traps this module avoids (docs/facts.md): pickling `reduce_tensor` of a CPU tensor silently copies it, and
 shared-memory files survive SIGTERM, so the exporter unlinks its own and sweeps those of dead exporters.
 """
 

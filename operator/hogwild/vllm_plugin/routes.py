@@ -9,7 +9,7 @@
                           evaluation gate's held-out set (`eval_samples`)
     GET  /train/status    the worker's status (no token: it changes nothing)
 
-Every error is JSON `{"error": {"code", "message"}}` with DESIGN.md's status codes. Nothing here blocks the
+Every error is JSON `{"error": {"code", "message"}}` with docs/design.md's status codes. Nothing here blocks the
 event loop: the worker does the work in its own process, and we only await a socket.
 """
 
