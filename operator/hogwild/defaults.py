@@ -10,6 +10,9 @@ VLLM_HTTP_PORT = 8000
 WORKER_METRICS_PORT = 9400
 WORKER_CONTROL_PORT = 5555  # tcp, CURVE-authenticated: the operator's channel to the worker
 OPERATOR_HTTP_PORT = 8080  # operator /metrics and /healthz
+# Replicas (docs/replicas.md): replica 0's worker hosts the group's torch.distributed TCPStore on this port;
+# every replica's worker reaches it through the session's headless Service `<session>-replicas`.
+RENDEZVOUS_PORT = 29500
 
 # Paths inside a session pod. In local mode both are redirected under a state dir (see hogwild.local).
 RUN_DIR = "/run/hogwild"
@@ -24,6 +27,12 @@ ENV_TOKEN = "HOGWILD_TOKEN"
 ENV_TOKEN_FILE = "HOGWILD_TOKEN_FILE"
 ENV_WORKER_ADDRESS = "HOGWILD_WORKER_ADDRESS"
 ENV_RESTORE = "HOGWILD_RESTORE"  # what `hogwild vllm` serves at start-up: "Newest" checkpoint or "Base" model
+# Replicas: this pod's ordinal (0..replicas-1), and where the group's store listens (host:port). Without
+# ENV_RENDEZVOUS the worker trains alone, as a one-replica session always has. ENV_HOST_STORE=1: this
+# worker hosts the store (the operator sets it on replica 0; local mode hosts it in `hogwild serve`).
+ENV_REPLICA = "HOGWILD_REPLICA"
+ENV_RENDEZVOUS = "HOGWILD_RENDEZVOUS"
+ENV_HOST_STORE = "HOGWILD_HOST_STORE"
 ENV_FAULT = "HOGWILD_FAULT"  # fault-injection point for crash tests, e.g. "checkpoint.after_weights"
 
 # Limits on the /train route.
