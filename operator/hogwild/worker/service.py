@@ -127,15 +127,15 @@ class WorkerService:
         elif isinstance(request, TrainRequest):
             self._start_train(request, done)
         elif isinstance(request, CheckpointRequest):
-            self._start_maintenance(lambda: self.checkpoint(request.reason), done)
+            self._start_maintenance("checkpoint", lambda: self.checkpoint(request.reason), done)
         elif isinstance(request, RestoreRequest):
             if self.busy:
                 raise ProtocolError("busy", "a train request is running; restore after it finishes")
-            self._start_maintenance(lambda: self.restore(request), done)
+            self._start_maintenance("restore", lambda: self.restore(request), done)
         elif isinstance(request, RollbackRequest):
             if self.busy:
                 raise ProtocolError("busy", "a train request is running; roll back after it finishes")
-            self._start_maintenance(lambda: self.rollback(request), done)
+            self._start_maintenance("rollback", lambda: self.rollback(request), done)
         else:  # decode_request only returns the types above
             raise ProtocolError("unknown_type", f"no handler for {request.type}")
 
@@ -192,7 +192,8 @@ class WorkerService:
         self._training = True
         self._train_thread = self._run("train", lambda: self.train(request), finished)
 
-    def _start_maintenance(self, job: Callable[[], dict[str, Any]], done: Done) -> None:
+    def _start_maintenance(self, name: str, job: Callable[[], dict[str, Any]], done: Done) -> None:
+        """Checkpoint, restore and rollback take turns; each runs under its own name, which its errors carry."""
         if self.writing:
             raise ProtocolError("busy", "a checkpoint or restore is already running")
 
@@ -201,7 +202,7 @@ class WorkerService:
             done(result)
 
         self._writing = True
-        self._maintenance_thread = self._run("checkpoint", job, finished)
+        self._maintenance_thread = self._run(name, job, finished)
 
     # ---- requests ----------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -425,7 +426,7 @@ class WorkerService:
             writing=self.writing,
         )
         if due and not self._stopping.is_set():
-            self._start_maintenance(lambda: self.checkpoint("interval"), self._log_result)
+            self._start_maintenance("checkpoint", lambda: self.checkpoint("interval"), self._log_result)
 
     @staticmethod
     def _log_result(result: dict[str, Any] | ProtocolError) -> None:
