@@ -184,7 +184,7 @@ def _norm_ratio(r: Tensor, r_tilde: Tensor, dims: tuple[int, ...]) -> Tensor:
     norm_r = torch.linalg.vector_norm(r, dim=dims, keepdim=True)
     has_gradient = norm_r > 0
     ratio = torch.linalg.vector_norm(r_tilde, dim=dims, keepdim=True).div_(norm_r.clamp_min_(_TINY))
-    return ratio.where(has_gradient, 0.0)
+    return torch.where(has_gradient, ratio, 0.0)
 
 
 def _moments_and_ratio(

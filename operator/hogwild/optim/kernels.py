@@ -22,10 +22,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from hogwild.optim.rounding import _device_table, ceil_div, next_power_of_2, triton
+from hogwild.optim.rounding import _device_table, ceil_div, next_power_of_2
+from hogwild.optim.triton_jit import kernel
 
-if triton is not None:
+try:  # as in rounding.py: Triton ships with CUDA torch, and these kernels are only an acceleration
+    import triton
     import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
 
 # Programs per streaming multiprocessor that the grid aims for: a program of a small tile issues one load
 # at a time, so memory latency is hidden by having several resident per SM.
@@ -215,7 +219,7 @@ def _interpreted() -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    @kernel()
     def _norms_kernel(  # type: ignore[no-untyped-def]
         table_ptr, out_ptr, rows, cols,
         ROW_NORMS: tl.constexpr, BLOCK_KEEP: tl.constexpr, BLOCK_REDUCE: tl.constexpr,
@@ -249,7 +253,7 @@ if triton is not None:
             norms = tl.sqrt_rn(tl.sum(acc, axis=0))
             tl.store(out_ptr + t.to(tl.int64) * cols + keep, norms, mask=keep_mask)
 
-    @triton.jit
+    @kernel()
     def _projection_kernel(  # type: ignore[no-untyped-def]
         table_ptr, p_ptr, r_ptr, norms_ptr, rows, cols, rank, p_stride,
         WIDE: tl.constexpr, BLOCK_KEEP: tl.constexpr, BLOCK_REDUCE: tl.constexpr, BLOCK_RANK: tl.constexpr,

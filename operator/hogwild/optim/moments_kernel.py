@@ -24,10 +24,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from hogwild.optim.rounding import ceil_div, next_power_of_2, triton
+from hogwild.optim.rounding import ceil_div, next_power_of_2
+from hogwild.optim.triton_jit import kernel
 
-if triton is not None:
+try:  # as in rounding.py: Triton ships with CUDA torch, and these kernels are only an acceleration
+    import triton
     import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
 
 # Most rank entries a program loads at once: the default rank 64 is one load. With `_TILE_ELEMENTS` it sets
 # the channel block (32 channels at rank 64: a 128-byte row segment of a wide R, 8 KiB contiguous of a tall
@@ -166,7 +170,7 @@ def limit_and_scale_(
 
 if triton is not None:
 
-    @triton.jit
+    @kernel()
     def _limiter_kernel(  # type: ignore[no-untyped-def]
         ratio_ptr, previous_ptr, norm_ptr, channels, limit, lr_scale,
         LIMIT: tl.constexpr, BLOCK: tl.constexpr,
@@ -192,7 +196,7 @@ if triton is not None:
                 value = value * factor
             tl.store(ratio_ptr + base + offsets, value * lr_scale, mask=mask)
 
-    @triton.jit
+    @kernel()
     def _moments_kernel(  # type: ignore[no-untyped-def]
         r_ptr, exp_avg_ptr, exp_avg_sq_ptr, corrections_ptr, ratio_ptr, channel_norms_ptr, partial_norms_ptr,
         rank, channels, lerp_weight, beta2, one_minus_beta2, eps, scale,

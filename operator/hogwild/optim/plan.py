@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from hogwild.optim.buckets import MomentBucket, same_shape_groups
@@ -46,9 +47,13 @@ class Bucket:
     projection: tuple[tuple[Any, ...], Tensor] | None = None
 
 
+# (start, rank, low_rank, the parameters' ids, each gradient's (dtype, layout) or None): see `signature`.
+Signature = tuple[int, int, bool, tuple[int, ...], tuple[tuple[torch.dtype, torch.layout] | None, ...]]
+
+
 @dataclass
 class GroupPlan:
-    signature: tuple[Any, ...]
+    signature: Signature
     stepped: list[Tensor]  # the parameters with a gradient, in order
     states: list[dict[str, Any]]  # their states, the very dicts (load_state_dict replaces them)
     projected: list[Bucket]  # APOLLO buckets
@@ -95,7 +100,7 @@ def fits(plan: GroupPlan, group: Mapping[str, Any], start: int) -> bool:
     return True
 
 
-def signature(group: Mapping[str, Any], start: int) -> tuple[Any, ...]:
+def signature(group: Mapping[str, Any], start: int) -> Signature:
     """What a plan depends on besides the states: which parameters (and where the group starts among all
     of them: seeds derive from that index), which have gradients of what dtype and layout, and what decides
     whether a weight is projected and how big its moments are."""

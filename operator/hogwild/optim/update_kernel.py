@@ -7,6 +7,8 @@ bench and tests replace it there.
 
 from __future__ import annotations
 
+from hogwild.optim.triton_jit import kernel
+
 try:  # as in rounding.py: Triton ships with CUDA torch, and the kernel is only an acceleration
     import triton
     import triton.language as tl
@@ -31,7 +33,7 @@ if triton is not None:
         z = _splitmix64(z ^ 0x5EED) >> 1
         return ((z & 0x7FFFFFFF) | 1).to(tl.uint32), ((z >> 32) & 0x7FFFFFFF).to(tl.uint32)
 
-    @triton.jit(do_not_specialize=["step"])  # a new step must not compile a new variant (step 1, 16, ...)
+    @kernel(do_not_specialize=["step"])  # a new step must not compile a new variant (step 1, 16, ...)
     def update_kernel(  # type: ignore[no-untyped-def]
         table_ptr, d_base, d_stride, c_ptr, rows, cols, decay, scalar, step,
         COEF: tl.constexpr, STACKED: tl.constexpr, D_BF16: tl.constexpr, DERIVE: tl.constexpr,
