@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from hogwild.protocol import ProtocolError, Sample
+from hogwild.worker.group.plan import shard_bounds
 
 IGNORE = -100
 _GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -199,8 +200,14 @@ def step_batch(
     grad_accumulation: int,
     pad_id: int,
     max_positions: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> StepBatch:
-    """The micro-batches of one optimizer step. Raises ProtocolError when nothing is left to learn."""
+    """The micro-batches of one optimizer step. Raises ProtocolError when nothing is left to learn.
+
+    `shard` = (rank, size): in a replica group each rank takes its contiguous share of the kept samples, while
+    `targets` stays the count over ALL of them, so the gradients the ranks all-reduce (sum) are those of the
+    one big batch. A rank with no share gets no micro-batches. Truncation runs before the split, so every
+    rank keeps the same samples a lone worker would."""
     fitted, beyond = fit_positions(encoded, max_positions)
     kept, cut = truncate(fitted, max_tokens)
     cut += beyond
@@ -211,8 +218,10 @@ def step_batch(
             "no tokens to learn from"
             + (f" after truncation to max_tokens_per_step={max_tokens}" if cut else " (every label is -100)"),
         )
-    micro = tuple(pad(group, pad_id) for group in split(kept, grad_accumulation))
-    return StepBatch(micro, sum(len(s.input_ids) for s in kept), targets, cut)
+    start, stop = shard_bounds(len(kept), *shard)
+    mine = kept[start:stop]
+    micro = tuple(pad(group, pad_id) for group in split(mine, grad_accumulation)) if mine else ()
+    return StepBatch(micro, sum(len(s.input_ids) for s in mine), targets, cut)
 
 
 def pad_id_of(tokenizer: Any) -> int:

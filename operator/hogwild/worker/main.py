@@ -107,7 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     metrics = WorkerMetrics()
     metrics_port, _ = metrics.serve(args.metrics_port, args.metrics_host)
     device = None if args.device == "auto" else args.device
-    settings = WorkerSettings(run_dir, checkpoint_dir, device, args.vllm_metrics_url)
+    from hogwild.worker.group.runner import settings_from_env
+
+    try:
+        group = settings_from_env()
+    except ValueError as err:
+        log.error("bad replica settings: %s", err, extra={"event": "bad_arguments"})
+        return 2
+    settings = WorkerSettings(run_dir, checkpoint_dir, device, args.vllm_metrics_url, group)
     service = WorkerService(settings, config, metrics)
     ipc_path = run_dir / defaults.WORKER_SOCKET_NAME
     ipc_path.unlink(missing_ok=True)  # a socket file left by a killed worker

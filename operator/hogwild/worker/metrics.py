@@ -180,6 +180,25 @@ class WorkerMetrics:
         self.evaluations = counter("evaluations", "Evaluation-gate verdicts, by verdict", ("verdict",))
         self.reverts = counter("reverts", "Updates reverted by the evaluation gate")
         self.eval_loss = gauge("eval_loss", "Held-out loss of the last evaluation")
+        # Replicas (hogwild.worker.group): the group this worker is in, and what keeping it in step costs.
+        self.group_size = gauge("group_size", "Members of this replica's training group (0 while it forms)")
+        self.group_epoch = gauge("group_epoch", "Epoch of the group's membership (it grows at every re-form)")
+        self.group_in_sync = gauge(
+            "group_in_sync", "1 when every member's weights digest matched at the last exchange, else 0"
+        )
+        self.group_regroups = counter(
+            "group_regroups", "Times this worker's group re-formed, by why", ("reason",)
+        )
+        self.group_weight_broadcasts = counter(
+            "group_weight_broadcasts",
+            "Group formations that sent the weights to members whose digest differed",
+        )
+        self.allreduce_seconds = Histogram(
+            PREFIX + "allreduce_seconds",
+            "Seconds per gradient all-reduce over the replica group",
+            buckets=STEP_BUCKETS_S,
+            registry=r,
+        )
         self._protection = _ProtectionCollector()
         r.register(self._protection)
         self._gpu = _GpuCollector()

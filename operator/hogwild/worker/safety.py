@@ -89,6 +89,12 @@ class Safety:
         self.publish()
         log.info("new lineage", extra={"event": "lineage", "version": self.version, "origin": origin})
 
+    def adopt_lineage(self, lineage: Lineage) -> None:
+        """Another replica's lineage (a replica group formed): the same weights carry the same version on all."""
+        if lineage != self.lineage:
+            self.lineage = lineage
+            self.publish()
+
     def mapped_now(self, restored: str | None) -> None:
         """The weights were (re)mapped: what vLLM serves descends from a checkpoint, or from the start."""
         origin = f"checkpoint {Path(restored).name}" if restored else "start (no checkpoint of these weights)"

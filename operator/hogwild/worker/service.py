@@ -35,6 +35,7 @@ from hogwild.protocol import (
     new_id,
 )
 from hogwild.worker import gpu_power, persistence, protection, status
+from hogwild.worker.group.runner import GroupSettings, ReplicaGroup
 from hogwild.worker.metrics import WorkerMetrics
 from hogwild.worker.model import MappedModel, prewarm_imports
 from hogwild.worker.safety import Safety
@@ -51,6 +52,7 @@ class WorkerSettings:
     checkpoint_dir: Path
     device: str | None = None
     vllm_metrics_url: str | None = None  # serving load, when vLLM's side writes no load hint
+    group: GroupSettings | None = None  # the replica group this worker trains with; None: alone
 
 
 class WorkerService:
@@ -83,6 +85,22 @@ class WorkerService:
             metrics=metrics,
         )
         self._versioned: MappedModel | None = None  # the mapping the current lineage started with
+        # Replicas: train and configure requests go to the group, which runs them on every member in order.
+        self.group = (
+            None
+            if settings.group is None
+            else ReplicaGroup(
+                settings.group,
+                trainer=self.trainer,
+                metrics=metrics,
+                lineage=lambda: self.safety.lineage,
+                adopt_lineage=self.safety.adopt_lineage,
+                run_train=self._run_shared_train,
+                apply_configure=self.configure,
+                mapping=lambda: self.watcher.mapped,
+                peer_saved=self._peer_saved,
+            )
+        )
         self._rolling_back = False
         self.endpoints: dict[str, Any] = {}
         # Which process answers: a client that sees it change knows its in-flight request died with the last.
@@ -111,6 +129,8 @@ class WorkerService:
         metrics.unsaved_since_timestamp_seconds.set_function(lambda: self.unsaved_since or 0.0)
         # Model code imports take seconds: do them now, while vLLM loads, not after it exports its weights.
         threading.Thread(target=prewarm_imports, name="prewarm-imports", daemon=True).start()
+        if self.group is not None:
+            self.group.start()
 
     # ---- dispatch ---------------------------------------------------------------------------------------
     def handle(self, request: Request, done: Done) -> None:
@@ -118,6 +138,12 @@ class WorkerService:
         if isinstance(request, StatusRequest):
             done(self.status())
         elif isinstance(request, ConfigureRequest):
+            if self.group is not None:
+                self._refuse_in_group(
+                    "the evaluation gate", request.eval_samples is not None or "gate" in request.changes
+                )
+                if self.group.submit_configure(request, done):
+                    return
             if request.eval_samples is not None or "gate" in request.changes:
                 # A new evaluation set is evaluated first (after a running step): off the socket thread, so
                 # status keeps answering the heartbeat meanwhile.
@@ -129,15 +155,27 @@ class WorkerService:
         elif isinstance(request, CheckpointRequest):
             self._start_maintenance("checkpoint", lambda: self.checkpoint(request.reason), done)
         elif isinstance(request, RestoreRequest):
+            self._refuse_in_group("restore", self.group is not None)
             if self.busy:
                 raise ProtocolError("busy", "a train request is running; restore after it finishes")
             self._start_maintenance("restore", lambda: self.restore(request), done)
         elif isinstance(request, RollbackRequest):
+            self._refuse_in_group("rollback", self.group is not None)
             if self.busy:
                 raise ProtocolError("busy", "a train request is running; roll back after it finishes")
             self._start_maintenance("rollback", lambda: self.rollback(request), done)
         else:  # decode_request only returns the types above
             raise ProtocolError("unknown_type", f"no handler for {request.type}")
+
+    @staticmethod
+    def _refuse_in_group(what: str, refused: bool) -> None:
+        # Each of these changes one replica's weights or gate alone: the replicas would no longer agree.
+        if refused:
+            raise ProtocolError(
+                "invalid",
+                f"{what} is not available for a session with replicas yet (docs/replicas.md); "
+                "the replicas would stop holding the same weights",
+            )
 
     @property
     def mapped(self) -> MappedModel | None:
@@ -147,7 +185,7 @@ class WorkerService:
     # never sees the job still running.
     @property
     def busy(self) -> bool:
-        return self._training
+        return self._training or (self.group is not None and self.group.running)
 
     @property
     def writing(self) -> bool:
@@ -188,6 +226,11 @@ class WorkerService:
             self._training = False
             done(result)
 
+        if self.group is not None:
+            self.group.submit_train(request, finished)  # raises (busy, forming) before any flag is set
+            self.metrics.busy.set(1)
+            self._training = True
+            return
         self.metrics.busy.set(1)
         self._training = True
         self._train_thread = self._run("train", lambda: self.train(request), finished)
@@ -228,6 +271,7 @@ class WorkerService:
                 endpoints={"incarnation": self.incarnation, **self.endpoints},
                 protection=dataclasses.asdict(self.gate.stats),
                 safety=self.safety.status(),
+                group=self.group.status() if self.group is not None else None,
             )
         )
 
@@ -282,6 +326,33 @@ class WorkerService:
         )
         return reply
 
+    def _run_shared_train(
+        self, request: TrainRequest, should_stop: Callable[[], str | None]
+    ) -> dict[str, Any]:
+        """One train request of the replica group, on this member (the group thread calls it on every one)."""
+        reply = self.trainer.train(
+            request, should_stop=should_stop, rest=lambda s: self._stopping.wait(s) and None
+        ).reply()
+        self.safety.publish()
+        reply["version"] = self.safety.version
+        log.info(
+            "trained",
+            extra={
+                "event": "trained",
+                **{k: reply[k] for k in ("step", "loss", "tokens", "skipped", "steps")},
+            },
+        )
+        return reply
+
+    def _peer_saved(self, step: int) -> None:
+        """Another member wrote a checkpoint of `step`: if these weights are at that step, they are saved too."""
+        mapped = self.mapped
+        if mapped is None:
+            return
+        with self.trainer.lock:
+            if self.trainer.counters.step == step:
+                self._saved_now(mapped)
+
     def checkpoint(self, reason: str) -> dict[str, Any]:
         with self.trainer.exclusive():  # no step runs while the weights are copied out
             mapped = self.mapped
@@ -293,6 +364,8 @@ class WorkerService:
                 self.settings.checkpoint_dir, self.trainer, mapped, reason, self.safety.version
             )
             self._saved_now(mapped)
+        if self.group is not None:
+            self.group.note_saved(written.checkpoint.step)
         removed = checkpoint.prune(self.settings.checkpoint_dir, self.trainer.config.checkpoint_keep)
         self.last_checkpoint = written.checkpoint
         self._last_checkpoint_mono = time.monotonic()
@@ -418,7 +491,8 @@ class WorkerService:
             self._versioned = self.watcher.mapped
             if self._versioned is not None:
                 self.safety.mapped_now(self.watcher.restored_from)
-        due = status.interval_checkpoint_due(
+        # In a replica group one member writes the interval checkpoints (rank 0): the others hold the same weights.
+        due = (self.group is None or self.group.leader) and status.interval_checkpoint_due(
             interval_s=self.trainer.config.checkpoint_interval_s,
             since_last_s=time.monotonic() - self._last_checkpoint_mono,
             trained_since_checkpoint=self.trained_since_checkpoint,
@@ -437,6 +511,8 @@ class WorkerService:
     def shutdown(self, join_timeout_s: float = 600.0) -> None:
         """Stop training between steps, then write a final checkpoint if anything is unsaved."""
         self._stopping.set()
+        if self.group is not None:
+            self.group.stop()  # leave first: the others re-form and keep training without this member
         for thread in (self._train_thread, self._maintenance_thread):
             if thread is not None:
                 thread.join(join_timeout_s)

@@ -59,6 +59,20 @@ class StatusInputs:
     endpoints: dict[str, Any]
     protection: dict[str, Any] | None = None  # what serving protection did (points, waits, waited_s, ...)
     safety: dict[str, Any] | None = None  # version, lineage, kept versions, the gate (hogwild.worker.safety)
+    group: dict[str, Any] | None = None  # the replica group (hogwild.worker.group); None: a lone worker
+
+
+# What `group` says for a worker that has no replica group (one replica: it trains alone).
+ALONE = {
+    "replica": 0,
+    "state": "alone",
+    "rank": 0,
+    "size": 1,
+    "members": [0],
+    "epoch": 0,
+    "in_sync": True,
+    "digest": None,
+}
 
 
 def status_reply(s: StatusInputs) -> dict[str, Any]:
@@ -90,6 +104,7 @@ def status_reply(s: StatusInputs) -> dict[str, Any]:
         "trained_since_checkpoint": s.trained_since_checkpoint,
         "mapping_error": s.mapping_error,
         "protection": s.protection,
+        "group": s.group if s.group is not None else dict(ALONE),
         **(s.safety or {}),
         **s.endpoints,
     }

@@ -127,6 +127,10 @@ class Trainer:
         # The serving gate's preemption point (the service sets it). While protection.yield_when_busy is on,
         # the pieces no module hook cuts (head and loss, clip, optimizer step) run in chunks with it between.
         self.preemption_point: Callable[[], None] | None = None
+        # Replicas (hogwild.worker.group): this rank's share of every step's samples, and the collective that
+        # sums (loss, tokens) and the gradients over the group between backward and the optimizer step.
+        self.shard: tuple[int, int] = (0, 1)
+        self.sum_gradients: Callable[[float, int], tuple[float, int]] | None = None
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -255,6 +259,9 @@ class Trainer:
             else:
                 self.optimizer.zero_grad(set_to_none=True)
             loss = self.backward(batch)
+            tokens = batch.tokens
+            if self.sum_gradients is not None:  # every rank leaves with the group's loss and gradients
+                loss, tokens = self.sum_gradients(loss, tokens)
             grad_norm = self._grad_norm_and_clip()
             skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
             update_norm = 0.0 if skipped else self._optimizer_step_with_update_norm()
@@ -273,14 +280,14 @@ class Trainer:
                 )
             else:
                 c.step += 1
-                c.tokens_trained += batch.tokens
+                c.tokens_trained += tokens
                 c.loss = loss
             stats = StepStats(
                 c.step,
                 loss,
                 grad_norm,
                 update_norm,
-                batch.tokens,
+                tokens,
                 batch.targets,
                 batch.truncated_tokens,
                 skipped,
@@ -313,6 +320,7 @@ class Trainer:
                 grad_accumulation=config.grad_accumulation,
                 pad_id=batches.pad_id_of(self.tokenizer),
                 max_positions=self.max_positions,
+                shard=self.shard,
             )
             stats = self.step(batch)
             result.step = stats.step
@@ -369,6 +377,19 @@ class Trainer:
             self.optimizer = build_optimizer(self.named_params, self.config)
             self.optimizer.load_state_dict(state["optimizer"])
             return True
+
+    def adopt(self, state: Mapping[str, Any]) -> bool:
+        """Take another replica's config, counters and optimizer state (a group forming: hogwild.worker.group).
+
+        The config comes first, so the optimizer is rebuilt the way the state was made. Returns whether the
+        optimizer state was loaded."""
+        from hogwild.config import config_from_dict
+
+        with self.lock:
+            with self._config_lock:
+                self.config = config_from_dict(state.get("config") or {})
+                self._pending_hot, self._pending_reset = {}, False
+            return self.load_state_dict(state)
 
     def reset(self) -> None:
         """Zero the counters and start a fresh optimizer: the weights hold no saved training."""

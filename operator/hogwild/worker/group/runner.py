@@ -1,0 +1,398 @@
+"""The replica group's thread: the worker service hands it train and configure requests; it runs them with
+every other member, in the same order, so that every replica applies the same steps to the same weights.
+
+Lockstep without a leader: at every idle tick (`idle_s`) each member contributes one `plan.Control` to an
+allgather (what it wants started, configured, whether it leaves, its step and weights digest) and every
+member takes the same `plan.decide` of the same list. A train request runs on all members at once: each
+trains its share of every step's samples, the gradients are summed over the group, and every member applies
+the same optimizer step (the same state and seeds, hence the same rounding noise). Before each step the
+members exchange again: configure changes apply between steps on all of them, and the furthest stop reason
+(pause, the origin's timeout, a member leaving or joining) ends the request on all of them.
+
+A member that dies makes the next collective fail on the others (`GroupBroken`): they ask for a new epoch and
+form again without it; the request that was running answers an error with the steps already applied (every
+survivor holds them). A member that (re)joins receives the weights and optimizer state (`state.synchronize`)
+before the group trains again. Serving never waits for any of this: vLLM reads the weights whatever the group
+does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hogwild import defaults
+from hogwild.errors import ProtocolError
+from hogwild.protocol import ConfigureRequest, TrainRequest
+from hogwild.versions import Lineage
+from hogwild.worker.group import plan, rendezvous, state
+from hogwild.worker.group.comms import Comms, GroupBroken
+from hogwild.worker.group.digest import weights_digest
+from hogwild.worker.metrics import WorkerMetrics
+from hogwild.worker.trainer import Trainer
+
+log = logging.getLogger("hogwild.worker")
+Done = Callable[[dict[str, Any] | ProtocolError], None]
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    replica: int
+    rendezvous: str  # host:port of the store
+    host_store: bool = False
+    settle_s: float = 2.0  # how long an epoch stays open for others to register
+    timeout_s: float = 300.0  # a collective waiting longer than this breaks the group (a hung member)
+    idle_s: float = 0.05  # the idle exchange's period
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> GroupSettings | None:
+        """The group this worker belongs to, or None: no rendezvous named, a lone worker (one replica)."""
+        address = env.get(defaults.ENV_RENDEZVOUS, "").strip()
+        if not address:
+            return None
+        rendezvous.split_address(address)  # ValueError early, with the address in it
+        return cls(
+            replica=int(env.get(defaults.ENV_REPLICA, "0")),
+            rendezvous=address,
+            host_store=env.get(defaults.ENV_HOST_STORE, "") == "1",
+            settle_s=float(env.get("HOGWILD_GROUP_SETTLE_S", "2.0")),
+            timeout_s=float(env.get("HOGWILD_GROUP_TIMEOUT_S", "300")),
+        )
+
+
+@dataclass
+class _Job:
+    body: dict[str, Any]
+    done: Done
+
+
+class ReplicaGroup:
+    def __init__(
+        self,
+        settings: GroupSettings,
+        *,
+        trainer: Trainer,
+        metrics: WorkerMetrics,
+        lineage: Callable[[], Lineage],
+        adopt_lineage: Callable[[Lineage], None],
+        run_train: Callable[[TrainRequest, Callable[[], str | None]], dict[str, Any]],
+        apply_configure: Callable[[ConfigureRequest], dict[str, Any]],
+        mapping: Callable[[], object | None],
+        peer_saved: Callable[[int], None],
+    ) -> None:
+        self.settings, self.trainer, self.metrics = settings, trainer, metrics
+        self._lineage, self._adopt_lineage = lineage, adopt_lineage
+        self._run_train, self._apply_configure = run_train, apply_configure
+        self._mapping, self._peer_saved = mapping, peer_saved
+        self.stopping = threading.Event()
+        self.rendezvous = rendezvous.Rendezvous(
+            settings.rendezvous, settings.replica, settle_s=settings.settle_s, stopping=self.stopping
+        )
+        self._store_host: Any = None
+        self._jobs: queue.Queue[_Job] = queue.Queue()
+        self._configures: queue.Queue[_Job] = queue.Queue()
+        self._saved: int | None = None
+        self._digest: tuple[int, str] | None = None  # (step, digest) of the served weights
+        self.membership: rendezvous.Membership | None = None
+        self.in_sync: bool | None = None
+        self.running = False  # a shared train request runs (whoever sent it)
+        self.last_sync: state.Synced | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- the service's side ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.settings.host_store:
+            self._store_host = rendezvous.host_store(self.settings.rendezvous)
+        self._thread = threading.Thread(target=self._loop, name="replica-group", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Leave the group (the others re-form without this member) and end the thread."""
+        self.stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def formed(self) -> bool:
+        return self.membership is not None
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0 of a formed group: the member that writes interval checkpoints."""
+        return self.membership is not None and self.membership.rank == 0
+
+    def submit_train(self, request: TrainRequest, done: Done) -> None:
+        if not self.formed:
+            raise ProtocolError(
+                "not_connected", "the replica group is forming; train after it has formed (seconds)"
+            )
+        if self.running or not self._jobs.empty():
+            raise ProtocolError("busy", "a train request is already running in the replica group")
+        self._jobs.put(_Job(request.to_body(), done))
+
+    def submit_configure(self, request: ConfigureRequest, done: Done) -> bool:
+        """Queue a configure for the whole group; False when no group is formed (the caller applies it here,
+        and the next formation hands the source's config to every member)."""
+        if not self.formed:
+            return False
+        self._configures.put(_Job(request.to_body(), done))
+        return True
+
+    def note_saved(self, step: int) -> None:
+        """This member wrote a checkpoint of `step`: the others mark those weights saved too."""
+        self._saved = step
+
+    def status(self) -> dict[str, Any]:
+        m = self.membership
+        return {
+            "replica": self.settings.replica,
+            "state": "formed" if m else "forming",
+            "rank": m.rank if m else None,
+            "size": m.size if m else 0,
+            "members": list(m.members) if m else [],
+            "epoch": m.epoch if m else 0,
+            "in_sync": self.in_sync,
+            "digest": self._digest[1] if self._digest else None,
+        }
+
+    # ---- the thread ----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            if self._mapping() is None:  # nothing to train or to send before the weights are mapped
+                self.stopping.wait(0.2)
+                continue
+            try:
+                membership = self.rendezvous.join()
+            except InterruptedError:
+                break
+            reason = self._serve(membership)
+            self.metrics.group_regroups.labels(reason=reason).inc()
+            if not self.stopping.is_set():
+                try:
+                    self.rendezvous.ask_new_epoch(membership.epoch)
+                except RuntimeError:
+                    self.rendezvous.forget_store()
+        self._fail_pending("the worker is leaving the replica group")
+
+    def _serve(self, membership: rendezvous.Membership) -> str:
+        """Form the group of `membership` and run it until it re-forms. Returns why it ended."""
+        mapping = self._mapping()
+        device = self.trainer.named_params[0][1].device if self.trainer.named_params else torch.device("cpu")
+        comms: Comms | None = None
+        try:
+            comms = Comms(
+                self.rendezvous.store,
+                epoch=membership.epoch,
+                rank=membership.rank,
+                size=membership.size,
+                timeout_s=self.settings.timeout_s,
+                device=device,
+                on_reduce=self.metrics.allreduce_seconds.observe,
+            )
+            synced = state.synchronize(comms, self.trainer, self._lineage())
+            self._adopt_lineage(synced.lineage)
+            self.metrics.group_weight_broadcasts.inc(int(synced.weights_sent))
+            self._digest, self.last_sync = (synced.step, synced.digest), synced
+            self._enter(comms, membership)
+            log.info(
+                "replica group formed",
+                extra={
+                    "event": "group_formed",
+                    "epoch": membership.epoch,
+                    "members": list(membership.members),
+                    "rank": membership.rank,
+                    "source_rank": synced.source,
+                    "weights_sent": synced.weights_sent,
+                    "step": synced.step,
+                },
+            )
+            return self._ticks(comms, membership, mapping)
+        except GroupBroken as err:
+            log.warning(
+                "replica group broke: %s", err, extra={"event": "group_broken", "epoch": membership.epoch}
+            )
+            return "broken"
+        except Exception:  # a bug must not end the thread: this member leaves and joins again, after a rest
+            log.exception("replica group failed", extra={"event": "group_failed", "epoch": membership.epoch})
+            self.stopping.wait(1.0)
+            return "error"
+        finally:
+            self._leave()
+
+    def _enter(self, comms: Comms, membership: rendezvous.Membership) -> None:
+        params = [p for _, p in self.trainer.named_params]
+
+        def sum_gradients(loss: float, tokens: int) -> tuple[float, int]:
+            total_loss, total_tokens = comms.sum_scalars([loss, float(tokens)])
+            comms.sum_gradients_(params)
+            return total_loss, int(total_tokens)
+
+        self.trainer.shard = (membership.rank, membership.size)
+        self.trainer.sum_gradients = sum_gradients
+        self.membership = membership
+        self.metrics.group_size.set(membership.size)
+        self.metrics.group_epoch.set(membership.epoch)
+
+    def _leave(self) -> None:
+        # Configures queued for the group that it never applied: apply them here (this member's config is
+        # what a later formation hands on if this member is the source) and answer.
+        while (job := self._take(self._configures)) is not None:
+            self._configure_locally(job)
+        self.trainer.shard, self.trainer.sum_gradients = (0, 1), None
+        self.membership, self.in_sync, self.running = None, None, False
+        self.metrics.group_size.set(0)
+        self.metrics.group_in_sync.set(0)
+
+    def _control(self, membership: rendezvous.Membership, mapping: object, **fields: Any) -> plan.Control:
+        try:
+            epoch_seen = self.rendezvous.epoch()
+        except RuntimeError:  # the store is gone: the group keeps training; a re-form waits for the store
+            self.rendezvous.forget_store()
+            epoch_seen = membership.epoch
+        saved, self._saved = self._saved, None
+        return plan.Control(
+            replica=self.settings.replica,
+            epoch_seen=epoch_seen,
+            leaving=self.stopping.is_set() or self._mapping() is not mapping,
+            step=self.trainer.counters.step,
+            digest=self._current_digest(),
+            saved_step=saved,
+            **fields,
+        )
+
+    def _current_digest(self) -> str:
+        step = self.trainer.counters.step
+        if self._digest is None or self._digest[0] != step:
+            with self.trainer.lock:
+                self._digest = (step, weights_digest([p for _, p in self.trainer.named_params]))
+        return self._digest[1]
+
+    def _exchange(
+        self, comms: Comms, membership: rendezvous.Membership, mapping: object, **fields: Any
+    ) -> plan.Decision:
+        mine = self._control(membership, mapping, configure=self._drain_configures(), **fields)
+        controls = [plan.Control.from_wire(c) for c in comms.gather_json(mine.to_wire())]
+        decision = plan.decide(controls, membership.epoch)
+        for origin, body in decision.configure:
+            self._configure(origin == membership.rank, body)
+        for step in decision.saved_steps:
+            if step == self.trainer.counters.step:
+                self._peer_saved(step)
+        self.in_sync = decision.in_sync
+        self.metrics.group_in_sync.set(1 if decision.in_sync else 0)
+        return decision
+
+    def _ticks(self, comms: Comms, membership: rendezvous.Membership, mapping: object) -> str:
+        while True:
+            job = None if self.stopping.is_set() else self._take(self._jobs)
+            decision = self._exchange(comms, membership, mapping, job=job.body if job is not None else None)
+            if decision.regroup:
+                if job is not None:  # not started anywhere: it runs once the group has formed again
+                    self._jobs.put(job)
+                return "leaving" if self.stopping.is_set() else "membership"
+            for origin, body in decision.jobs:
+                if self._train(comms, membership, mapping, body, job if origin == membership.rank else None):
+                    return "leaving" if self.stopping.is_set() else "membership"
+            if not decision.jobs:
+                self.stopping.wait(self.settings.idle_s)
+
+    def _train(
+        self,
+        comms: Comms,
+        membership: rendezvous.Membership,
+        mapping: object,
+        body: dict[str, Any],
+        mine: _Job | None,
+    ) -> bool:
+        """Run one shared train request on this member; answer it here if it came here. Returns whether the
+        group re-forms after it (a member leaves or joins: the request stopped early, "regrouping")."""
+        request = TrainRequest.from_body(body)
+        deadline = time.monotonic() + request.timeout_s  # every member started it at the same exchange
+        regroup = False
+
+        def should_stop() -> str | None:
+            nonlocal regroup
+            local = plan.Stop.NONE
+            if self.stopping.is_set():
+                local = plan.Stop.SHUTDOWN
+            elif time.monotonic() > deadline:
+                local = plan.Stop.TIMEOUT
+            decision = self._exchange(comms, membership, mapping, stop=local)
+            regroup = regroup or decision.regroup
+            if decision.stop >= plan.Stop.REGROUP:
+                return "regrouping"
+            if decision.stop == plan.Stop.TIMEOUT:
+                raise ProtocolError(
+                    "timeout",
+                    f"train did not finish within timeout_s={request.timeout_s:g}; the steps done so far are "
+                    f"applied on every replica (weights at step {self.trainer.counters.step})",
+                )
+            return "paused" if self.trainer.config.paused else None
+
+        self.running = True
+        try:
+            result: dict[str, Any] | ProtocolError = self._run_train(request, should_stop)
+        except GroupBroken as err:
+            if mine is not None:
+                mine.done(
+                    ProtocolError(
+                        "not_connected",
+                        f"a replica left mid-step ({err}); the steps answered so far are applied on every "
+                        f"replica (weights at step {self.trainer.counters.step})",
+                    )
+                )
+            raise
+        except ProtocolError as err:
+            result = err
+        finally:
+            self.running = False
+        if mine is not None:
+            mine.done(result)
+        return regroup
+
+    def _configure(self, here: bool, body: dict[str, Any]) -> None:
+        job = self._take(self._configures) if here else None
+        try:
+            result: dict[str, Any] | ProtocolError = self._apply_configure(ConfigureRequest.from_body(body))
+        except ProtocolError as err:
+            result = err
+        if job is not None:
+            job.done(result)
+
+    def _configure_locally(self, job: _Job) -> None:
+        try:
+            result: dict[str, Any] | ProtocolError = self._apply_configure(
+                ConfigureRequest.from_body(job.body)
+            )
+        except ProtocolError as err:
+            result = err
+        job.done(result)
+
+    def _drain_configures(self) -> tuple[dict[str, Any], ...]:
+        # Peek, not take: each is taken (and answered) when the decision applies it, in order.
+        with self._configures.mutex:
+            return tuple(job.body for job in list(self._configures.queue))
+
+    @staticmethod
+    def _take(jobs: queue.Queue[_Job]) -> _Job | None:
+        try:
+            return jobs.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _fail_pending(self, why: str) -> None:
+        for jobs in (self._jobs, self._configures):
+            while (job := self._take(jobs)) is not None:
+                job.done(ProtocolError("not_connected", why))
+
+
+def settings_from_env() -> GroupSettings | None:
+    return GroupSettings.from_env(os.environ)
