@@ -121,7 +121,7 @@ class Manifest:
                     for t in data["tensors"]
                 ),
                 views=tuple(
-                    ViewEntry(v["name"], v["source"], tuple(v["rows"]) if v.get("rows") else None)  # type: ignore[arg-type]
+                    ViewEntry(v["name"], v["source"], tuple(v["rows"]) if v.get("rows") else None)
                     for v in data["views"]
                 ),
                 hf_config=data.get("hf_config", {}),

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from hogwild.handles import ExporterIdentity, Manifest, ManifestError, TensorEntry, align, build_views
+from hogwild.typed_calls import cuda_ipc_handle
 
 SHM_DIR = os.environ.get("HOGWILD_SHM_DIR", "/dev/shm")
 SHM_PREFIX = "hogwild-weights-"
@@ -141,11 +142,9 @@ def export_cuda_ipc(
     vllm_version: str = "",
 ) -> Manifest:
     """Write CUDA IPC handles of the parameters' own storage. Nothing is copied or rebound."""
-    from torch.multiprocessing.reductions import reduce_tensor
-
     params = [(name, p) for name, p in named_params]
     identity = current_identity()
-    handles = {name: reduce_tensor(p.detach()) for name, p in params}
+    handles = {name: cuda_ipc_handle(p.detach()) for name, p in params}
     path = Path(run_dir) / f"weights-{identity.nonce}.ipc"
     tmp = path.with_suffix(".tmp")
     # Owner-only, as the shm file: the handles reach the served weights.

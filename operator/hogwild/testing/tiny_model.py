@@ -183,7 +183,9 @@ def generate(out_dir: str | os.PathLike[str], spec: TinySpec | None = None) -> P
     """Write the model to `out_dir` (replacing what is there). Returns the directory."""
     import torch
     from tokenizers import Tokenizer
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from hogwild.typed_calls import causal_lm_from_config
 
     spec = spec or TinySpec()
     out = Path(out_dir)
@@ -196,7 +198,7 @@ def generate(out_dir: str | os.PathLike[str], spec: TinySpec | None = None) -> P
     (tmp / "config.json").write_text(json.dumps(config_dict, indent=1))
     config = AutoConfig.from_pretrained(tmp)
     torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec.dtype))
+    model = causal_lm_from_config(config, dtype=getattr(torch, spec.dtype))
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / "generation_config.json").write_text(
         json.dumps({"eos_token_id": special_ids["<|im_end|>"], "do_sample": False}, indent=1)

@@ -107,7 +107,7 @@ def _attention(p: Mapping[str, Tensor], prefix: str, h: Tensor, cfg: Mapping[str
     head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
     eps = float(cfg.get("rms_norm_eps", 1e-6))
     qkv = F.linear(h, p[f"{prefix}qkv_proj.weight"], p.get(f"{prefix}qkv_proj.bias"))
-    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = torch.split(qkv, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q = q.view(batch, seq, heads, head_dim)
     k = k.view(batch, seq, kv_heads, head_dim)
     if f"{prefix}q_norm.weight" in p:  # Qwen3: per-head RMSNorm before RoPE

@@ -14,12 +14,14 @@ It costs ~20-30 % of CPU generation speed (docs/facts.md), and it is what makes 
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.metadata
 import importlib.util
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 log = logging.getLogger("hogwild.vllm")
 
@@ -141,5 +143,7 @@ def parse_server_args(model_dir: str, extra: list[str]) -> dict[str, Any]:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     make_arg_parser = importlib.import_module(layout().cli_args_module).make_arg_parser
-    parser = make_arg_parser(FlexibleArgumentParser())
+    # vLLM's parser class leaves its __init__ unannotated: typed here as the argparse parser it is.
+    new_parser = cast(Callable[[], argparse.ArgumentParser], FlexibleArgumentParser)
+    parser = make_arg_parser(new_parser())
     return dict(vars(parser.parse_args(["--model", model_dir, *extra])))

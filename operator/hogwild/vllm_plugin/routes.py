@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -176,10 +177,10 @@ class TrainingRoutes:
         return JSONResponse(reply)
 
 
-def attach(app: FastAPI, get_routes: Any) -> None:
+def attach(app: FastAPI, get_routes: Callable[[], TrainingRoutes | None]) -> None:
     """Register the routes. `get_routes()` returns the TrainingRoutes made in init_state (None before)."""
 
-    async def guarded(handler: Any) -> JSONResponse:
+    async def guarded(handler: Callable[[TrainingRoutes], Awaitable[JSONResponse]]) -> JSONResponse:
         routes = get_routes()
         if routes is None:
             return error_response(ProtocolError("not_connected", "hogwild routes are still starting"))

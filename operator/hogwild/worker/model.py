@@ -19,6 +19,7 @@ import torch
 
 from hogwild import sharing
 from hogwild.handles import Manifest, ManifestError
+from hogwild.typed_calls import causal_lm_from_config
 
 # The families whose modeling code `prewarm_imports` loads ahead of the first manifest.
 PREWARM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -85,10 +86,8 @@ def load_hf_config(manifest: Manifest) -> Any:
 
 def build_module(hf_config: Any, views: Mapping[str, torch.Tensor], device: torch.device) -> Any:
     """An HF causal LM whose parameters are exactly `views` (same storage), in train mode."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
-        module = AutoModelForCausalLM.from_config(hf_config)
+        module = causal_lm_from_config(hf_config)
     expected = set(module.state_dict())
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     missing = expected - set(views) - ({"lm_head.weight"} if tied else set())

@@ -41,6 +41,7 @@ from typing import Any
 
 from hogwild import load_hint
 from hogwild.config import ServingProtection
+from hogwild.typed_calls import cuda_initialized
 from hogwild.worker.protection.gate import GateStats
 from hogwild.worker.protection.share import TrainingShare
 
@@ -337,7 +338,7 @@ def try_device_gate(
     this thread, no hint file); DeviceGateError where it never will (driver, file system, an old writer)."""
     import torch
 
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized() and Path(hint_path).exists()):
+    if not (torch.cuda.is_available() and cuda_initialized() and Path(hint_path).exists()):
         return None
     torch.cuda.synchronize()  # the driver calls below need this thread's CUDA context current
     device = torch.cuda.current_device()

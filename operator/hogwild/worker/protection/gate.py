@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from hogwild.config import ServingProtection
+from hogwild.typed_calls import cuda_initialized, cuda_timing_event
 from hogwild.worker.protection.probes import LoadProbe, close_probe
 from hogwild.worker.protection.share import TrainingShare
 
@@ -84,7 +85,7 @@ class ChunkQueue:
         self,
         budget_s: float = QUEUE_BUDGET_S,
         fixed_depth: int | None = None,
-        new_event: Callable[[], Any] = lambda: torch.cuda.Event(enable_timing=True),
+        new_event: Callable[[], Any] = cuda_timing_event,
     ) -> None:
         self.budget_s = budget_s
         self.fixed_depth = fixed_depth
@@ -223,7 +224,7 @@ class ServingGate:
                     self.device_factory = None
                     self.close_device()
         self.stats.points += 1
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_available() and cuda_initialized():
             self.queue.mark()
         started = self._clock()
         self._ran_until(started)  # since the last point: a chunk of training

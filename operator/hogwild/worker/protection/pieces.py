@@ -64,7 +64,7 @@ def micro_batch_backward(
         )
         / targets
     )
-    loss.backward()
+    torch.autograd.backward(loss)
     return loss.detach()
 
 
@@ -178,7 +178,7 @@ def chunked_head_backward(
             logits, shifted[start : start + rows], ignore_index=ignore_index, reduction="sum"
         )
         loss = loss / targets
-        loss.backward()
+        torch.autograd.backward(loss)
         total += loss.detach()
-    flat.backward(leaf.grad)
+    torch.autograd.backward(flat, leaf.grad)
     return total

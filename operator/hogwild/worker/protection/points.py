@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from hogwild.typed_calls import on_gradient
 from hogwild.worker.protection import preemptible_linear
 
 
@@ -90,7 +91,7 @@ def install_preemption_points(
         tensor = _first_grad_tensor(output)
         if tensor is not None and torch.is_grad_enabled():
             # Runs when the gradient of this block's output is ready: just before the block's backward.
-            tensor.register_hook(_backward_point(point))
+            on_gradient(tensor, _backward_point(point))
 
     handles: list[Any] = []
     blocks = preemption_blocks(module, granularity, embeddings)

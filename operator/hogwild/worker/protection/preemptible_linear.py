@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hogwild.typed_calls import apply_autograd
+
 # Multiply-adds x 2 of one piece: ~0.3 ms at the ~700 TFLOP/s an H100 reaches on bf16 matmuls, so queued
 # training work stays well under the ~2 ms the gate's ChunkQueue allows, in pieces of a few kernels each.
 PIECE_FLOPS = 2e11
@@ -73,7 +75,7 @@ class _PiecewiseLinear(torch.autograd.Function):
     """`F.linear` whose forward and backward matmuls are `matmul_in_pieces`."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         inputs: torch.Tensor,
         weight: torch.Tensor,
@@ -88,7 +90,7 @@ class _PiecewiseLinear(torch.autograd.Function):
         return out.view(*inputs.shape[:-1], weight.shape[0])
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
         inputs, weight = ctx.saved_tensors
@@ -120,8 +122,7 @@ def piecewise_forward(
         tokens = inputs.numel() // max(1, inputs.shape[-1])
         if not active() or piece_count(tokens, module.in_features, module.out_features) == 1:
             return F.linear(inputs, module.weight, module.bias)
-        result: torch.Tensor = _PiecewiseLinear.apply(inputs, module.weight, module.bias, point)
-        return result
+        return apply_autograd(_PiecewiseLinear, inputs, module.weight, module.bias, point)
 
     return forward
 
