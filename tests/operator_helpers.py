@@ -52,6 +52,7 @@ RESOURCES = {
     "ConfigMap": "v1/configmaps",
     "Secret": "v1/secrets",
     "PersistentVolumeClaim": "v1/persistentvolumeclaims",
+    "PodDisruptionBudget": "policy/v1/poddisruptionbudgets",
     "Event": "v1/events",
 }
 
@@ -315,12 +316,15 @@ class FakeWorker:
         connected: bool = True,
         answer_checkpoints: bool = True,
         on_checkpoint: Callable[[str], None] | None = None,
+        group: dict[str, Any] | None = None,
     ) -> None:
         self.connected, self.answer_checkpoints, self.on_checkpoint = (
             connected,
             answer_checkpoints,
             on_checkpoint,
         )
+        # The replica group as a worker of a replicated session reports it (None: an older worker's reply).
+        self.group = group
         self.config = TrainingConfig()
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.step = 0
@@ -357,6 +361,8 @@ class FakeWorker:
                 "last_checkpoint": None,
                 "config": config_to_dict(self.config),
             }
+            if self.group is not None:
+                reply["group"] = dict(self.group)
             return encode_reply(request_id, reply)
         if isinstance(request, ConfigureRequest):
             self.config, reset = apply_changes(self.config, request.changes)

@@ -121,6 +121,7 @@ OPERATOR_RULES: Rules = {
     ("", "persistentvolumeclaims"): {"get", "create"},
     ("", "secrets"): {"get", "create"},
     ("", "events"): {"create"},
+    ("policy", "poddisruptionbudgets"): {"get", "create", "delete"},
 }
 PEERING_VERBS = {"list", "watch", "patch"}
 

@@ -201,7 +201,8 @@ def test_crd_names() -> None:
     )
     assert spec["names"]["plural"] == "trainingsessions"
     assert spec["names"]["shortNames"] == ["ts"]
-    assert VERSION["subresources"] == {"status": {}}
+    assert VERSION["subresources"]["status"] == {}
+    assert set(VERSION["subresources"]) == {"status", "scale"}
 
 
 def walk(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -298,12 +299,48 @@ def test_printer_columns() -> None:
         "Phase": (".status.phase", 0),
         "Step": (".status.step", 0),
         "Loss": (".status.loss", 0),
+        "Ready": (".status.readyReplicas", 0),
+        "Desired": (".spec.replicas", 0),
+        "In Sync": (".status.inSyncReplicas", 0),
         "Last Checkpoint": (".status.lastCheckpoint.time", 0),
         "Age": (".metadata.creationTimestamp", 0),
     }
-    assert {
-        c[1] for n, c in columns.items() if n not in {"Phase", "Step", "Loss", "Last Checkpoint", "Age"}
-    } == {1}
+    wide = {"Phase", "Step", "Loss", "Ready", "Desired", "In Sync", "Last Checkpoint", "Age"}
+    assert {c[1] for n, c in columns.items() if n not in wide} == {1}
+
+
+def test_scale_subresource_points_at_the_replica_counts() -> None:
+    scale = VERSION["subresources"]["scale"]
+    assert (scale["specReplicasPath"], scale["statusReplicasPath"]) == (".spec.replicas", ".status.replicas")
+    assert prop("spec.replicas")["default"] == 1
+
+
+@pytest.mark.parametrize(
+    ("replicas", "name", "message"),
+    [
+        (None, "chat", None),
+        (1, "chat", None),
+        (64, "chat", None),
+        (0, "chat", "spec.replicas must be at least 1"),
+        (-3, "chat", "spec.replicas must be at least 1"),
+        (65, "chat", "65 is greater than the maximum of 64"),
+        (2, "c" * 54, None),
+        (2, "c" * 55, "metadata.name must be at most 54 characters"),
+        (1, "c" * 63, None),
+    ],
+    ids=["absent", "one", "max", "zero", "negative", "too-many", "name-54", "name-55", "one-long-name"],
+)
+def test_replicas_admission(replicas: int | None, name: str, message: str | None) -> None:
+    spec: dict[str, Any] = {"model": {"path": "/m"}}
+    if replicas is not None:
+        spec["replicas"] = replicas
+    errors = admission_errors({"metadata": {"name": name}, "spec": spec})
+    if message is None:
+        assert errors == []
+        defaulted = apply_defaults(SCHEMA, {"metadata": {"name": name}, "spec": copy.deepcopy(spec)})
+        assert parse_spec(defaulted["spec"]).replicas == (replicas or 1)
+    else:
+        assert any(message in e for e in errors), errors
 
 
 def prop(path: str) -> dict[str, Any]:
@@ -323,6 +360,7 @@ def prop(path: str) -> dict[str, Any]:
         ("spec.gpu.sharing", spec_module.GPU_SHARING),
         ("spec.model.restore", spec_module.RESTORE_POLICIES),
         ("spec.images.pullPolicy", spec_module.PULL_POLICIES),
+        ("spec.checkpoint.storage.accessMode", spec_module.ACCESS_MODES),
         ("status.phase", PHASES),
     ],
     ids=lambda v: v if isinstance(v, str) else "",

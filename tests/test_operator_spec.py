@@ -22,6 +22,12 @@ def test_minimal_spec_gets_every_default() -> None:
     assert spec == SessionSpec(model=spec.model)
     assert (spec.training.optimizer, spec.training.rank) == ("apollo", 64)
     assert (spec.gpu.count, spec.gpu.sharing) == (1, "DevicePlugin")
+    assert (spec.replicas, spec.checkpoint.storage.access_mode) == (1, "ReadWriteOnce")
+
+
+@pytest.mark.parametrize(("replicas", "expected"), [(None, 1), (1, 1), (2, 2), (64, 64)])
+def test_replicas(replicas: int | None, expected: int) -> None:
+    assert parse_spec({**MODEL, "replicas": replicas}).replicas == expected
 
 
 def test_camel_case_hyperparameters_map_onto_the_config_names() -> None:
@@ -84,7 +90,20 @@ def test_operator_image_defaults_fill_unset_images() -> None:
 ERRORS: list[tuple[str, dict[str, Any], str]] = [
     ("no-model", {}, "spec.model: required"),
     ("no-model-path", {"model": {"claimName": "x"}}, "spec.model.path: required"),
-    ("unknown-top-field", {**MODEL, "replicas": 2}, "spec: unknown field(s) replicas"),
+    ("unknown-top-field", {**MODEL, "shards": 2}, "spec: unknown field(s) shards"),
+    ("replicas-zero", {**MODEL, "replicas": 0}, "spec.replicas: must be a whole number from 1 to 64"),
+    ("replicas-too-many", {**MODEL, "replicas": 65}, "spec.replicas: must be a whole number from 1 to 64"),
+    ("replicas-text", {**MODEL, "replicas": "2"}, "spec.replicas: must be a whole number from 1 to 64"),
+    (
+        "claim-and-access-mode",
+        {**MODEL, "checkpoint": {"storage": {"existingClaim": "c", "accessMode": "ReadWriteMany"}}},
+        "existingClaim excludes accessMode",
+    ),
+    (
+        "access-mode-unknown",
+        {**MODEL, "checkpoint": {"storage": {"accessMode": "ReadMany"}}},
+        "spec.checkpoint.storage.accessMode: must be one of ReadWriteOnce, ReadWriteMany, ReadWriteOncePod",
+    ),
     ("two-gpus", {**MODEL, "gpu": {"count": 2}}, "spec.gpu.count: v1alpha1 supports one GPU per session"),
     ("dra-no-claim", {**MODEL, "gpu": {"sharing": "DRA"}}, "spec.gpu: sharing DRA needs claim"),
     (

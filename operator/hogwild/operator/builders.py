@@ -24,8 +24,14 @@ from hogwild.operator.spec import SessionSpec
 API_VERSION = f"{defaults.API_GROUP}/{defaults.API_VERSION}"
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
+# Which replica a pod is (0..replicas-1); the PodMonitor copies it into every worker series as `replica`.
+LABEL_REPLICA = f"{defaults.API_GROUP}/replica"
 WORKER_ADDRESS_ANNOTATION = f"{defaults.API_GROUP}/worker-address"
 CONFIG_KEY = "training.json"
+# A Service name (and a pod's subdomain) is a DNS label of at most 63 characters; the CRD refuses
+# spec.replicas > 1 for a longer session name.
+REPLICAS_SUFFIX = "-replicas"
+MAX_GROUP_NAME = 63 - len(REPLICAS_SUFFIX)
 # hogwild.auth's key files (not imported: auth needs zmq, and this module stays pure; a test keeps them equal).
 CURVE_FILES = ("server.public", "server.secret", "client.public", "client.secret")
 
@@ -45,6 +51,8 @@ class Names:
     pvc: str
     token_secret: str
     curve_secret: str
+    replicas_service: str  # headless: per-replica DNS names for the group's rendezvous
+    disruption_budget: str
 
 
 def names(session: SessionRef, spec: SessionSpec) -> Names:
@@ -52,11 +60,32 @@ def names(session: SessionRef, spec: SessionSpec) -> Names:
     return Names(
         pod=base,
         service=base,
+        replicas_service=f"{base}{REPLICAS_SUFFIX}",
+        disruption_budget=base,
         config=f"{base}-config",
         pvc=spec.checkpoint.storage.existing_claim or f"{base}-checkpoints",
         token_secret=spec.auth.token_secret or f"{base}-token",
         curve_secret=spec.auth.curve_secret or f"{base}-curve",
     )
+
+
+def pod_name(session: SessionRef, ordinal: int) -> str:
+    """Replica 0 keeps the one-replica session's pod name (scaling up never renames the serving pod); replica
+    i >= 1 is `<session>-<i>`. Those cannot collide with this session's other children (their suffixes are
+    words), but can with another session's pod (a session named `chat-1` beside `chat` at 2 replicas): the
+    reconcile checks a found pod's owner before taking it for its own."""
+    return session.name if ordinal == 0 else f"{session.name}-{ordinal}"
+
+
+def replica_hostname(ordinal: int) -> str:
+    """The pod's `spec.hostname`: a DNS label whatever the session's name (which may hold dots or be long)."""
+    return f"replica-{ordinal}"
+
+
+def rendezvous(session: SessionRef) -> str:
+    """host:port of the group's TCPStore: replica 0's worker, through the headless Service's DNS."""
+    host = f"{replica_hostname(0)}.{session.name}{REPLICAS_SUFFIX}.{session.namespace}.svc"
+    return f"{host}:{defaults.RENDEZVOUS_PORT}"
 
 
 def selector_labels(session: SessionRef) -> dict[str, str]:
@@ -126,6 +155,52 @@ def build_service(session: SessionRef, spec: SessionSpec) -> dict[str, Any]:
     }
 
 
+def build_replicas_service(session: SessionRef, spec: SessionSpec) -> dict[str, Any] | None:
+    """The headless Service behind `replica-<i>.<session>-replicas.<ns>.svc`, the group's rendezvous.
+
+    Made for every session, one replica too: a pod built for a group keeps resolving its own store's name
+    after a scale down to one, and a one-replica pod (no hostname or subdomain) gets no record from it. Not-ready
+    pods are published: a joining replica must reach the store before its vLLM is ready. None for a session
+    name too long to carry the suffix (such a session has one replica)."""
+    if len(session.name) > MAX_GROUP_NAME:
+        return None
+    n = names(session, spec)
+    ports = [
+        {
+            "name": "rendezvous",
+            "port": defaults.RENDEZVOUS_PORT,
+            "targetPort": defaults.RENDEZVOUS_PORT,
+            "protocol": "TCP",
+        }
+    ]
+    service_spec = {
+        "clusterIP": "None",
+        "publishNotReadyAddresses": True,
+        "selector": selector_labels(session),
+        "ports": ports,
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(session, n.replicas_service, "replicas"),
+        "spec": service_spec,
+    }
+
+
+def build_disruption_budget(session: SessionRef, spec: SessionSpec) -> dict[str, Any] | None:
+    """At most one replica evicted at a time (a node drain), or None for one replica: a budget there could
+    only block a drain, never keep anything serving."""
+    if spec.replicas <= 1:
+        return None
+    n = names(session, spec)
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(session, n.disruption_budget, "session"),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(session)}},
+    }
+
+
 def build_config_map(session: SessionRef, spec: SessionSpec) -> dict[str, Any]:
     n = names(session, spec)
     return {
@@ -143,7 +218,7 @@ def build_pvc(session: SessionRef, spec: SessionSpec) -> dict[str, Any] | None:
         return None
     n = names(session, spec)
     pvc_spec: dict[str, Any] = {
-        "accessModes": ["ReadWriteOnce"],
+        "accessModes": [storage.access_mode],
         "resources": {"requests": {"storage": storage.size}},
     }
     if storage.storage_class:

@@ -5,7 +5,7 @@
 | hot | spec.training (all but the four below), spec.checkpoint.intervalSeconds / keep |
 | hot, resets optimizer state | optimizer, rank, scaleType, updateProjGap, rounding (hogwild.config) |
 | restart (checkpoint, then replace the pod) | model, images, vllm, trainer, gpu, auth, metrics, pod, checkpoint.storage |
-| operator only (nothing to send) | checkpoint.timeoutSeconds |
+| operator only (nothing to send) | checkpoint.timeoutSeconds, replicas (pods added or removed, the others left alone) |
 
 Everything a restart needs lands in the pod (pod_builder.py) and nothing hot does, so "the pod hash changed"
 and "diff_specs says restart" agree; a test holds them to it. Pure: no I/O.
@@ -116,6 +116,8 @@ def diff_specs(old: SessionSpec, new: SessionSpec) -> SpecDiff:
     operator = (
         ["spec.checkpoint.timeoutSeconds"] if old.checkpoint.timeout_s != new.checkpoint.timeout_s else []
     )
+    if old.replicas != new.replicas:  # hogwild.operator.replicas adds or removes pods; no pod is replaced
+        operator.append("spec.replicas")
     hot = config_changes(new.training, config_to_dict(old.training))
     return SpecDiff(
         hot=hot,

@@ -25,6 +25,7 @@ RESOURCES = {
     "ConfigMap": ("api/v1", "configmaps"),
     "Secret": ("api/v1", "secrets"),
     "PersistentVolumeClaim": ("api/v1", "persistentvolumeclaims"),
+    "PodDisruptionBudget": ("apis/policy/v1", "poddisruptionbudgets"),
     defaults.KIND: (f"apis/{defaults.API_GROUP}/{defaults.API_VERSION}", "trainingsessions"),
 }
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}

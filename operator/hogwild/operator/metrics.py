@@ -7,6 +7,8 @@ Each operator instance owns its registry (tests run two operators in one process
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import aiohttp.web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -64,6 +66,46 @@ class OperatorMetrics:
             registry=r,
         )
 
+        self.replicas = Gauge(
+            "hogwild_operator_replicas",
+            "The session's replicas: desired (spec.replicas), present (pods), ready (vLLM serving), in_sync "
+            "(ready, with weights equal to the group's).",
+            [*LABELS, "state"],
+            registry=r,
+        )
+        self.replica_ready = Gauge(
+            "hogwild_operator_replica_ready",
+            "1 while this replica's vLLM serves (its pod is ready), else 0.",
+            [*LABELS, "replica"],
+            registry=r,
+        )
+        self.replica_in_sync = Gauge(
+            "hogwild_operator_replica_in_sync",
+            "1 while this replica's worker says its weights equal the group's, else 0 (unknown counts as 0).",
+            [*LABELS, "replica"],
+            registry=r,
+        )
+
+    def set_replicas(self, namespace: str, session: str, desired: int, status: Mapping[str, Any]) -> None:
+        """From the status fields hogwild.operator.replicas computed; replicas that went lose their series."""
+        counts = {
+            "desired": desired,
+            "present": status.get("replicas", 0),
+            "ready": status.get("readyReplicas", 0),
+            "in_sync": status.get("inSyncReplicas", 0),
+        }
+        for state, value in counts.items():
+            self.replicas.labels(namespace, session, state).set(float(value))
+        entries = {str(e["replica"]): e for e in status.get("replicaStatuses", [])}
+        for metric in (self.replica_ready, self.replica_in_sync):
+            for labels in list(_label_sets(metric)):
+                if labels[:2] == (namespace, session) and labels[2] not in entries:
+                    metric.remove(*labels)
+        for replica, entry in entries.items():
+            self.replica_ready.labels(namespace, session, replica).set(1.0 if entry.get("ready") else 0.0)
+            in_sync = 1.0 if entry.get("inSync") is True else 0.0
+            self.replica_in_sync.labels(namespace, session, replica).set(in_sync)
+
     def set_phase(self, namespace: str, session: str, phase: str) -> None:
         for candidate in PHASES:
             self.phase.labels(namespace, session, candidate).set(1.0 if candidate == phase else 0.0)
@@ -77,6 +119,9 @@ class OperatorMetrics:
             self.phase,
             self.relay_seconds,
             self.relay_errors,
+            self.replicas,
+            self.replica_ready,
+            self.replica_in_sync,
         ):
             for labels in list(_label_sets(metric)):
                 if labels[:2] == (namespace, session):

@@ -22,7 +22,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from hogwild import defaults, mps
-from hogwild.operator.builders import CONFIG_KEY, Names, SessionRef, metadata, names
+from hogwild.operator.builders import (
+    CONFIG_KEY,
+    LABEL_INSTANCE,
+    LABEL_REPLICA,
+    REPLICAS_SUFFIX,
+    Names,
+    SessionRef,
+    metadata,
+    names,
+    pod_name,
+    rendezvous,
+    replica_hostname,
+)
 from hogwild.operator.spec import ContainerSpec, SessionSpec
 
 POD_HASH_ANNOTATION = f"{defaults.API_GROUP}/pod-hash"
@@ -212,8 +224,12 @@ def _volumes(spec: SessionSpec, n: Names) -> list[dict[str, Any]]:
     return volumes
 
 
-def build_pod(session: SessionRef, spec: SessionSpec) -> dict[str, Any]:
-    """The session's pod, with its hash annotation (a changed hash means: replace the pod)."""
+def build_pod(session: SessionRef, spec: SessionSpec, ordinal: int = 0) -> dict[str, Any]:
+    """Replica `ordinal`'s pod, with its hash annotation (a changed hash means: replace the pod).
+
+    The hash leaves out the replica's own fields (its label; with replicas > 1 its group fields, see
+    `_join_group`): every replica of a spec has the same hash, and a change of spec.replicas changes no
+    pod's hash, so scaling never replaces a pod that stays."""
     n = names(session, spec)
     annotations = dict(spec.pod.annotations)
     if spec.metrics_enabled:
@@ -258,8 +274,52 @@ def build_pod(session: SessionRef, spec: SessionSpec) -> dict[str, Any]:
     if spec.images.pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s} for s in spec.images.pull_secrets]
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+    meta["name"] = pod_name(session, ordinal)
+    meta["labels"][LABEL_REPLICA] = str(ordinal)
+    if spec.replicas > 1:
+        _join_group(session, pod_spec, ordinal)
     meta["annotations"][POD_HASH_ANNOTATION] = pod_hash(pod)
     return pod
+
+
+def _join_group(session: SessionRef, pod_spec: dict[str, Any], ordinal: int) -> None:
+    """What makes a pod a member of the session's replica group (the worker's contract in hogwild.defaults):
+    a DNS name under the headless Service, the group's env, and a preference for a node of its own.
+
+    Pod env and hostname cannot change on a running pod, so a pod built for one replica stays out of the
+    group until it is replaced (hogwild.operator.replicas decides when)."""
+    pod_spec["hostname"] = replica_hostname(ordinal)
+    pod_spec["subdomain"] = f"{session.name}{REPLICAS_SUFFIX}"
+    group_env = [
+        {"name": defaults.ENV_REPLICA, "value": str(ordinal)},
+        {"name": defaults.ENV_RENDEZVOUS, "value": rendezvous(session)},
+    ]
+    if ordinal == 0:
+        group_env.append({"name": defaults.ENV_HOST_STORE, "value": "1"})
+    trainer = pod_spec["containers"][0]
+    trainer["env"] = [*trainer["env"], *group_env]
+    trainer["ports"] = [
+        *trainer["ports"],
+        {"name": "rendezvous", "containerPort": defaults.RENDEZVOUS_PORT, "protocol": "TCP"},
+    ]
+    # ScheduleAnyway: spreading is worth having (a node's loss takes one replica, not all), never worth a
+    # replica left Pending on a cluster with fewer GPU nodes than replicas.
+    pod_spec["topologySpreadConstraints"] = [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": {LABEL_INSTANCE: session.name}},
+        }
+    ]
+
+
+def group_member(pod: Mapping[str, Any]) -> bool:
+    """Whether a (found) pod was built as a member of a replica group: its trainer has the rendezvous."""
+    for container in pod.get("spec", {}).get("containers", []):
+        if container.get("name") == "trainer":
+            return any(e.get("name") == defaults.ENV_RENDEZVOUS for e in container.get("env", []))
+    return False
 
 
 def record_built_from(pod: dict[str, Any], raw_spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -272,13 +332,36 @@ def record_built_from(pod: dict[str, Any], raw_spec: Mapping[str, Any]) -> dict[
     return pod
 
 
+GROUP_ENV = frozenset({defaults.ENV_REPLICA, defaults.ENV_RENDEZVOUS, defaults.ENV_HOST_STORE})
+GROUP_POD_FIELDS = ("hostname", "subdomain", "topologySpreadConstraints")
+
+
+def _without_replica(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A pod spec less what `_join_group` adds: what every replica of one session spec has in common."""
+    out = {k: v for k, v in spec.items() if k not in GROUP_POD_FIELDS}
+    containers = []
+    for container in spec.get("containers", []):
+        container = dict(container)
+        if "env" in container:
+            container["env"] = [e for e in container["env"] if e.get("name") not in GROUP_ENV]
+        if "ports" in container:
+            container["ports"] = [p for p in container["ports"] if p.get("name") != "rendezvous"]
+        containers.append(container)
+    if "containers" in spec:
+        out["containers"] = containers
+    return out
+
+
 def pod_hash(pod: Mapping[str, Any]) -> str:
-    """Hash of what a pod was built from: its spec, labels and annotations (but not the hash itself)."""
+    """Hash of what a pod was built from: its spec, labels and annotations (but not the hash itself), less
+    the replica's own fields (its label and group fields): every replica of a spec has one hash, and a change
+    of spec.replicas changes no pod's hash."""
     meta = pod.get("metadata", {})
     annotations = {
         k: v
         for k, v in meta.get("annotations", {}).items()
         if k not in {POD_HASH_ANNOTATION, BUILT_FROM_ANNOTATION}
     }
-    content = {"labels": meta.get("labels", {}), "annotations": annotations, "spec": pod.get("spec", {})}
+    labels = {k: v for k, v in meta.get("labels", {}).items() if k != LABEL_REPLICA}
+    content = {"labels": labels, "annotations": annotations, "spec": _without_replica(pod.get("spec", {}))}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]

@@ -3,6 +3,8 @@ the status (pure). Create, resume, update and the status timer all run the same 
 per-session lock, so it is idempotent: a second run, or a restarted operator, finds what the first made.
 
 Side effects go through `kube` (API) and `relay` (worker); decisions come from spec/builders/pod_builder/diff/status.
+The replica pods (spec.replicas: create, remove, replace) are brought to the spec in `replica_pods`, and every
+replica's worker is asked and relayed to in `workers`.
 The status is written through kopf's `patch` (kopf sends it to the status subresource after the handler),
 except on delete, whose Terminating goes straight to the status before the final checkpoint's wait. What
 happens before a pod goes (the final checkpoint, bounded, skipped when it cannot come) is in final_checkpoint.
@@ -11,8 +13,6 @@ happens before a pod goes (the final checkpoint, bounded, skipped when it cannot
 from __future__ import annotations
 
 import asyncio
-import datetime
-import json
 import logging
 import time
 from collections.abc import Mapping, MutableMapping
@@ -20,15 +20,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from hogwild import auth, defaults
-from hogwild.operator import builders, diff, pod_builder, safety, status
-from hogwild.operator.diff import config_changes
+from hogwild.operator import builders, safety, status
 from hogwild.operator.final_checkpoint import EventSink, PodStopper
 from hogwild.operator.kube import APIError, Kube
 from hogwild.operator.metrics import OperatorMetrics
 from hogwild.operator.options import OperatorOptions
 from hogwild.operator.relay import Relay, Target, client_keys
+from hogwild.operator.replica_pods import ReplicaPods
 from hogwild.operator.spec import SessionSpec, SpecError, parse_spec
-from hogwild.protocol import ConfigureRequest, ProtocolError, RollbackRequest, Sample, StatusRequest
+from hogwild.operator.workers import Workers, now_iso
 
 logger = logging.getLogger(__name__)
 # Children other than the pod are re-checked at most this often (and whenever the spec changes).
@@ -40,10 +40,6 @@ class Outcome:
     phase: str
     retry_after_s: float | None = None  # ask kopf to run the handler again (waiting for the old pod)
     message: str = ""
-
-
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def session_of(body: Mapping[str, Any]) -> builders.SessionRef:
@@ -59,10 +55,9 @@ class Controller:
         self._locks: dict[str, asyncio.Lock] = {}
         self._children_ok: dict[str, tuple[str, float]] = {}  # uid -> (spec hash, monotonic deadline)
         self._keys: dict[str, auth.CurveKeys] = {}  # uid -> the operator's CURVE keys for that session
-        # uid -> (the last spec.rollback id answered, its status record): a status write that was lost (a
-        # conflicting patch) must not lose the record, and the rollback must not run twice.
-        self._rolled_back: dict[str, tuple[str, dict[str, Any]]] = {}
         self.stopper = PodStopper(options, kube, relay, emit)
+        self.pods = ReplicaPods(options, kube, relay, self.stopper, emit)
+        self.workers = Workers(options, kube, relay, emit, self._target, self._keys_unsure)
 
     def _lock(self, uid: str) -> asyncio.Lock:
         return self._locks.setdefault(uid, asyncio.Lock())
@@ -109,11 +104,13 @@ class Controller:
         except _Waiting as wait:
             outcome = self._write(body, session, previous, replace(base, waiting=str(wait)), patch)
             return replace(outcome, retry_after_s=self.options.status_interval_s)
-        obs, retry = await self._converge_pod(body, session, spec, base)
-        if obs.pod is not None and obs.pod_current and not obs.restarting:
-            obs = await self._observe_worker(body, session, spec, obs)
+        converged = await self.pods.converge(
+            body, session, spec, base, lambda i, pod: self._target(body, session, pod, i)
+        )
+        obs = await self.workers.observe(body, session, spec, converged)
+        self.metrics.set_replicas(session.namespace, session.name, spec.replicas, obs.replica_status)
         outcome = self._write(body, session, previous, obs, patch)
-        return replace(outcome, retry_after_s=retry)
+        return replace(outcome, retry_after_s=converged.retry_s)
 
     def _write(
         self,
@@ -155,6 +152,14 @@ class Controller:
                 f"waiting for PersistentVolumeClaim {names.pvc} (checkpoint.storage.existingClaim)"
             )
         await self.kube.ensure(builders.build_service(session, spec))
+        headless = builders.build_replicas_service(session, spec)
+        if headless is not None:
+            await self.kube.ensure(headless)
+        budget = builders.build_disruption_budget(session, spec)
+        if budget is not None:
+            await self.kube.ensure(budget)
+        else:  # one replica: a budget could only block a node's drain
+            await self.kube.delete("PodDisruptionBudget", session.namespace, names.disruption_budget)
         self._children_ok[session.uid] = (spec_hash, time.monotonic() + CHILDREN_RECHECK_S)
 
     async def _ensure_credentials(
@@ -178,58 +183,19 @@ class Controller:
         except ValueError as err:
             raise _Waiting(str(err)) from None
 
-    # ---- the pod --------------------------------------------------------------------------------------
-    async def _converge_pod(
-        self,
-        body: Mapping[str, Any],
-        session: builders.SessionRef,
-        spec: SessionSpec,
-        base: status.Observation,
-    ) -> tuple[status.Observation, float | None]:
-        """Bring the pod to this spec (create it, or checkpoint and replace an outdated one) and observe it;
-        the observation, and when to look again (None: the status timer's usual interval)."""
-        desired = pod_builder.record_built_from(pod_builder.build_pod(session, spec), body.get("spec") or {})
-        want_hash = desired["metadata"]["annotations"][pod_builder.POD_HASH_ANNOTATION]
-        found = await self.kube.get("Pod", session.namespace, session.name)
-        if found is not None:
-            facts = status.pod_facts(found, pod_builder.POD_HASH_ANNOTATION)
-            if facts.terminating:
-                obs = replace(base, pod=facts, restarting=f"waiting for pod {facts.name} to stop")
-                return obs, self.options.restart_poll_s
-            ended = facts.phase in {"Failed", "Succeeded"}
-            if facts.pod_hash == want_hash and not ended:
-                self.stopper.forget(session.uid)  # a restart asked for earlier is off: the spec went back
-                return replace(base, pod=facts, pod_current=True), None
-            why = f"pod {facts.name} ended ({facts.phase})" if ended else self._restart_reason(found, spec)
-            target = self._target(body, session, facts)
-            waiting = await self.stopper.replace(body, session, spec, facts, target, why)
-            if waiting is not None:  # the status timer looks again; a retry here would log an error each time
-                return replace(base, pod=facts, restarting=waiting), None
-            found = await self.kube.get("Pod", session.namespace, session.name)
-            if found is not None:  # still terminating: a later reconcile creates the new pod
-                obs = replace(
-                    base, pod=status.pod_facts(found, pod_builder.POD_HASH_ANNOTATION), restarting=why
-                )
-                return obs, self.options.restart_poll_s
-        created, _ = await self.kube.ensure(desired)
-        facts = status.pod_facts(created, pod_builder.POD_HASH_ANNOTATION)
-        return replace(base, pod=facts, pod_current=facts.pod_hash == want_hash), None
-
-    def _restart_reason(self, pod: Mapping[str, Any], spec: SessionSpec) -> str:
-        recorded = (pod.get("metadata", {}).get("annotations") or {}).get(pod_builder.BUILT_FROM_ANNOTATION)
-        try:
-            built_from = json.loads(recorded) if recorded else None
-        except ValueError:
-            built_from = None
-        return diff.restart_reason(built_from, spec, self.options.image_defaults)
-
     # ---- the worker -----------------------------------------------------------------------------------
-    def _target(
-        self, body: Mapping[str, Any], session: builders.SessionRef, pod: status.PodFacts
-    ) -> Target | None:
-        """Where the worker listens, or None while it cannot (trainer not running, keys not read yet).
+    def _keys_unsure(self, uid: str) -> None:
+        """A worker did not answer: re-read the keys next time, in case they changed."""
+        self._children_ok.pop(uid, None)
 
-        With the address override (tests, debugging) the pod's state is not consulted: the worker is elsewhere.
+    def _target(
+        self, body: Mapping[str, Any], session: builders.SessionRef, pod: status.PodFacts, replica: int = 0
+    ) -> Target | None:
+        """Where replica `replica`'s worker listens, or None while it cannot (trainer not running, keys not
+        read yet).
+
+        With the address override (tests, debugging: comma-separated, one address per replica ordinal) the
+        pod's state is not consulted: the worker is elsewhere.
         """
         keys = self._keys.get(session.uid)
         annotations = body["metadata"].get("annotations") or {}
@@ -241,106 +207,13 @@ class Controller:
         if keys is None:
             return None
         if override:
-            return Target(session.namespace, session.name, override, keys)
+            addresses = [a.strip() for a in override.split(",")]
+            if replica >= len(addresses):
+                return None
+            return Target(session.namespace, session.name, addresses[replica], keys, replica)
         if pod.trainer_running and pod.ip:
-            return Target(session.namespace, session.name, builders.worker_address(pod.ip), keys)
+            return Target(session.namespace, session.name, builders.worker_address(pod.ip), keys, replica)
         return None
-
-    async def _observe_worker(
-        self,
-        body: Mapping[str, Any],
-        session: builders.SessionRef,
-        spec: SessionSpec,
-        obs: status.Observation,
-    ) -> status.Observation:
-        assert obs.pod is not None
-        target = self._target(body, session, obs.pod)
-        if target is None:
-            return obs
-        timeout = self.options.status_timeout_s
-        try:
-            reply = await self.relay.request(target, StatusRequest(), timeout)
-        except ProtocolError as err:
-            self._children_ok.pop(session.uid, None)  # re-read the keys next time, in case they changed
-            return replace(obs, worker_error=f"{err.code}: {err.message}")
-        facts = status.worker_facts(reply)
-        obs = replace(obs, safety=safety.safety_status(reply))
-        obs = await self._rollback(body, session, spec, target, obs)
-        changes = config_changes(spec.training, facts.config)
-        try:
-            samples = await self._eval_samples(
-                session, spec, force="gate" in changes, held=safety.worker_eval_digest(reply)
-            )
-        except ValueError as err:
-            return replace(obs, worker=facts, relay_error=f"evaluation set: {err}")
-        if changes or samples is not None:
-            try:
-                request = ConfigureRequest(changes=changes, eval_samples=samples[0] if samples else None)
-                reply = await self.relay.request(target, request, self.options.configure_timeout_s)
-                facts = status.worker_facts(await self.relay.request(target, StatusRequest(), timeout))
-            except ProtocolError as err:
-                pending = tuple(sorted(changes))
-                return replace(
-                    obs, worker=facts, config_pending=pending, relay_error=f"{err.code}: {err.message}"
-                )
-            reset = " (optimizer state reset)" if reply.get("state_reset") else ""
-            applied = sorted(changes) + (["the evaluation set"] if samples is not None else [])
-            self.emit(body, "Normal", "Configured", f"worker applied {', '.join(applied)}{reset}")
-            logger.info(
-                "configure session=%s/%s fields=%s%s",
-                session.namespace,
-                session.name,
-                ",".join(sorted(changes)),
-                reset,
-            )
-        pending = tuple(sorted(config_changes(spec.training, facts.config)))
-        return replace(obs, worker=facts, config_pending=pending)
-
-    async def _eval_samples(
-        self, session: builders.SessionRef, spec: SessionSpec, *, force: bool, held: str | None
-    ) -> tuple[tuple[Sample, ...], str] | None:
-        """The ConfigMap's evaluation set and its digest, when it must be relayed: the worker holds another
-        (`held`, its digest), or the gate is relayed too."""
-        ref = spec.eval_config_map
-        if ref is None:
-            return None
-        found = await self.kube.get("ConfigMap", session.namespace, ref.name)
-        samples, digest = safety.eval_samples_of(found, ref)
-        return (samples, digest) if force or held != digest else None
-
-    async def _rollback(
-        self,
-        body: Mapping[str, Any],
-        session: builders.SessionRef,
-        spec: SessionSpec,
-        target: Target,
-        obs: status.Observation,
-    ) -> status.Observation:
-        """spec.rollback, once per id: relayed, recorded in status.rollback, announced by an Event."""
-        wanted = spec.rollback
-        if wanted is None or not safety.rollback_due(wanted, body.get("status") or {}):
-            return obs
-        answered = self._rolled_back.get(session.uid)
-        if answered is not None and answered[0] == wanted.id:  # not yet in status: write the record again
-            return replace(obs, safety={**obs.safety, "rollback": answered[1]})
-        try:
-            reply = await self.relay.request(
-                target, RollbackRequest(wanted.target(), wanted.id), self.options.configure_timeout_s
-            )
-        except ProtocolError as err:
-            if not safety.rollback_is_final(err):  # busy or away: the next reconcile asks again
-                return replace(obs, relay_error=f"rollback {wanted.id}: {err.code}: {err.message}")
-            record = safety.rollback_record(wanted, None, f"{err.code}: {err.message}", now_iso())
-            self.emit(
-                body, "Warning", "RollbackFailed", f"rollback {wanted.id} to {wanted.to}: {record['message']}"
-            )
-        else:
-            record = safety.rollback_record(wanted, reply, None, now_iso())
-            self.emit(body, "Normal", "RolledBack", f"rollback {wanted.id}: {record['message']}")
-            obs = replace(obs, safety={**obs.safety, "weightsVersion": record["version"]})
-        self._rolled_back[session.uid] = (wanted.id, record)
-        logger.info("rollback session=%s/%s id=%s %s", session.namespace, session.name, wanted.id, record)
-        return replace(obs, safety={**obs.safety, "rollback": record})
 
     # ---- delete ---------------------------------------------------------------------------------------
     async def finalize(self, body: Mapping[str, Any], patch: MutableMapping[str, Any]) -> None:
@@ -363,10 +236,19 @@ class Controller:
 
         async with self._lock(session.uid):
             await self.stopper.finalize(body, session, spec, target_for, write_status)
+            # The final checkpoint came through replica 0 (the group writes one); the others go now, not at
+            # the garbage collector's pace (and the emulator in tests has none).
+            wanted = spec.replicas if spec is not None else 1
+            for ordinal, pod in sorted(
+                (await self.pods.find(session, wanted, body.get("status") or {})).items()
+            ):
+                if ordinal > 0:
+                    await self.kube.delete("Pod", session.namespace, pod["metadata"]["name"])
             await self.relay.forget(session.namespace, session.name)
             self.metrics.forget(session.namespace, session.name)
-            for cache in (self._children_ok, self._keys, self._rolled_back):
+            for cache in (self._children_ok, self._keys):
                 cache.pop(session.uid, None)
+            self.workers.forget(session.uid)
             logger.info("deleted session=%s/%s", session.namespace, session.name)
         self._locks.pop(session.uid, None)
 

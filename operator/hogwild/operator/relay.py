@@ -1,6 +1,6 @@
 """Requests from the operator to a session's training worker: ZMQ over tcp, CURVE-authenticated.
 
-One `WorkerClient` per session, kept while its address and keys stay the same. After a timeout the client
+One `WorkerClient` per session replica (each replica's worker is asked on its own), kept while its address and keys stay the same. After a timeout the client
 is closed: ZMQ would otherwise keep the unanswered request queued and deliver it, stale, whenever the
 worker comes back. Every round trip is timed into the operator's metrics.
 """
@@ -42,20 +42,21 @@ class Target:
     session: str
     address: str
     keys: CurveKeys
+    replica: int = 0
 
 
 class Relay:
     def __init__(self, metrics: OperatorMetrics) -> None:
         self.metrics = metrics
-        self._clients: dict[tuple[str, str], tuple[Target, WorkerClient]] = {}
+        self._clients: dict[tuple[str, str, int], tuple[Target, WorkerClient]] = {}
 
     async def _client(self, target: Target) -> WorkerClient:
-        key = (target.namespace, target.session)
+        key = (target.namespace, target.session, target.replica)
         held = self._clients.get(key)
         if held is not None and held[0] == target:
             return held[1]
         if held is not None:  # a new pod (address) or new keys
-            await self.forget(target.namespace, target.session)
+            await self.forget(target.namespace, target.session, target.replica)
         client = WorkerClient(target.address, target.keys)
         self._clients[key] = (target, client)
         return client
@@ -69,7 +70,7 @@ class Relay:
         except ProtocolError as err:
             self.metrics.relay_errors.labels(target.namespace, target.session, request.type, err.code).inc()
             if err.code == "timeout":
-                await self.forget(target.namespace, target.session)
+                await self.forget(target.namespace, target.session, target.replica)
             logger.info(
                 "relay session=%s/%s request=%s address=%s error=%s: %s",
                 target.namespace,
@@ -85,11 +86,13 @@ class Relay:
             self.metrics.relay_seconds.labels(target.namespace, target.session, request.type).observe(elapsed)
         return reply
 
-    async def forget(self, namespace: str, session: str) -> None:
-        held = self._clients.pop((namespace, session), None)
-        if held is not None:
-            await held[1].close()
+    async def forget(self, namespace: str, session: str, replica: int | None = None) -> None:
+        """Close the client of one replica's worker, or (None) of every replica's."""
+        for key in [k for k in self._clients if k[:2] == (namespace, session)]:
+            if replica is None or key[2] == replica:
+                held = self._clients.pop(key)
+                await held[1].close()
 
     async def close(self) -> None:
-        for namespace, session in list(self._clients):
+        for namespace, session, _ in list(self._clients):
             await self.forget(namespace, session)

@@ -27,6 +27,10 @@ DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_STORAGE_SIZE = "20Gi"
 DEFAULT_CHECKPOINT_TIMEOUT_S = 300.0
 DEFAULT_GRACE_PERIOD_S = 360
+# spec.replicas: pods that serve and learn together (docs/replicas-operator.md). The ceiling keeps one
+# session's fan-out (status entries, relays per reconcile, the group's all-reduce) within reason.
+MAX_REPLICAS = 64
+ACCESS_MODES = ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod")
 # vLLM flags the launcher sets itself, and the tensor-parallel flags v1alpha1 refuses (one GPU per session).
 RESERVED_VLLM_FLAGS = ("--model", "--host", "--port", "--worker-extension-cls")
 TENSOR_PARALLEL_FLAGS = ("--tensor-parallel-size", "-tp")
@@ -118,6 +122,8 @@ class StorageSpec:
     storage_class: str | None = None
     size: str = DEFAULT_STORAGE_SIZE
     retain_on_delete: bool = False
+    # Replicas on different nodes share the one checkpoint volume only with ReadWriteMany.
+    access_mode: str = "ReadWriteOnce"
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,7 @@ class SessionSpec:
     pod: PodSpec = field(default_factory=PodSpec)
     rollback: RollbackSpec | None = None  # one-shot, by id (hogwild.operator.safety)
     eval_config_map: ConfigMapRef | None = None  # the gate's evaluation set, relayed by the operator
+    replicas: int = 1  # hot: pods are added or removed, the others are left alone
 
 
 # ---- sections -----------------------------------------------------------------------------------------
@@ -310,10 +317,16 @@ def _checkpoint(raw: Any) -> CheckpointSpec:
     value = fields.obj(where, raw)
     fields.known(where, value, {"intervalSeconds", "keep", "timeoutSeconds", "storage"})
     storage = fields.obj(f"{where}.storage", value.get("storage"))
-    fields.known(f"{where}.storage", storage, {"existingClaim", "storageClassName", "size", "retainOnDelete"})
+    fields.known(
+        f"{where}.storage",
+        storage,
+        {"existingClaim", "storageClassName", "size", "retainOnDelete", "accessMode"},
+    )
     existing = fields.string(f"{where}.storage.existingClaim", storage.get("existingClaim"))
     if existing and (storage.get("storageClassName") or storage.get("size")):
         raise SpecError(f"{where}.storage: existingClaim excludes storageClassName and size")
+    if existing and storage.get("accessMode"):
+        raise SpecError(f"{where}.storage: existingClaim excludes accessMode (the claim has its own)")
     size = fields.string(f"{where}.storage.size", storage.get("size"), DEFAULT_STORAGE_SIZE)
     if not fields.STORAGE_SIZE.match(size):
         raise SpecError(f"{where}.storage.size: must be a quantity such as 50Gi, got {size!r}")
@@ -327,6 +340,9 @@ def _checkpoint(raw: Any) -> CheckpointSpec:
             size=size,
             retain_on_delete=fields.flag(
                 f"{where}.storage.retainOnDelete", storage.get("retainOnDelete"), False
+            ),
+            access_mode=fields.choice(
+                f"{where}.storage.accessMode", storage.get("accessMode"), ACCESS_MODES, "ReadWriteOnce"
             ),
         ),
     )
@@ -392,6 +408,7 @@ SPEC_FIELDS = {
     "metrics",
     "pod",
     "rollback",
+    "replicas",
 }
 
 
@@ -414,4 +431,5 @@ def parse_spec(raw: Any, image_defaults: Images | None = None) -> SessionSpec:
         pod=_pod(spec.get("pod")),
         rollback=parse_rollback(spec.get("rollback")),
         eval_config_map=parse_eval_config_map(fields.obj("spec.training", spec.get("training")).get("gate")),
+        replicas=fields.whole_number("spec.replicas", spec.get("replicas"), 1, 1, MAX_REPLICAS),
     )

@@ -119,6 +119,8 @@ class Observation:
     checkpoint_error: str | None = None
     # weightsVersion, lineage, gate, rollback: hogwild.operator.safety computes them; kept when not re-observed
     safety: Mapping[str, Any] = field(default_factory=dict)
+    # replicas, readyReplicas, inSyncReplicas, replicaStatuses: hogwild.operator.replicas computes them
+    replica_status: Mapping[str, Any] = field(default_factory=dict)
 
 
 # ---- facts from API objects and replies ---------------------------------------------------------------
@@ -317,6 +319,7 @@ def _merge_times(
 
 
 SAFETY_KEYS = ("weightsVersion", "lineage", "gate", "rollback")
+REPLICA_KEYS = ("replicas", "readyReplicas", "inSyncReplicas", "replicaStatuses")
 
 
 def compute_status(previous: Mapping[str, Any] | None, obs: Observation, now: str) -> dict[str, Any]:
@@ -333,10 +336,12 @@ def compute_status(previous: Mapping[str, Any] | None, obs: Observation, now: st
     for key in (
         *("step", "tokensTrained", "loss", "skippedSteps", "lastCheckpoint", "appliedSpecHash"),
         *SAFETY_KEYS,
+        *REPLICA_KEYS,
     ):
         if prev.get(key) is not None:
             status[key] = prev[key]
     status.update(obs.safety)
+    status.update(obs.replica_status)
     worker = obs.worker
     if worker is not None:
         facts = {

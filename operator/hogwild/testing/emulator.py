@@ -41,6 +41,7 @@ RESOURCES: tuple[tuple[str, str, bool, set[str]], ...] = (
     ("v1/configmaps", "ConfigMap", True, set()),
     ("v1/secrets", "Secret", True, set()),
     ("v1/persistentvolumeclaims", "PersistentVolumeClaim", True, {"status"}),
+    ("policy/v1/poddisruptionbudgets", "PodDisruptionBudget", True, {"status"}),
     ("v1/events", "Event", True, set()),
     ("v1/namespaces", "Namespace", False, {"status"}),  # kopf waits for it in discovery
     ("kopf.dev/v1/clusterkopfpeerings", "ClusterKopfPeering", False, set()),
