@@ -7,6 +7,7 @@ structure is asserted here; the dashboards must reach Grafana's sidecar as the f
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -52,6 +53,10 @@ def test_podmonitor_scrapes_vllm_and_worker_ports_and_labels_the_session() -> No
             "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
             "targetLabel": "session",
         } in endpoint["relabelings"]
+        assert {
+            "sourceLabels": ["__meta_kubernetes_pod_label_hogwild_dev_replica"],
+            "targetLabel": "replica",
+        } in endpoint["relabelings"]
 
 
 SESSION_SPECS = [
@@ -75,6 +80,11 @@ def test_podmonitor_selects_the_pods_the_operator_builds(spec: dict[str, Any]) -
     monitor = one(rendered("monitoring"), "PodMonitor")["spec"]
     assert monitor["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert pod["metadata"]["labels"]["app.kubernetes.io/instance"] == session.name  # becomes `session`
+    assert pod["metadata"]["labels"][builders.LABEL_REPLICA] == "0"  # becomes `replica`
+    # Prometheus's name for a pod label: every character outside [a-zA-Z0-9_] becomes `_`.
+    meta_label = "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", builders.LABEL_REPLICA)
+    for endpoint in monitor["podMetricsEndpoints"]:
+        assert {"sourceLabels": [meta_label], "targetLabel": "replica"} in endpoint["relabelings"]
     containers = pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
     ports = {port["name"] for container in containers for port in container.get("ports", [])}
     assert {endpoint["port"] for endpoint in monitor["podMetricsEndpoints"]} <= ports

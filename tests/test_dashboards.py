@@ -8,6 +8,7 @@ test_prometheus.py runs the same queries against a real Prometheus.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -118,6 +119,12 @@ REQUIRED_METRICS = [
             "hogwild_worker_evaluations_total",
             "hogwild_worker_reverts_total",
             "hogwild_worker_rollbacks_total",
+            # replicas (issue 17): ready and in sync, the group's size and epoch, the all-reduce's cost
+            "hogwild_operator_replicas",
+            "hogwild_worker_group_size",
+            "hogwild_worker_group_epoch",
+            "hogwild_worker_group_in_sync",
+            "hogwild_worker_allreduce_seconds_bucket",
         },
         id="training",
     ),
@@ -153,6 +160,25 @@ REQUIRED_METRICS = [
 def test_dashboard_shows_what_the_issue_asks(name: str, required: set[str]) -> None:
     used = set().union(*(metric_names(query.expr) for query in panel_queries(name)))
     assert required <= used, f"missing: {sorted(required - used)}"
+
+
+# Series scraped from session pods carry `replica` (the PodMonitor copies the pod's hogwild.dev/replica label).
+POD_SERIES = ("hogwild_worker_", "vllm:")
+PER_REPLICA = [
+    pytest.param(name, panel["title"], target, id=f"{name}/{panel['title']}/{target['refId']}")
+    for name in ("training", "interference")
+    for panel in dashboard(name)["panels"]
+    for target in panel.get("targets", [])
+    if all(metric.startswith(POD_SERIES) for metric in metric_names(target["expr"]))
+]
+
+
+@pytest.mark.parametrize(("name", "title", "target"), PER_REPLICA)
+def test_pod_series_are_drawn_per_replica(name: str, title: str, target: dict[str, Any]) -> None:
+    """A session's replicas are separate lines: every aggregation keeps `replica`, every legend names it."""
+    for grouping in re.findall(r"by \(([^)]*)\)", target["expr"]):
+        assert "replica" in [label.strip() for label in grouping.split(",")], target["expr"]
+    assert "{{replica}}" in target["legendFormat"], f"{title}: {target['legendFormat']}"
 
 
 @pytest.mark.parametrize("name", DASHBOARDS)

@@ -10,7 +10,7 @@ Every part is real and listens on loopback only:
   emulator runs no kubelet, so the session stays Pending and the operator never relays to a worker;
 - Debian's Prometheus, with its own config, rules and data dir on a free port, scrapes both every second.
 
-The scrape config adds the `namespace` and `session` labels that the chart's PodMonitor adds in a cluster,
+The scrape config adds the `namespace`, `session` and `replica` labels that the chart's PodMonitor adds in a cluster,
 and keeps the operator's own labels (honor_labels), as the chart's ServiceMonitor does. vLLM is not started
 (it takes minutes on CPU): its panels and the serving alert must still evaluate without error.
 """
@@ -172,7 +172,8 @@ def prometheus_config(worker_port: int, operator_port: int) -> dict[str, Any]:
                 "static_configs": [
                     {
                         "targets": [f"127.0.0.1:{worker_port}"],
-                        "labels": {"namespace": NAMESPACE, "session": SESSION},
+                        # replica: what the PodMonitor copies from the pod's hogwild.dev/replica label
+                        "labels": {"namespace": NAMESPACE, "session": SESSION, "replica": "0"},
                     }
                 ],
             },

@@ -11,6 +11,7 @@ works in a namespace of its own and leaves nothing behind (sessions, release, na
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -74,8 +75,14 @@ def test_the_crds_apply_cleanly_client_and_server_side() -> None:
 
 @pytest.mark.parametrize(
     ("field", "says"),
-    [("spec.gpu", "one GPU per session"), ("spec.training.eps", "at least 1e-30"), ("status.phase", "")],
-    ids=["gpu", "eps", "phase"],
+    [
+        ("spec.gpu", "one GPU per session"),
+        ("spec.training.eps", "at least 1e-30"),
+        ("status.phase", ""),
+        ("spec.replicas", "ReadWriteMany"),
+        ("status.replicaStatuses", "ordinal"),
+    ],
+    ids=["gpu", "eps", "phase", "replicas", "replica-statuses"],
 )
 def test_kubectl_explain_shows_the_documented_fields(field: str, says: str) -> None:
     kubectl("apply", "--server-side=false", "-f", str(CRDS))
@@ -127,17 +134,12 @@ def sessions_elsewhere(namespace: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("scope", ["cluster", "namespaces"], ids=["default-cluster-scope", "namespace-scope"])
-def test_helm_install_then_the_minimal_example_gets_its_pod(
-    scope: str, namespace: str, tmp_path: Path
-) -> None:
-    """README's quick start: install the chart, apply examples/minimal.yaml, the session's pod appears."""
-    if scope == "cluster" and (others := sessions_elsewhere(namespace)):
-        pytest.skip(f"a cluster-scoped operator would act on sessions this test did not create: {others[:3]}")
+@contextlib.contextmanager
+def chart_operator(namespace: str, tmp_path: Path, values: dict[str, Any]) -> Iterator[OperatorProcess]:
+    """`helm install` into `namespace`, then the operator run here exactly as the release's Deployment runs it,
+    with its ServiceAccount's token (RBAC is the chart's own); uninstalled afterwards."""
     release = "hw"
-    values: dict[str, Any] = {"operator.service.port": free_port()}
-    if scope == "namespaces":
-        values.update({"watch.scope": "namespaces", "watch.namespaces": [namespace]})
+    values = {"operator.service.port": free_port(), **values}
     installed = helm("install", release, CHART, "--namespace", namespace, *set_args(values))
     assert installed.returncode == 0, installed.stderr
     operator: OperatorProcess | None = None
@@ -149,25 +151,7 @@ def test_helm_install_then_the_minimal_example_gets_its_pod(
         operator = OperatorProcess(
             command_line(container), {**literal_env(container), "KUBECONFIG": kubeconfig}
         )
-
-        kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples" / "minimal.yaml"))
-
-        pod = until(
-            lambda: kubectl("get", "pod", "-n", namespace, "qwen-chat", check=False).returncode == 0,
-            "the session's pod",
-            60,
-        )
-        assert pod
-        status = until(lambda: session_status(namespace, "qwen-chat"), "the session's status", 60)
-        assert status.get("podName") == "qwen-chat" and status.get("observedGeneration") == 1, status
-        assert operator.alive(), operator.log()[-4000:]
-
-        kubectl("delete", "trainingsession", "-n", namespace, "qwen-chat", "--wait=false")
-        until(
-            lambda: kubectl("get", "ts", "-n", namespace, "qwen-chat", check=False).returncode != 0,
-            "the session gone (its worker never ran: nothing to wait for)",
-            120,
-        )
+        yield operator
         log = operator.log()
         assert "Forbidden" not in log and " 403" not in log, "the chart's RBAC lacks a verb:\n" + log[-4000:]
     except BaseException:
@@ -178,3 +162,79 @@ def test_helm_install_then_the_minimal_example_gets_its_pod(
         if operator is not None:
             operator.stop()
         helm("uninstall", release, "--namespace", namespace)
+
+
+def exists(namespace: str, kind: str, name: str) -> bool:
+    return kubectl("get", kind, "-n", namespace, name, check=False).returncode == 0
+
+
+def absent(namespace: str, kind: str, name: str) -> bool:
+    """Gone, or going (a pod on a node has a grace period; an unscheduled one goes at once)."""
+    found = kubectl("get", kind, "-n", namespace, name, "-o", "json", check=False)
+    return found.returncode != 0 or bool(json.loads(found.stdout)["metadata"].get("deletionTimestamp"))
+
+
+@pytest.mark.parametrize("scope", ["cluster", "namespaces"], ids=["default-cluster-scope", "namespace-scope"])
+def test_helm_install_then_the_minimal_example_gets_its_pod(
+    scope: str, namespace: str, tmp_path: Path
+) -> None:
+    """README's quick start: install the chart, apply examples/minimal.yaml, the session's pod appears."""
+    if scope == "cluster" and (others := sessions_elsewhere(namespace)):
+        pytest.skip(f"a cluster-scoped operator would act on sessions this test did not create: {others[:3]}")
+    values: dict[str, Any] = {}
+    if scope == "namespaces":
+        values.update({"watch.scope": "namespaces", "watch.namespaces": [namespace]})
+    with chart_operator(namespace, tmp_path, values) as operator:
+        kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples" / "minimal.yaml"))
+
+        pod = until(lambda: exists(namespace, "pod", "qwen-chat"), "the session's pod", 60)
+        assert pod
+        status = until(lambda: session_status(namespace, "qwen-chat"), "the session's status", 60)
+        assert status.get("podName") == "qwen-chat" and status.get("observedGeneration") == 1, status
+        assert operator.alive(), operator.log()[-4000:]
+
+        kubectl("delete", "trainingsession", "-n", namespace, "qwen-chat", "--wait=false")
+        until(
+            lambda: not exists(namespace, "ts", "qwen-chat"),
+            "the session gone (its worker never ran: nothing to wait for)",
+            120,
+        )
+
+
+def test_replicas_example_gets_its_replicas_budget_and_headless_service_then_scales_down(
+    namespace: str, tmp_path: Path
+) -> None:
+    """examples/replicas.yaml on a real API server under the chart's RBAC: three replica pods (their
+    hostname, subdomain and spread accepted), a PodDisruptionBudget, the headless Service; then
+    `kubectl scale` (the scale subresource) to one replica removes the others and the budget."""
+    values = {"watch.scope": "namespaces", "watch.namespaces": [namespace]}
+    with chart_operator(namespace, tmp_path, values) as operator:
+        kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples" / "replicas.yaml"))
+        for name in ("qwen-chat", "qwen-chat-1", "qwen-chat-2"):
+            until(lambda n=name: exists(namespace, "pod", n), f"replica pod {name}", 60)
+        until(lambda: exists(namespace, "poddisruptionbudget", "qwen-chat"), "the budget", 60)
+        headless = json.loads(
+            kubectl("get", "service", "-n", namespace, "qwen-chat-replicas", "-o", "json").stdout
+        )
+        assert (
+            headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+        )
+        pod = json.loads(kubectl("get", "pod", "-n", namespace, "qwen-chat-2", "-o", "json").stdout)
+        assert (pod["spec"]["hostname"], pod["spec"]["subdomain"]) == ("replica-2", "qwen-chat-replicas")
+        status = until(
+            lambda: (s := session_status(namespace, "qwen-chat")).get("replicas") == 3 and s,
+            "status.replicas 3",
+            60,
+        )
+        assert [e["replica"] for e in status["replicaStatuses"]] == [0, 1, 2]
+        columns = kubectl("get", "ts", "-n", namespace, "qwen-chat").stdout.splitlines()[0].split()
+        assert {"READY", "DESIRED", "IN"} <= set(columns), columns
+
+        kubectl("scale", "ts", "-n", namespace, "qwen-chat", "--replicas", "1")
+        for name in ("qwen-chat-2", "qwen-chat-1"):
+            until(lambda n=name: absent(namespace, "pod", n), f"replica pod {name} removed", 60)
+        until(lambda: absent(namespace, "poddisruptionbudget", "qwen-chat"), "the budget removed", 60)
+        assert exists(namespace, "pod", "qwen-chat"), "replica 0 stays"
+        assert operator.alive(), operator.log()[-4000:]
+        kubectl("delete", "trainingsession", "-n", namespace, "qwen-chat", "--wait=false")
+        until(lambda: not exists(namespace, "ts", "qwen-chat"), "the session gone", 120)
