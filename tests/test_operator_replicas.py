@@ -14,7 +14,7 @@ import pytest
 
 import test_operator_flows as flows
 from hogwild import defaults
-from operator_helpers import FakeWorker, eventually, run_operator, session_manifest
+from operator_helpers import FakeWorker, eventually, resolved, run_operator, session_manifest
 from test_operator_flows import Cluster, condition, point_at, secret_keys, wait_status
 
 pytestmark = pytest.mark.timeout(240)
@@ -136,3 +136,34 @@ async def test_scale_1_2_3_1_is_hot(cluster: Cluster) -> None:
 
 async def _both_have_lr(w0: FakeWorker, w1: FakeWorker, lr: float) -> bool:
     return w0.config.lr == lr and w1.config.lr == lr
+
+
+async def test_delete_checkpoints_through_one_running_replica_then_removes_them_all(cluster: Cluster) -> None:
+    """Replica 0 never started; replica 1 runs: the final checkpoint is asked of replica 1 alone."""
+    async with run_operator(cluster):
+        await cluster.create(session_manifest("chat", cluster.namespace, replicas=2))
+        keys = await secret_keys(cluster, "chat")
+        asked: dict[int, list[str]] = {0: [], 1: []}
+        workers = [FakeWorker(keys, on_checkpoint=asked[i].append, group=group(i, 2)) for i in (0, 1)]
+        try:
+            await point_at(cluster, "chat", ",".join(w.address for w in workers))
+            await eventually(lambda: cluster.get("Pod", "chat-1"), "replica 1's pod")
+            assert await cluster.get("PodDisruptionBudget", "chat") is not None
+            await cluster.mark_running("chat-1")
+            await wait_status(
+                cluster,
+                "chat",
+                "replica 1 answers",
+                lambda s: any(e.get("groupState") == "formed" for e in s.get("replicaStatuses", [])),
+            )
+            await cluster.delete("TrainingSession", "chat")
+            await eventually(
+                lambda: resolved(cluster.get_now("TrainingSession", "chat") is None), "the session gone"
+            )
+            events = [(e["reason"], e["message"]) for e in await cluster.events("chat")]
+            assert (asked[0], asked[1]) == ([], ["delete"]), events
+            for name in ("chat", "chat-1"):
+                assert await gone(cluster, "Pod", name), name
+        finally:
+            for worker in workers:
+                worker.close()

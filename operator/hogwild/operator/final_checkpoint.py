@@ -15,7 +15,7 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ EventSink = Callable[[Mapping[str, Any], str, str, str], None]
 @dataclass
 class Job:
     pod_uid: str
+    pod_name: str
     task: asyncio.Task[dict[str, Any]]
     wait: stopping.Bound
     until: str  # RFC 3339, for messages
@@ -75,7 +76,7 @@ class PodStopper:
         self, uid: str, pod: status.PodFacts, target: Target, reason: str, wait: stopping.Bound
     ) -> Job:
         task = asyncio.get_running_loop().create_task(self._ask(target, reason, wait.wait_s))
-        job = Job(pod.uid, task, wait, _iso_in(wait.wait_s), time.monotonic() + wait.wait_s)
+        job = Job(pod.uid, pod.name, task, wait, _iso_in(wait.wait_s), time.monotonic() + wait.wait_s)
         self._jobs[uid] = job
         return job
 
@@ -155,11 +156,14 @@ class PodStopper:
         spec: SessionSpec | None,
         target_for: Callable[[status.PodFacts], Awaitable[Target | None]],
         write_status: Callable[[str, status.PodFacts | None], Awaitable[None]],
+        pod_names: Sequence[str] = (),
     ) -> None:
         """Final checkpoint (bounded), then the pod goes. `write_status(message, pod)` writes Terminating at
-        once, before any wait."""
+        once, before any wait. `pod_names`: the session's replica pods, replica 0 first (default: the one pod
+        named after the session); one answer is enough (the replica group writes one checkpoint), so the
+        first that runs is asked, and only that pod goes here."""
         previous = body.get("status") or {}
-        pod = await self._pod(session)
+        pod = await self._pick(session, pod_names or (session.name,))
         action = f"deleting pod {pod.name}" if pod else "deleting the session"
         job = self._job(session.uid, pod.uid) if pod else None
         if job is None and pod is not None:
@@ -210,7 +214,7 @@ class PodStopper:
             await asyncio.wait({job.task}, timeout=poll)  # raises nothing: the task's outcome is read below
             if job.task.done():
                 break
-            why = await self._cannot_come(session, spec)
+            why = await self._cannot_come(session, spec, job.pod_name)
             if why is not None:
                 job.task.cancel()
                 lost = stopping.abandoned_event(action, why, body.get("status") or {})
@@ -218,8 +222,10 @@ class PodStopper:
                 return
         self._report(body, job, action)
 
-    async def _cannot_come(self, session: builders.SessionRef, spec: SessionSpec | None) -> str | None:
-        pod = await self._pod(session)
+    async def _cannot_come(
+        self, session: builders.SessionRef, spec: SessionSpec | None, pod_name: str
+    ) -> str | None:
+        pod = await self._pod(session, pod_name)
         if pod is None:
             return "the pod is gone"
         if pod.terminating:
@@ -227,9 +233,18 @@ class PodStopper:
         pvc = await self._pvc_terminating(session, spec) if spec is not None else None
         return f"the checkpoint volume {pvc} is being deleted (is the namespace?)" if pvc else None
 
-    async def _pod(self, session: builders.SessionRef) -> status.PodFacts | None:
-        found = await self.kube.get("Pod", session.namespace, session.name)
+    async def _pod(self, session: builders.SessionRef, name: str) -> status.PodFacts | None:
+        found = await self.kube.get("Pod", session.namespace, name)
         return status.pod_facts(found, pod_builder.POD_HASH_ANNOTATION) if found else None
+
+    async def _pick(self, session: builders.SessionRef, names: Sequence[str]) -> status.PodFacts | None:
+        """The pod to ask: the one a checkpoint was already asked of, else the first that runs its trainer
+        and is not going, else the first that exists."""
+        pods = [pod for name in names if (pod := await self._pod(session, name)) is not None]
+        job = self._jobs.get(session.uid)
+        asked = [pod for pod in pods if job is not None and pod.uid == job.pod_uid]
+        running = [p for p in pods if p.phase == "Running" and p.trainer_running and not p.terminating]
+        return next(iter(asked + running + pods), None)
 
     async def _pvc_terminating(self, session: builders.SessionRef, spec: SessionSpec) -> str | None:
         name = builders.names(session, spec).pvc

@@ -217,8 +217,8 @@ class Controller:
 
     # ---- delete ---------------------------------------------------------------------------------------
     async def finalize(self, body: Mapping[str, Any], patch: MutableMapping[str, Any]) -> None:
-        """Terminating at once; the final checkpoint (bounded, skipped when it cannot come), then the pod goes;
-        owners garbage-collect the rest."""
+        """Terminating at once; the final checkpoint through one replica (bounded, skipped when it cannot
+        come), then every replica pod goes; owners garbage-collect the rest."""
         session = session_of(body)
         try:
             spec: SessionSpec | None = parse_spec(body.get("spec") or {}, self.options.image_defaults)
@@ -226,24 +226,25 @@ class Controller:
             spec = None
 
         async def target_for(pod: status.PodFacts) -> Target | None:
-            target = self._target(body, session, pod)
+            replica = ordinals.get(pod.name, 0)
+            target = self._target(body, session, pod, replica)
             if target is None and session.uid not in self._keys and spec is not None:
-                target = await self._target_after_restart(body, session, spec, pod)
+                target = await self._target_after_restart(body, session, spec, pod, replica)
             return target
 
         async def write_status(message: str, pod: status.PodFacts | None) -> None:
             await self._write_now(body, session, message, pod, patch)
 
         async with self._lock(session.uid):
-            await self.stopper.finalize(body, session, spec, target_for, write_status)
-            # The final checkpoint came through replica 0 (the group writes one); the others go now, not at
-            # the garbage collector's pace (and the emulator in tests has none).
             wanted = spec.replicas if spec is not None else 1
-            for ordinal, pod in sorted(
-                (await self.pods.find(session, wanted, body.get("status") or {})).items()
-            ):
-                if ordinal > 0:
-                    await self.kube.delete("Pod", session.namespace, pod["metadata"]["name"])
+            found = await self.pods.find(session, wanted, body.get("status") or {})
+            ordinals = {pod["metadata"]["name"]: ordinal for ordinal, pod in found.items()}
+            names = [pod["metadata"]["name"] for _, pod in sorted(found.items())]
+            await self.stopper.finalize(body, session, spec, target_for, write_status, names)
+            # One replica answered for the final checkpoint (the group writes one); the others go now, not at
+            # the garbage collector's pace (and the emulator in tests has none).
+            for name in names:
+                await self.kube.delete("Pod", session.namespace, name)
             await self.relay.forget(session.namespace, session.name)
             self.metrics.forget(session.namespace, session.name)
             for cache in (self._children_ok, self._keys):
@@ -286,7 +287,12 @@ class Controller:
         self.metrics.set_phase(session.namespace, session.name, new["phase"])
 
     async def _target_after_restart(
-        self, body: Mapping[str, Any], session: builders.SessionRef, spec: SessionSpec, pod: status.PodFacts
+        self,
+        body: Mapping[str, Any],
+        session: builders.SessionRef,
+        spec: SessionSpec,
+        pod: status.PodFacts,
+        replica: int = 0,
     ) -> Target | None:
         """After an operator restart the keys are not cached yet: read them from the Secret."""
         try:
@@ -298,7 +304,7 @@ class Controller:
             self._keys[session.uid] = client_keys(secret)
         except (ValueError, APIError):
             return None
-        return self._target(body, session, pod)
+        return self._target(body, session, pod, replica)
 
 
 class _Waiting(Exception):
