@@ -167,3 +167,33 @@ async def test_delete_checkpoints_through_one_running_replica_then_removes_them_
         finally:
             for worker in workers:
                 worker.close()
+
+
+async def test_restart_change_checkpoints_once_then_replaces_every_replica(cluster: Cluster) -> None:
+    async with run_operator(cluster):
+        await cluster.create(session_manifest("chat", cluster.namespace, replicas=2))
+        keys = await secret_keys(cluster, "chat")
+        asked: dict[int, list[str]] = {0: [], 1: []}
+        workers = [FakeWorker(keys, on_checkpoint=asked[i].append, group=group(i, 2)) for i in (0, 1)]
+        try:
+            await point_at(cluster, "chat", ",".join(w.address for w in workers))
+            for name in ("chat", "chat-1"):
+                await eventually(lambda n=name: cluster.get("Pod", n), f"pod {name}")
+                await cluster.mark_running(name)
+            await wait_status(cluster, "chat", "both in sync", lambda s: s.get("inSyncReplicas") == 2)
+            before = {name: await uid(cluster, name) for name in ("chat", "chat-1")}
+
+            await cluster.patch("TrainingSession", "chat", {"spec": {"images": {"vllm": "reg/vllm:2"}}})
+
+            async def replaced() -> bool:
+                now = {name: await uid(cluster, name) for name in before}
+                return all(now[n] is not None and now[n] != before[n] for n in before)
+
+            await eventually(replaced, "both replicas replaced")
+            assert (asked[0], asked[1]) == (["pre-restart"], []), "one checkpoint, through replica 0"
+            for name in before:
+                pod = await cluster.get("Pod", name) or {}
+                assert pod["spec"]["initContainers"][0]["image"] == "reg/vllm:2", name
+        finally:
+            for worker in workers:
+                worker.close()
