@@ -15,7 +15,7 @@ from typing import Any
 from hogwild import mps
 from hogwild.config import ConfigError, TrainingConfig, config_from_dict
 from hogwild.operator import fields
-from hogwild.operator.fields import SpecError
+from hogwild.operator.fields import SpecError as SpecError  # re-exported: parse_spec raises it
 from hogwild.operator.safety import ConfigMapRef, RollbackSpec, parse_eval_config_map, parse_rollback
 
 GPU_SHARING = ("DevicePlugin", "DRA")
