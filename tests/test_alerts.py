@@ -31,6 +31,7 @@ ALERTS = {
     "HogwildCheckpointTooOld": "warning",
     "HogwildSkippedStepsHigh": "warning",
     "HogwildWorkerDisconnected": "critical",
+    "HogwildReplicasOutOfSync": "warning",
     "HogwildTrainingShareBelowFloor": "warning",
     "HogwildUpdatesReverted": "warning",
     "HogwildServingSlowdown": "warning",
