@@ -95,6 +95,11 @@ ERRORS: list[tuple[str, dict[str, Any], str]] = [
     ("replicas-too-many", {**MODEL, "replicas": 65}, "spec.replicas: must be a whole number from 1 to 64"),
     ("replicas-text", {**MODEL, "replicas": "2"}, "spec.replicas: must be a whole number from 1 to 64"),
     (
+        "replicas-with-read-write-once-pod",
+        {**MODEL, "replicas": 2, "checkpoint": {"storage": {"accessMode": "ReadWriteOncePod"}}},
+        "spec.replicas: above 1 needs a checkpoint volume several pods can mount",
+    ),
+    (
         "claim-and-access-mode",
         {**MODEL, "checkpoint": {"storage": {"existingClaim": "c", "accessMode": "ReadWriteMany"}}},
         "existingClaim excludes accessMode",

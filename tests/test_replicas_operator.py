@@ -55,11 +55,52 @@ def test_replica_pod_names_labels_and_group_env(
         assert not {"hostname", "subdomain", "topologySpreadConstraints"} & set(spec)
     else:
         assert (spec["hostname"], spec["subdomain"]) == (f"replica-{ordinal}", "chat-replicas")
-        (spread,) = spec["topologySpreadConstraints"]
-        assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
-        assert spread["topologyKey"] == "kubernetes.io/hostname"
-        assert spread["labelSelector"] == {"matchLabels": {builders.LABEL_INSTANCE: "chat"}}
     assert pod_builder.group_member(built) is (replica_count > 1)
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(built, version, strict=True)
+
+
+SAME_SESSION = {"matchLabels": {builders.LABEL_INSTANCE: "chat"}}
+SPREAD = {
+    "topologySpreadConstraints": [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": SAME_SESSION,
+        }
+    ]
+}
+TOGETHER = {
+    "affinity": {
+        "podAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {"labelSelector": SAME_SESSION, "topologyKey": "kubernetes.io/hostname"}
+            ]
+        }
+    }
+}
+
+
+@pytest.mark.parametrize(
+    ("replica_count", "storage", "placement"),
+    [
+        (1, {}, {}),
+        (2, {}, TOGETHER),
+        (2, {"accessMode": "ReadWriteOnce"}, TOGETHER),
+        (2, {"accessMode": "ReadWriteMany"}, SPREAD),
+        (2, {"existingClaim": "shared"}, SPREAD),
+        (1, {"accessMode": "ReadWriteMany"}, {}),
+    ],
+    ids=["one", "rwo-default", "rwo", "rwx", "existing-claim", "one-rwx"],
+)
+def test_placement_follows_the_checkpoint_volume(
+    replica_count: int, storage: dict[str, Any], placement: dict[str, Any]
+) -> None:
+    """A ReadWriteOnce volume attaches to one node: its replicas stay there; others spread across nodes."""
+    built = pod(replica_count, 1 if replica_count > 1 else 0, checkpoint={"storage": storage})
+    found = {k: built["spec"][k] for k in ("affinity", "topologySpreadConstraints") if k in built["spec"]}
+    assert found == placement
     for version in KUBE_VERSIONS:
         kubernetes_validate.validate(built, version, strict=True)
 

@@ -277,14 +277,14 @@ def build_pod(session: SessionRef, spec: SessionSpec, ordinal: int = 0) -> dict[
     meta["name"] = pod_name(session, ordinal)
     meta["labels"][LABEL_REPLICA] = str(ordinal)
     if spec.replicas > 1:
-        _join_group(session, pod_spec, ordinal)
+        _join_group(session, spec, pod_spec, ordinal)
     meta["annotations"][POD_HASH_ANNOTATION] = pod_hash(pod)
     return pod
 
 
-def _join_group(session: SessionRef, pod_spec: dict[str, Any], ordinal: int) -> None:
+def _join_group(session: SessionRef, spec: SessionSpec, pod_spec: dict[str, Any], ordinal: int) -> None:
     """What makes a pod a member of the session's replica group (the worker's contract in hogwild.defaults):
-    a DNS name under the headless Service, the group's env, and a preference for a node of its own.
+    a DNS name under the headless Service, the group's env, and where it may run (`_placement`).
 
     Pod env and hostname cannot change on a running pod, so a pod built for one replica stays out of the
     group until it is replaced (hogwild.operator.replicas decides when)."""
@@ -302,16 +302,28 @@ def _join_group(session: SessionRef, pod_spec: dict[str, Any], ordinal: int) -> 
         *trainer["ports"],
         {"name": "rendezvous", "containerPort": defaults.RENDEZVOUS_PORT, "protocol": "TCP"},
     ]
-    # ScheduleAnyway: spreading is worth having (a node's loss takes one replica, not all), never worth a
-    # replica left Pending on a cluster with fewer GPU nodes than replicas.
-    pod_spec["topologySpreadConstraints"] = [
-        {
-            "maxSkew": 1,
-            "topologyKey": "kubernetes.io/hostname",
-            "whenUnsatisfiable": "ScheduleAnyway",
-            "labelSelector": {"matchLabels": {LABEL_INSTANCE: session.name}},
-        }
-    ]
+    pod_spec.update(_placement(session, spec))
+
+
+def _placement(session: SessionRef, spec: SessionSpec) -> dict[str, Any]:
+    """Spread the replicas across nodes, unless the checkpoint volume cannot follow them there.
+
+    A new PVC of ReadWriteOnce attaches to one node: a replica scheduled elsewhere would never start (a
+    multi-attach error), so the replicas are kept on the node of the others (required pod affinity; the
+    first replica goes anywhere). ReadWriteMany, or an existing claim (its mode is the user's choice),
+    gets a spread with ScheduleAnyway: worth having (a node's loss takes one replica, not all), never
+    worth a replica left Pending on a cluster with fewer GPU nodes than replicas."""
+    same_session = {"matchLabels": {LABEL_INSTANCE: session.name}}
+    if not spec.checkpoint.storage.existing_claim and spec.checkpoint.storage.access_mode == "ReadWriteOnce":
+        term = {"labelSelector": same_session, "topologyKey": "kubernetes.io/hostname"}
+        return {"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}}
+    spread = {
+        "maxSkew": 1,
+        "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": same_session,
+    }
+    return {"topologySpreadConstraints": [spread]}
 
 
 def group_member(pod: Mapping[str, Any]) -> bool:
@@ -333,7 +345,7 @@ def record_built_from(pod: dict[str, Any], raw_spec: Mapping[str, Any]) -> dict[
 
 
 GROUP_ENV = frozenset({defaults.ENV_REPLICA, defaults.ENV_RENDEZVOUS, defaults.ENV_HOST_STORE})
-GROUP_POD_FIELDS = ("hostname", "subdomain", "topologySpreadConstraints")
+GROUP_POD_FIELDS = ("hostname", "subdomain", "topologySpreadConstraints", "affinity")
 
 
 def _without_replica(spec: Mapping[str, Any]) -> dict[str, Any]:

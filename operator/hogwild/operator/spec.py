@@ -431,5 +431,18 @@ def parse_spec(raw: Any, image_defaults: Images | None = None) -> SessionSpec:
         pod=_pod(spec.get("pod")),
         rollback=parse_rollback(spec.get("rollback")),
         eval_config_map=parse_eval_config_map(fields.obj("spec.training", spec.get("training")).get("gate")),
-        replicas=fields.whole_number("spec.replicas", spec.get("replicas"), 1, 1, MAX_REPLICAS),
+        replicas=_replicas(spec.get("replicas"), spec.get("checkpoint")),
     )
+
+
+def _replicas(raw: Any, raw_checkpoint: Any) -> int:
+    replicas = fields.whole_number("spec.replicas", raw, 1, 1, MAX_REPLICAS)
+    storage = fields.obj(
+        "spec.checkpoint.storage", fields.obj("spec.checkpoint", raw_checkpoint).get("storage")
+    )
+    if replicas > 1 and storage.get("accessMode") == "ReadWriteOncePod":
+        raise SpecError(
+            "spec.replicas: above 1 needs a checkpoint volume several pods can mount; "
+            "checkpoint.storage.accessMode ReadWriteOncePod allows one"
+        )
+    return replicas
