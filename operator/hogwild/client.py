@@ -17,15 +17,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import zmq
 import zmq.asyncio
 
 from hogwild.auth import CurveKeys
 from hogwild.protocol import (
+    Answered,
     ProtocolError,
-    Request,
+    StatusReply,
     StatusRequest,
     decode_reply,
     encode_request,
@@ -36,6 +37,7 @@ from hogwild.protocol import (
 log = logging.getLogger("hogwild.client")
 HEARTBEAT_S = 1.0
 DEAD_AFTER_S = 10.0
+ReplyT = TypeVar("ReplyT")
 
 
 def liveness_verdict(
@@ -113,8 +115,9 @@ class WorkerClient:
             except Exception:  # whatever arrives, this reader must live on: every request depends on it
                 log.exception("hogwild: unreadable reply from the worker")
 
-    async def request(self, request: Request, timeout_s: float) -> dict[str, Any]:
-        """Send one request and wait for its reply. Raises ProtocolError (remote error, or timeout)."""
+    async def request(self, request: Answered[ReplyT], timeout_s: float) -> ReplyT:
+        """Send one request and wait for its reply's fields (the envelope's `id` matched it and is dropped).
+        Raises ProtocolError (remote error, or timeout)."""
         socket = self._connect()
         request_id = new_id()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -133,11 +136,14 @@ class WorkerClient:
             ) from None
         finally:
             self._pending.pop(request_id, None)
-        return decode_reply(frame)
+        fields = decode_reply(frame)
+        fields.pop("id", None)
+        # The worker speaks this protocol's release (its version is checked): its fields are this request's reply.
+        return cast(ReplyT, fields)
 
     async def request_watched(
-        self, request: Request, timeout_s: float, baseline: Mapping[str, Any]
-    ) -> dict[str, Any]:
+        self, request: Answered[ReplyT], timeout_s: float, baseline: StatusReply
+    ) -> ReplyT:
         """`request`, failed early with `not_connected` when the worker that took it dies or restarts.
 
         `baseline` is a status read just before (it names the worker's incarnation)."""
@@ -149,7 +155,7 @@ class WorkerClient:
                 if done:
                     return task.result()
                 try:
-                    seen: dict[str, Any] | None = await self.request(StatusRequest(), 2 * HEARTBEAT_S)
+                    seen: StatusReply | None = await self.request(StatusRequest(), 2 * HEARTBEAT_S)
                 except ProtocolError:
                     seen = None
                 silent_s = time.monotonic() - max(answered, self.last_heard)

@@ -18,16 +18,27 @@ import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from hogwild import defaults
 from hogwild.config import ConfigError, validate_changes
 
-# The protocol's face: the errors (hogwild.errors) and the sample schema (hogwild.samples) live apart, and are
-# imported from here by whoever speaks the protocol.
+# The protocol's face: the errors (hogwild.errors), the reply shapes (hogwild.replies) and the sample schema
+# (hogwild.samples) live apart, and are imported from here by whoever speaks the protocol.
 from hogwild.errors import ERROR_STATUS as ERROR_STATUS
 from hogwild.errors import MAX_ERROR_MESSAGE_CHARS as MAX_ERROR_MESSAGE_CHARS
 from hogwild.errors import ProtocolError as ProtocolError
+from hogwild.replies import CheckpointReply as CheckpointReply
+from hogwild.replies import CheckpointSummary as CheckpointSummary
+from hogwild.replies import ConfigureReply as ConfigureReply
+from hogwild.replies import GatedTrainReply as GatedTrainReply
+from hogwild.replies import Reply as Reply
+from hogwild.replies import Restored as Restored
+from hogwild.replies import RestoreReply as RestoreReply
+from hogwild.replies import RollbackReply as RollbackReply
+from hogwild.replies import StatusReply as StatusReply
+from hogwild.replies import TrainReply as TrainReply
+from hogwild.replies import TrainSteps as TrainSteps
 from hogwild.samples import CHAT_ROLES as CHAT_ROLES
 from hogwild.samples import SAMPLE_KINDS as SAMPLE_KINDS
 from hogwild.samples import Sample as Sample
@@ -64,8 +75,21 @@ def _no_unknown(kind: str, body: Mapping[str, Any], known: set[str]) -> None:
         )
 
 
+ReplyT_co = TypeVar("ReplyT_co", covariant=True)
+
+
+class Answered(Generic[ReplyT_co]):
+    """A request, and the shape of the `ok` reply it gets (hogwild.replies): the client's `request` of a
+    TrainRequest is typed as a TrainReply. The type parameter exists for type checkers only."""
+
+    type: ClassVar[str]
+
+    def to_body(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class TrainRequest:
+class TrainRequest(Answered[TrainReply]):
     """Train on `samples` for `steps` optimizer steps. The reply carries step, loss and tokens."""
 
     type: ClassVar[str] = "train"
@@ -99,7 +123,7 @@ class TrainRequest:
 
 
 @dataclass(frozen=True)
-class CheckpointRequest:
+class CheckpointRequest(Answered[CheckpointReply]):
     """Write a checkpoint now. `reason` is recorded in meta.json (e.g. "request", "pre-restart", "delete")."""
 
     type: ClassVar[str] = "checkpoint"
@@ -118,7 +142,7 @@ class CheckpointRequest:
 
 
 @dataclass(frozen=True)
-class StatusRequest:
+class StatusRequest(Answered[StatusReply]):
     type: ClassVar[str] = "status"
 
     @classmethod
@@ -131,7 +155,7 @@ class StatusRequest:
 
 
 @dataclass(frozen=True)
-class ConfigureRequest:
+class ConfigureRequest(Answered[ConfigureReply]):
     """Change hyperparameters (snake_case names of hogwild.config). The reply says `state_reset`.
 
     `eval_samples`, when given, replaces the evaluation gate's held-out set (hogwild.config.EvalGate)."""
@@ -166,7 +190,7 @@ class ConfigureRequest:
 
 
 @dataclass(frozen=True)
-class RestoreRequest:
+class RestoreRequest(Answered[RestoreReply]):
     """Roll the served weights (and optimizer state) back to a checkpoint: the newest when `step` is None."""
 
     type: ClassVar[str] = "restore"
@@ -195,7 +219,7 @@ class RestoreRequest:
 
 
 @dataclass(frozen=True)
-class RollbackRequest:
+class RollbackRequest(Answered[RollbackReply]):
     """Put the served weights and the optimizer state back to a kept version (hogwild.versions.Target):
     `previous`, a version `<lineage>.<step>`, or a checkpoint step. The reply says what was restored.
 
@@ -252,7 +276,7 @@ def new_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def encode_request(request: Request, request_id: str | None = None) -> bytes:
+def encode_request(request: Answered[object], request_id: str | None = None) -> bytes:
     envelope = {"v": PROTOCOL_VERSION, "type": request.type, "id": request_id or new_id()}
     envelope.update(request.to_body())
     # UTF-8, not \uXXXX escapes: a body within the HTTP limit stays within MAX_FRAME_BYTES. A lone surrogate

@@ -24,7 +24,7 @@ from hogwild.operator.kube import Kube
 from hogwild.operator.options import OperatorOptions
 from hogwild.operator.relay import Relay, Target
 from hogwild.operator.spec import SessionSpec
-from hogwild.protocol import CheckpointRequest, ProtocolError
+from hogwild.protocol import CheckpointReply, CheckpointRequest, ProtocolError
 
 logger = logging.getLogger(__name__)
 # Posts a Kubernetes Event about the session: (body, type Normal|Warning, reason, message).
@@ -35,7 +35,7 @@ EventSink = Callable[[Mapping[str, Any], str, str, str], None]
 class Job:
     pod_uid: str
     pod_name: str
-    task: asyncio.Task[dict[str, Any]]
+    task: asyncio.Task[CheckpointReply]
     wait: stopping.Bound
     until: str  # RFC 3339, for messages
     deadline: float  # monotonic
@@ -46,8 +46,8 @@ def _iso_in(seconds: float) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _where(reply: Mapping[str, Any]) -> str:
-    step, path = reply.get("step"), reply.get("path")
+def _where(reply: CheckpointReply) -> str:
+    step, path = reply.get("step"), reply.get("path")  # .get: a worker of another release may say less
     return f"step {step} at {path}" if path else "done"
 
 
@@ -80,7 +80,7 @@ class PodStopper:
         self._jobs[uid] = job
         return job
 
-    async def _ask(self, target: Target, reason: str, wait_s: float) -> dict[str, Any]:
+    async def _ask(self, target: Target, reason: str, wait_s: float) -> CheckpointReply:
         deadline = time.monotonic() + wait_s
         while True:
             left = max(deadline - time.monotonic(), 0.1)

@@ -12,14 +12,15 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from hogwild.auth import CURVE_FILES, CurveKeys
 from hogwild.client import WorkerClient
 from hogwild.operator.metrics import OperatorMetrics
-from hogwild.protocol import ProtocolError, Request
+from hogwild.protocol import Answered, ProtocolError
 
 logger = logging.getLogger(__name__)
+ReplyT = TypeVar("ReplyT")
 
 
 def client_keys(secret: Mapping[str, Any]) -> CurveKeys:
@@ -61,8 +62,9 @@ class Relay:
         self._clients[key] = (target, client)
         return client
 
-    async def request(self, target: Target, request: Request, timeout_s: float) -> dict[str, Any]:
-        """The worker's reply fields. Raises ProtocolError (its error, or `timeout`)."""
+    async def request(self, target: Target, request: Answered[ReplyT], timeout_s: float) -> ReplyT:
+        """The worker's reply fields (hogwild.replies: a TrainRequest's are a TrainReply). Raises
+        ProtocolError (its error, or `timeout`)."""
         client = await self._client(target)
         started = time.perf_counter()
         try:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hogwild.operator.status import PodFacts, WorkerFacts
+from hogwild.protocol import StatusReply
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def group_of(reply: Mapping[str, Any]) -> Group | None:
+def group_of(reply: StatusReply) -> Group | None:
     group = reply.get("group")
     if not isinstance(group, Mapping):
         return None

@@ -20,7 +20,15 @@ from typing import Any
 
 from hogwild.operator import fields
 from hogwild.operator.fields import SpecError
-from hogwild.protocol import ProtocolError, Sample, decode_samples, parse_json, samples_digest
+from hogwild.protocol import (
+    ProtocolError,
+    RollbackReply,
+    Sample,
+    StatusReply,
+    decode_samples,
+    parse_json,
+    samples_digest,
+)
 from hogwild.versions import Target, TargetError, parse_target
 
 DEFAULT_EVAL_KEY = "eval.jsonl"
@@ -94,7 +102,7 @@ def eval_samples_of(
     return samples, samples_digest(samples)
 
 
-def worker_eval_digest(reply: Mapping[str, Any]) -> str | None:
+def worker_eval_digest(reply: StatusReply) -> str | None:
     """The digest of the evaluation set the worker holds, from its status reply (None: none, or not said)."""
     gate = reply.get("gate")
     eval_set = gate.get("eval_set") if isinstance(gate, Mapping) else None
@@ -109,7 +117,7 @@ def rollback_due(spec: RollbackSpec | None, status: Mapping[str, Any]) -> bool:
 
 
 def rollback_record(
-    spec: RollbackSpec, reply: Mapping[str, Any] | None, error: str | None, now: str
+    spec: RollbackSpec, reply: RollbackReply | None, error: str | None, now: str
 ) -> dict[str, Any]:
     """status.rollback for a finished request: what the worker restored, or why it could not."""
     if reply is None:
@@ -150,7 +158,7 @@ def _verdict_text(last: Mapping[str, Any] | None) -> str | None:
     return text
 
 
-def safety_status(reply: Mapping[str, Any]) -> dict[str, Any]:
+def safety_status(reply: StatusReply) -> dict[str, Any]:
     """weightsVersion, lineage and gate for the status, from the worker's status reply (only what it said)."""
     out: dict[str, Any] = {}
     if isinstance(reply.get("version"), str):

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hogwild.protocol import StatusReply
+
 PHASES = (
     "Pending",
     "Starting",
@@ -172,7 +174,7 @@ def iso_time(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def worker_facts(reply: Mapping[str, Any]) -> WorkerFacts:
+def worker_facts(reply: StatusReply) -> WorkerFacts:
     """Tolerant: a field the worker left out stays unknown (None), never invented."""
     loss = reply.get("loss")
     checkpoint = reply.get("last_checkpoint")

@@ -23,7 +23,14 @@ from hogwild.operator.options import OperatorOptions
 from hogwild.operator.relay import Relay, Target
 from hogwild.operator.replica_pods import Converged
 from hogwild.operator.spec import SessionSpec
-from hogwild.protocol import ConfigureRequest, ProtocolError, RollbackRequest, Sample, StatusRequest
+from hogwild.protocol import (
+    ConfigureRequest,
+    ProtocolError,
+    RollbackRequest,
+    Sample,
+    StatusReply,
+    StatusRequest,
+)
 
 logger = logging.getLogger(__name__)
 # (session body, session, pod, replica ordinal) -> where that replica's worker listens, or None.
@@ -70,13 +77,14 @@ class Workers:
         by_ordinal = dict(zip(ordinals, results, strict=True))
         if 0 in by_ordinal:
             obs = by_ordinal[0][0]
+        said = {i: reply for i, (_, reply) in by_ordinal.items() if reply is not None}
         seen = [
             replicas.Replica(
                 i,
                 pod,
                 worker=by_ordinal[i][0].worker if i in by_ordinal else None,
-                version=by_ordinal[i][1].get("version") if i in by_ordinal else None,
-                group=replicas.group_of(by_ordinal[i][1]) if i in by_ordinal else None,
+                version=said[i].get("version") if i in said else None,
+                group=replicas.group_of(said[i]) if i in said else None,
                 message=converged.notes.get(i),
             )
             for i, pod in converged.seen.items()
@@ -92,18 +100,18 @@ class Workers:
         obs: status.Observation,
         replica: int,
         pod: status.PodFacts,
-    ) -> tuple[status.Observation, Mapping[str, Any]]:
-        """`obs` with what replica `replica`'s worker said, and its last status reply ({} without one).
+    ) -> tuple[status.Observation, StatusReply | None]:
+        """`obs` with what replica `replica`'s worker said, and its status reply (None without one).
         Only replica 0's answer becomes the session's; spec.rollback goes through replica 0 alone."""
         target = self.target(body, session, pod, replica)
         if target is None:
-            return obs, {}
+            return obs, None
         timeout = self.options.status_timeout_s
         try:
             said = await self.relay.request(target, StatusRequest(), timeout)
         except ProtocolError as err:
             self.keys_unsure(session.uid)
-            return replace(obs, worker_error=f"{err.code}: {err.message}"), {}
+            return replace(obs, worker_error=f"{err.code}: {err.message}"), None
         facts = status.worker_facts(said)
         obs = replace(obs, safety=safety.safety_status(said))
         if replica == 0:

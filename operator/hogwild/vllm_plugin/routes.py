@@ -28,11 +28,14 @@ from hogwild import defaults
 from hogwild.auth import bearer_ok
 from hogwild.client import WorkerClient
 from hogwild.protocol import (
+    Answered,
     CheckpointRequest,
     ConfigureRequest,
     ProtocolError,
+    Reply,
     RestoreRequest,
     RollbackRequest,
+    StatusReply,
     StatusRequest,
     TrainRequest,
     parse_json,
@@ -46,6 +49,11 @@ log = logging.getLogger("hogwild.routes")
 PROBE_TIMEOUT_S = 3.0
 PREFIX_RESET_ATTEMPTS = 20
 PREFIX_RESET_PAUSE_S = 0.05
+
+
+def prefix_cache_policy(status: StatusReply) -> str:
+    """What to do with cached prefixes once the weights changed: the worker's `prefix_cache` setting."""
+    return str(status.get("config", {}).get("prefix_cache", "reset"))
 
 
 def error_response(error: ProtocolError) -> JSONResponse:
@@ -87,7 +95,7 @@ class TrainingRoutes:
             raise ProtocolError("invalid", "body must be a JSON object")
         return body
 
-    async def probe(self) -> dict[str, Any]:
+    async def probe(self) -> StatusReply:
         try:
             status = await self.client.request(StatusRequest(), timeout_s=PROBE_TIMEOUT_S)
         except ProtocolError as err:
@@ -97,7 +105,7 @@ class TrainingRoutes:
         self.note_protection(status)
         return status
 
-    def note_protection(self, status: dict[str, Any]) -> None:
+    def note_protection(self, status: StatusReply) -> None:
         """Repeat in vLLM's log, once per cause, that the worker's serving protection fell back to the host
         (whoever reads the server's log is the one whose latency it concerns)."""
         error = str((status.get("protection") or {}).get("gpu_wait_error") or "")
@@ -135,11 +143,10 @@ class TrainingRoutes:
             # Watched: a worker that dies or restarts under this request fails it in seconds (503), and the
             # lock is free again for the next one.
             reply = await self.client.request_watched(train, train.timeout_s + 5.0, baseline=status)
-            policy = str(status.get("config", {}).get("prefix_cache", "reset"))
-            reply["prefix_cache_reset"] = await self.drop_stale_prefixes(policy)
-            reply["seconds"] = round(time.monotonic() - started, 3)
-            reply.pop("id", None)
-            return JSONResponse(reply)
+            reset = await self.drop_stale_prefixes(prefix_cache_policy(status))
+            return JSONResponse(
+                {**reply, "prefix_cache_reset": reset, "seconds": round(time.monotonic() - started, 3)}
+            )
 
     async def rollback(self, request: Request) -> JSONResponse:
         """Like forward, but never beside a train request: a rollback under it gets 409, and a train
@@ -151,30 +158,34 @@ class TrainingRoutes:
         async with self.train_lock:
             return await self.relay(message, changes_weights=True)
 
-    async def forward(self, request: Request, kind: Any, *, changes_weights: bool) -> JSONResponse:
+    async def forward(
+        self,
+        request: Request,
+        kind: type[CheckpointRequest | RestoreRequest | ConfigureRequest],
+        *,
+        changes_weights: bool,
+    ) -> JSONResponse:
         self.authorize(request)
         return await self.relay(
             kind.from_body(await self.json_body(request)), changes_weights=changes_weights
         )
 
-    async def relay(self, message: Any, *, changes_weights: bool) -> JSONResponse:
+    async def relay(self, message: Answered[Reply], *, changes_weights: bool) -> JSONResponse:
         status = await self.probe()
         reply = await self.client.request_watched(message, defaults.CONTROL_TIMEOUT_S * 10, baseline=status)
-        if changes_weights:
-            policy = str(reply.get("config", {}).get("prefix_cache", "reset"))
-            reply["prefix_cache_reset"] = await self.drop_stale_prefixes(policy)
-        reply.pop("id", None)
-        return JSONResponse(reply)
+        if not changes_weights:
+            return JSONResponse(reply)
+        reset = await self.drop_stale_prefixes(prefix_cache_policy(status))
+        return JSONResponse({**reply, "prefix_cache_reset": reset})
 
     async def status(self) -> JSONResponse:
         reply = await self.probe()
-        reply.pop("id", None)
-        reply["router"] = {
+        router = {
             "prefix_cache_resets": self.prefix_cache_resets,
             "prefix_cache_reset_failures": self.prefix_cache_reset_failures,
             "train_in_flight": self.train_lock.locked(),
         }
-        return JSONResponse(reply)
+        return JSONResponse({**reply, "router": router})
 
 
 def attach(app: FastAPI, get_routes: Callable[[], TrainingRoutes | None]) -> None:
