@@ -122,6 +122,11 @@ def handle_command(
     cmd = command.get("cmd")
     if cmd == "checksum":
         return tensor_digest(params[command["name"]])
+    if cmd == "checksums":  # every served tensor at once: equal across replicas means the same weights
+        combined = hashlib.sha256()
+        for name in sorted(params):
+            combined.update(tensor_digest(params[name])["sha256"].encode())
+        return {"sha256": combined.hexdigest()}
     if cmd == "read":
         return {"value": float(params[command["name"]].detach().reshape(-1)[int(command["index"])])}
     if cmd == "logits":

@@ -189,6 +189,9 @@ class WorkerMetrics:
         self.group_regroups = counter(
             "group_regroups", "Times this worker's group re-formed, by why", ("reason",)
         )
+        self.group_out_of_sync = counter(
+            "group_out_of_sync", "Exchanges where members' weights digests differed (should stay 0)"
+        )
         self.group_weight_broadcasts = counter(
             "group_weight_broadcasts",
             "Group formations that sent the weights to members whose digest differed",

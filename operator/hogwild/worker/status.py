@@ -72,6 +72,9 @@ ALONE = {
     "epoch": 0,
     "in_sync": True,
     "digest": None,
+    "compared_steps": 0,
+    "last_compared_step": None,
+    "out_of_sync": 0,
 }
 
 

@@ -29,6 +29,7 @@ class Control:
     """What one member tells the others at one exchange. JSON on the wire (`to_wire`/`from_wire`)."""
 
     replica: int  # the member's ordinal (stable across epochs); its rank is its place in the member list
+    phase: str = "tick"  # "tick" (idle) or "step" (before a step of a shared request): all must agree
     epoch_seen: int = 0  # the newest epoch this member saw in the store (a joiner bumps it)
     leaving: bool = False  # this member leaves after this exchange (SIGTERM, re-mapped weights)
     stop: Stop = Stop.NONE
@@ -41,6 +42,7 @@ class Control:
     def to_wire(self) -> dict[str, Any]:
         return {
             "replica": self.replica,
+            "phase": self.phase,
             "epoch_seen": self.epoch_seen,
             "leaving": self.leaving,
             "stop": int(self.stop),
@@ -55,6 +57,7 @@ class Control:
     def from_wire(cls, body: Mapping[str, Any]) -> Control:
         return cls(
             replica=int(body["replica"]),
+            phase=str(body.get("phase", "tick")),
             epoch_seen=int(body.get("epoch_seen", 0)),
             leaving=bool(body.get("leaving", False)),
             stop=Stop(int(body.get("stop", 0))),
@@ -74,11 +77,15 @@ class Decision:
     stop: Stop = Stop.NONE
     in_sync: bool | None = None  # None: some member has no digest yet
     saved_steps: tuple[int, ...] = field(default_factory=tuple)
+    # Members in different phases: one left a shared request that the others are still in (a bug, or an
+    # error only it met). Their exchanges no longer pair up: the group must re-form, not carry on.
+    out_of_step: bool = False
 
 
 def decide(controls: Sequence[Control], epoch: int) -> Decision:
     """What every member does after an exchange in epoch `epoch` (the same on all: same input, same order)."""
-    regroup = any(c.leaving for c in controls) or max(c.epoch_seen for c in controls) > epoch
+    out_of_step = len({c.phase for c in controls}) > 1
+    regroup = out_of_step or any(c.leaving for c in controls) or max(c.epoch_seen for c in controls) > epoch
     stop = max((c.stop for c in controls), default=Stop.NONE)
     if regroup:
         stop = max(stop, Stop.REGROUP)
@@ -89,6 +96,7 @@ def decide(controls: Sequence[Control], epoch: int) -> Decision:
         stop=stop,
         in_sync=in_sync(controls),
         saved_steps=tuple(sorted({c.saved_step for c in controls if c.saved_step is not None})),
+        out_of_step=out_of_step,
     )
 
 

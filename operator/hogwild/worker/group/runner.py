@@ -31,7 +31,8 @@ import torch
 
 from hogwild import defaults
 from hogwild.errors import ProtocolError
-from hogwild.protocol import ConfigureRequest, TrainRequest
+from hogwild.faults import fault_point
+from hogwild.protocol import ConfigureReply, ConfigureRequest, Reply, TrainReply, TrainRequest
 from hogwild.versions import Lineage
 from hogwild.worker.group import plan, rendezvous, state
 from hogwild.worker.group.comms import Comms, GroupBroken
@@ -40,7 +41,7 @@ from hogwild.worker.metrics import WorkerMetrics
 from hogwild.worker.trainer import Trainer
 
 log = logging.getLogger("hogwild.worker")
-Done = Callable[[dict[str, Any] | ProtocolError], None]
+Done = Callable[[Reply | ProtocolError], None]
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,8 @@ class ReplicaGroup:
         metrics: WorkerMetrics,
         lineage: Callable[[], Lineage],
         adopt_lineage: Callable[[Lineage], None],
-        run_train: Callable[[TrainRequest, Callable[[], str | None]], dict[str, Any]],
-        apply_configure: Callable[[ConfigureRequest], dict[str, Any]],
+        run_train: Callable[[TrainRequest, Callable[[], str | None]], TrainReply],
+        apply_configure: Callable[[ConfigureRequest], ConfigureReply],
         mapping: Callable[[], object | None],
         peer_saved: Callable[[int], None],
     ) -> None:
@@ -104,6 +105,9 @@ class ReplicaGroup:
         self.membership: rendezvous.Membership | None = None
         self.in_sync: bool | None = None
         self.running = False  # a shared train request runs (whoever sent it)
+        # Every exchange compares all members' (step, digest): how many steps were compared, how many differed.
+        self.compared_steps: set[int] = set()
+        self.out_of_sync = 0
         self.last_sync: state.Synced | None = None
         self._thread: threading.Thread | None = None
 
@@ -134,8 +138,11 @@ class ReplicaGroup:
             raise ProtocolError(
                 "not_connected", "the replica group is forming; train after it has formed (seconds)"
             )
-        if self.running or not self._jobs.empty():
-            raise ProtocolError("busy", "a train request is already running in the replica group")
+        # The service answers 409 while this replica's own request runs. One that came through another
+        # replica is not refused: this one waits its turn (a client that spreads its requests over the
+        # replicas behind one Service would otherwise see 409s at random).
+        if not self._jobs.empty():
+            raise ProtocolError("busy", "a train request is already waiting in this replica")
         self._jobs.put(_Job(request.to_body(), done))
 
     def submit_configure(self, request: ConfigureRequest, done: Done) -> bool:
@@ -161,6 +168,9 @@ class ReplicaGroup:
             "epoch": m.epoch if m else 0,
             "in_sync": self.in_sync,
             "digest": self._digest[1] if self._digest else None,
+            "compared_steps": len(self.compared_steps),
+            "last_compared_step": max(self.compared_steps, default=None),
+            "out_of_sync": self.out_of_sync,
         }
 
     # ---- the thread ----------------------------------------------------------------------------------------
@@ -232,6 +242,7 @@ class ReplicaGroup:
 
         def sum_gradients(loss: float, tokens: int) -> tuple[float, int]:
             total_loss, total_tokens = comms.sum_scalars([loss, float(tokens)])
+            fault_point("group.mid_step")  # crash tests: die between the two collectives of a step
             comms.sum_gradients_(params)
             return total_loss, int(total_tokens)
 
@@ -281,6 +292,8 @@ class ReplicaGroup:
         mine = self._control(membership, mapping, configure=self._drain_configures(), **fields)
         controls = [plan.Control.from_wire(c) for c in comms.gather_json(mine.to_wire())]
         decision = plan.decide(controls, membership.epoch)
+        if decision.out_of_step:
+            raise GroupBroken(f"members are out of step: {[(c.replica, c.phase) for c in controls]}")
         for origin, body in decision.configure:
             self._configure(origin == membership.rank, body)
         for step in decision.saved_steps:
@@ -288,6 +301,18 @@ class ReplicaGroup:
                 self._peer_saved(step)
         self.in_sync = decision.in_sync
         self.metrics.group_in_sync.set(1 if decision.in_sync else 0)
+        if decision.in_sync is not None:
+            self.compared_steps.add(controls[0].step)
+        if decision.in_sync is False:
+            self.out_of_sync += 1
+            self.metrics.group_out_of_sync.inc()
+            log.error(
+                "replicas hold different weights",
+                extra={
+                    "event": "group_out_of_sync",
+                    "states": [(c.replica, c.step, c.digest) for c in controls],
+                },
+            )
         return decision
 
     def _ticks(self, comms: Comms, membership: rendezvous.Membership, mapping: object) -> str:
@@ -325,7 +350,7 @@ class ReplicaGroup:
                 local = plan.Stop.SHUTDOWN
             elif time.monotonic() > deadline:
                 local = plan.Stop.TIMEOUT
-            decision = self._exchange(comms, membership, mapping, stop=local)
+            decision = self._exchange(comms, membership, mapping, phase="step", stop=local)
             regroup = regroup or decision.regroup
             if decision.stop >= plan.Stop.REGROUP:
                 return "regrouping"
@@ -339,7 +364,7 @@ class ReplicaGroup:
 
         self.running = True
         try:
-            result: dict[str, Any] | ProtocolError = self._run_train(request, should_stop)
+            result: TrainReply | ProtocolError = self._run_train(request, should_stop)
         except GroupBroken as err:
             if mine is not None:
                 mine.done(
@@ -352,6 +377,10 @@ class ReplicaGroup:
             raise
         except ProtocolError as err:
             result = err
+        except Exception as err:  # met here only: the others are still in the request; re-form the group
+            if mine is not None:
+                mine.done(ProtocolError("internal", f"train failed: {type(err).__name__}: {err}"))
+            raise GroupBroken(f"train failed on this member: {type(err).__name__}: {err}") from err
         finally:
             self.running = False
         if mine is not None:
@@ -361,7 +390,7 @@ class ReplicaGroup:
     def _configure(self, here: bool, body: dict[str, Any]) -> None:
         job = self._take(self._configures) if here else None
         try:
-            result: dict[str, Any] | ProtocolError = self._apply_configure(ConfigureRequest.from_body(body))
+            result: ConfigureReply | ProtocolError = self._apply_configure(ConfigureRequest.from_body(body))
         except ProtocolError as err:
             result = err
         if job is not None:
@@ -369,7 +398,7 @@ class ReplicaGroup:
 
     def _configure_locally(self, job: _Job) -> None:
         try:
-            result: dict[str, Any] | ProtocolError = self._apply_configure(
+            result: ConfigureReply | ProtocolError = self._apply_configure(
                 ConfigureRequest.from_body(job.body)
             )
         except ProtocolError as err:
