@@ -26,42 +26,21 @@ from gpu_common import Child, log, now_s
 if TYPE_CHECKING:  # gpu_bench imports this module: the type only, no import cycle at run time
     from gpu_bench import Context
 
-# (name, protection settings, micro-batch, sequence length, accumulation). Every row trains 16,384 tokens a
-# step; "granularity: step" waits only before a whole step (Trainer's own yield), "layer" at every layer.
-_YIELD = {"yield_when_busy": True}
-_OFF = {"yield_when_busy": False}  # explicit: the config's default is on
-_FINE = {**_YIELD, "granularity": "linear", "tail": True, "chunked_head": True}
-CANDIDATES: list[tuple[str, dict[str, Any], int, int, int]] = [
-    ("off", _OFF, 2, 2048, 4),
-    ("duty-0.5", {**_OFF, "max_duty_cycle": 0.5}, 2, 2048, 4),
-    ("duty-0.25", {**_OFF, "max_duty_cycle": 0.25}, 2, 2048, 4),
-    ("yield-step", {**_YIELD, "granularity": "step"}, 2, 2048, 4),
-    ("yield-layer-4k", _YIELD, 2, 2048, 4),
-    ("yield-layer-2k", _YIELD, 1, 2048, 8),
-    ("yield-layer-1k", _YIELD, 1, 1024, 16),
-    ("yield-linear-4k", {**_YIELD, "granularity": "linear"}, 2, 2048, 4),
-    ("yield-linear-4k-tail", {**_YIELD, "granularity": "linear", "tail": True}, 2, 2048, 4),
-    ("yield-linear-2k-tail", {**_YIELD, "granularity": "linear", "tail": True}, 1, 2048, 8),
-    ("yield-layer-1k-tail", {**_YIELD, "tail": True}, 1, 1024, 16),
-    ("yield-fine-4k-noembed", {**_FINE, "embed_point": False}, 2, 2048, 4),
-    ("yield-fine-4k-depth1", {**_FINE, "depth": 1}, 2, 2048, 4),
-    ("yield-fine-4k", _FINE, 2, 2048, 4),
-    ("yield-fine-2k", _FINE, 1, 2048, 8),
-    ("yield-fine-1k", _FINE, 1, 1024, 16),
-    # The worker as shipped: its own preemptible pieces, settings from hogwild.config's defaults.
-    ("worker-default", {"native": True}, 2, 2048, 4),
-    ("worker-yield", {"native": True, "yield_when_busy": True}, 2, 2048, 4),
-    ("worker-off", {**_OFF, "native": True}, 2, 2048, 4),
-    # More chunks in flight: fewer pipeline stalls at points (idle-server speed), more queued at an arrival.
-    ("worker-depth3", {"native": True, "depth": 3}, 2, 2048, 4),
-    ("worker-depth4", {"native": True, "depth": 4}, 2, 2048, 4),
-    # Before/after of the split projections (preemptible_linear), and a smaller queue budget on top.
-    ("worker-nosplit", {"native": True, "split_matmuls": False}, 2, 2048, 4),
-    ("worker-host-budget1ms", {"native": True, "gpu_wait": False, "queue_budget_ms": 1.0}, 2, 2048, 4),
-    # The worker's points waiting on the host (ChunkQueue), as before the GPU-side wait (device_gate).
-    ("worker-host", {"native": True, "gpu_wait": False}, 2, 2048, 4),
-    ("worker-host-nosplit", {"native": True, "gpu_wait": False, "split_matmuls": False}, 2, 2048, 4),
+# (name, protection settings): hogwild.config.ServingProtection fields over its defaults, applied to the worker's
+# own training path (gpu_trainer.TrainLoop) as a hot configure. Only what ships: no protection, a duty cycle,
+# the default (preemption points waiting in the GPU stream), the same on the host, and a higher training share.
+# The candidates that emulated designs which never shipped (step-level yield, layer-only points, bench-side
+# tail and head pieces, fixed queue depths) are in git history, and their figures in bench/RESULTS.md.
+CANDIDATES: list[tuple[str, dict[str, Any]]] = [
+    ("off", {"yield_when_busy": False}),
+    ("duty-0.5", {"yield_when_busy": False, "max_duty_cycle": 0.5}),
+    ("duty-0.25", {"yield_when_busy": False, "max_duty_cycle": 0.25}),
+    ("worker-default", {}),
+    ("worker-host", {"gpu_wait": False}),
+    ("worker-share-0.5", {"min_training_share": 0.5}),
 ]
+# Every row trains 16,384 tokens a step: micro-batches of 2 x 2048 tokens, 4 accumulated (tiny: 1 x 64).
+MICRO_BATCH, SEQ, ACCUMULATION = 2, 2048, 4
 DEFAULT_CANDIDATE = "worker-default"
 
 
@@ -120,13 +99,9 @@ def interference(ctx: Context, trainer_env: dict[str, str] | None = None) -> dic
         figures: dict[str, Any] = {}
         capacity = server.call("load", mode="saturate", seconds=window_s)
         log(f"serving alone, saturated: {capacity}")
-        name, protection, micro, seq, accumulation = CANDIDATES[0]
+        micro, seq = (1, 64) if small else (MICRO_BATCH, SEQ)
         trainer.call(
-            "start",
-            micro_batch=1 if small else micro,
-            seq=64 if small else seq,
-            accumulation=accumulation,
-            protection=protection,
+            "start", micro_batch=micro, seq=seq, accumulation=ACCUMULATION, protection=dict(CANDIDATES[0][1])
         )
         saturated = server.call("load", mode="saturate", seconds=window_s)
         rate = trainer.call("rate", begin=saturated["begin"], end=saturated["end"])
@@ -162,16 +137,14 @@ def interference(ctx: Context, trainer_env: dict[str, str] | None = None) -> dic
         wanted = args.candidates.split(",") if args.candidates else [c[0] for c in CANDIDATES]
         # `--repeat N` measures each candidate N times in turn; repeats are named `name#2`, `name#3`, ...
         runs = [
-            (f"{name}#{n}" if n > 1 else name, *rest)
+            (f"{name}#{n}" if n > 1 else name, protection)
             for n in range(1, args.repeat + 1)
-            for name, *rest in CANDIDATES
+            for name, protection in CANDIDATES
             if name in wanted
         ]
-        for name, protection, micro, seq, accumulation in runs:
-            if small:
-                micro, seq = 1, 64
+        for name, protection in runs:
             trainer.call(
-                "start", micro_batch=micro, seq=seq, accumulation=accumulation, protection=protection,
+                "start", micro_batch=micro, seq=seq, accumulation=ACCUMULATION, protection=protection,
                 timeline=args.timeline,
             )  # fmt: skip
             begin = now_s()
@@ -189,7 +162,7 @@ def interference(ctx: Context, trainer_env: dict[str, str] | None = None) -> dic
             stopped = trainer.call("stop")
             kept = busy["tokens_per_s"] / idle["tokens_per_s"] if idle["tokens_per_s"] else None
             row = {
-                "name": name, "protection": protection, "micro_batch": [micro, seq], "accumulation": accumulation,
+                "name": name, "protection": protection, "micro_batch": [micro, seq], "accumulation": ACCUMULATION,
                 "serve_p50_ms": loaded["p50_ms"], "serve_p99_ms": loaded["p99_ms"], "serve_max_ms": loaded["max_ms"],
                 "p99_ratio": loaded["p99_ms"] / alone["p99_ms"],
                 "train_tokens_per_s_idle_server": idle["tokens_per_s"], "train_tokens_per_s_loaded_server": busy["tokens_per_s"],

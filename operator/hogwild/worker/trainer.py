@@ -120,10 +120,6 @@ class Trainer:
         self.max_positions: int | None = None
         self.named_params: list[tuple[str, torch.Tensor]] = []
         self.optimizer: torch.optim.Optimizer | None = None
-        # Step-level serving protection: with protection.yield_when_busy a step waits (up to max_wait_s) while
-        # this says vLLM is busy. The worker service installs finer, layer-level points instead
-        # (hogwild.worker.protection); this hook is for callers that want whole steps to yield.
-        self.serving_busy: Callable[[], bool] | None = None
         # The serving gate's preemption point (the service sets it). While protection.yield_when_busy is on,
         # the pieces no module hook cuts (head and loss, clip, optimizer step) run in chunks with it between.
         self.preemption_point: Callable[[], None] | None = None
@@ -230,17 +226,8 @@ class Trainer:
         self.optimizer.step()
         return sample.norm()
 
-    def _yield_to_serving(self) -> None:
-        settings = self.config.protection
-        if not (settings.yield_when_busy and self.serving_busy):
-            return
-        deadline = time.monotonic() + settings.max_wait_s
-        while self.serving_busy() and time.monotonic() < deadline:
-            time.sleep(0.005)
-
     def step(self, batch: StepBatch) -> StepStats:
         """One optimizer step on the shared weights (or a counted skip when the loss/gradient is not finite)."""
-        self._yield_to_serving()
         with self._turn:
             self._turn.wait_for(lambda: self._waiters == 0)
         with self.lock:
