@@ -13,8 +13,16 @@ from typing import Any
 import pytest
 
 import test_operator_flows as flows
+from chart_helpers import one, rendered
 from hogwild import defaults
-from operator_helpers import FakeWorker, eventually, resolved, run_operator, session_manifest
+from operator_helpers import (
+    EmulatorCluster,
+    FakeWorker,
+    eventually,
+    resolved,
+    run_operator,
+    session_manifest,
+)
 from test_operator_flows import Cluster, condition, point_at, secret_keys, wait_status
 
 pytestmark = pytest.mark.timeout(240)
@@ -129,9 +137,32 @@ async def test_scale_1_2_3_1_is_hot(cluster: Cluster) -> None:
                 lambda s: s.get("replicas") == 1 and s["readyReplicas"] == 1,
             )
             assert condition(back, "Ready")["status"] == "True"
+            if isinstance(cluster, EmulatorCluster):
+                assert_rbac_covers(cluster.emulator.operator_verbs)
         finally:
             w0.close()
             w1.close()
+
+
+def assert_rbac_covers(used: set[tuple[str, str, str]]) -> None:
+    """Every (group, resource, verb) the operator used is one the chart's Role grants (a real API server
+    would refuse the rest), and the replicas' own verbs were really used (the flow is not vacuous)."""
+    role = one(rendered("default"), "ClusterRole")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert used <= granted, f"the chart's RBAC lacks {sorted(used - granted)}"
+    replica_verbs = {
+        ("policy", "poddisruptionbudgets", "create"),
+        ("policy", "poddisruptionbudgets", "delete"),
+        ("", "pods", "delete"),
+        ("", "services", "create"),
+    }
+    assert replica_verbs <= used, sorted(replica_verbs - used)
 
 
 async def _both_have_lr(w0: FakeWorker, w1: FakeWorker, lr: float) -> bool:

@@ -50,6 +50,13 @@ RESOURCES: tuple[tuple[str, str, bool, set[str]], ...] = (
 VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
 
 
+def _rbac_verb(action: kmock.action, method: str) -> str:
+    """The RBAC verb of a request: kmock's UPDATE is a PATCH or a PUT, its FETCH a get."""
+    if action == kmock.action.UPDATE:
+        return "patch" if method.upper().endswith("PATCH") else "update"
+    return "get" if action == kmock.action.FETCH else str(action.value).lower()
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -59,6 +66,9 @@ class Emulator(kmock.KubernetesEmulator):
     _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _stamp_lock: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
     calls: list[tuple[str | None, str | None]] = attrs.field(factory=list, init=False)
+    # (group, resource[/subresource], verb) of every request whose User-Agent is kopf's (the operator's), in
+    # RBAC's terms: what the operator's Role must grant.
+    operator_verbs: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -73,6 +83,16 @@ class Emulator(kmock.KubernetesEmulator):
     async def _handle(self, request: kmock.Request) -> Any:
         plural = request.resource.plural if request.resource is not None else None
         self.calls.append((request.action.value if request.action else None, plural))
+        agent = request.headers.get("User-Agent", "")
+        if (
+            request.resource is not None
+            and plural
+            and request.action is not None
+            and agent.startswith("kopf/")
+        ):
+            resource = plural + (f"/{request.subresource}" if request.subresource else "")
+            verb = _rbac_verb(request.action, str(request.method))
+            self.operator_verbs.add((request.resource.group or "", resource, verb))
         try:
             return await self._stamp_and_handle(request)
         finally:
