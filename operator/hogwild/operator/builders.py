@@ -26,6 +26,8 @@ LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 # Which replica a pod is (0..replicas-1); the PodMonitor copies it into every worker series as `replica`.
 LABEL_REPLICA = f"{defaults.API_GROUP}/replica"
+# Tests and debugging (only with --allow-worker-address-override): where the workers listen instead of the
+# pods, comma-separated, one address per replica ordinal (a replica beyond the list is not asked).
 WORKER_ADDRESS_ANNOTATION = f"{defaults.API_GROUP}/worker-address"
 CONFIG_KEY = "training.json"
 # A Service name (and a pod's subdomain) is a DNS label of at most 63 characters; the CRD refuses
