@@ -30,7 +30,18 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--state-dir", type=Path, help="token, checkpoints and run dir (default: under the cache)"
     )
-    parser.add_argument("--port", type=int, default=defaults.VLLM_HTTP_PORT)
+    parser.add_argument(
+        "--port", type=int, default=defaults.VLLM_HTTP_PORT, help="replica i listens on PORT+i"
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help=(
+            "vLLM engines that serve and learn together as one replica group (docs/replicas.md): a /train "
+            "sent to any of them trains all of them, and they hold the same weights after every step"
+        ),
+    )
     parser.add_argument("--metrics-port", type=int, default=defaults.WORKER_METRICS_PORT)
     parser.add_argument(
         "--metrics-host", default="127.0.0.1", help="where the worker's /metrics listens (default: loopback)"
@@ -62,6 +73,8 @@ def _share(text: str) -> int:
 
 def main(argv: Sequence[str]) -> int:
     args, extra = parse_args(argv)
+    if args.replicas != 1:
+        return serve_replicas(args, extra)
     session = LocalSession(
         model=args.model,
         state_dir=args.state_dir or default_state_dir(args.model),
@@ -112,4 +125,54 @@ def main(argv: Sequence[str]) -> int:
             progress.set()
             print("hogwild: stopping (worker checkpoints first, then vLLM)…", flush=True)
         session.stop()
+    return 0
+
+
+def serve_replicas(args: argparse.Namespace, extra: list[str]) -> int:
+    """`hogwild serve --replicas N`: N replicas of one session on this machine (hogwild.local.replicas)."""
+    from hogwild.local.replicas import LocalReplicas
+
+    if args.replicas < 1:
+        print(f"hogwild serve: --replicas must be at least 1, got {args.replicas}", file=sys.stderr)
+        return 2
+    if args.mps_trainer_share is not None:
+        print("hogwild serve: --mps-trainer-share runs one replica; drop one of the two", file=sys.stderr)
+        return 2
+    group = LocalReplicas(
+        model=args.model,
+        state_dir=args.state_dir or default_state_dir(args.model),
+        replicas=args.replicas,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        vllm_args=tuple(extra),
+        config=json.loads(args.config),
+    )
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        group.start()
+        group.wait_ready()
+        for replica in sorted(group.sessions):
+            print(f"hogwild: replica {replica} serving {args.model} at {group.url(replica)}", flush=True)
+        print(
+            f"hogwild: {args.replicas} replicas in one group; token in {group.token_file}; a /train to any "
+            "replica trains all of them",
+            flush=True,
+        )
+        while not stopping:
+            group.supervise()
+            time.sleep(0.5)
+    except LocalModeError as err:
+        print(f"hogwild: {err}", file=sys.stderr)
+        return 1
+    finally:
+        print("hogwild: stopping the replicas (workers checkpoint first, then vLLM)…", flush=True)
+        group.stop()
     return 0

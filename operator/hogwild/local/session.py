@@ -140,6 +140,9 @@ class LocalSession:
     metrics_host: str = "127.0.0.1"
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     shm: Path = SHM  # where the run dir goes when it can (run_dir_for)
+    # Replicas (hogwild.local.replicas): where the token and the checkpoints live when several sessions share
+    # them; None: under state_dir.
+    shared_dir: Path | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _log_files: list[IO[bytes]] = field(default_factory=list)
     _mps: MpsDaemon | None = None
@@ -149,8 +152,9 @@ class LocalSession:
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
         self.run_dir = run_dir_for(self.state_dir, Path(self.shm))
-        self.checkpoint_dir = self.state_dir / "checkpoints"
-        self.token_file = self.state_dir / "token"
+        shared = Path(self.shared_dir) if self.shared_dir is not None else self.state_dir
+        self.checkpoint_dir = shared / "checkpoints"
+        self.token_file = shared / "token"
         self.token = load_or_create_token(self.token_file)
         self.mps_dirs: mps.MpsDirs | None = None
         if self.mps_trainer_share is not None:

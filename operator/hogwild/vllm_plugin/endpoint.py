@@ -46,7 +46,13 @@ class HogwildRoutesPlugin:
         hint = LoadHint(run_dir() / HINT_NAME)
         app.add_middleware(ServingLoadMiddleware, hint=hint)
         # Every OpenAI response names the weight version that produced it (hogwild.vllm_plugin.versions).
-        app.add_middleware(WeightsVersionMiddleware, path=run_dir() / versions.VERSION_FILE)
+        app.add_middleware(
+            WeightsVersionMiddleware, path=run_dir() / versions.VERSION_FILE, on_version=self.weights_changed
+        )
+
+    async def weights_changed(self, version: str) -> None:
+        if self.routes is not None:
+            await self.routes.weights_changed_elsewhere(version)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:

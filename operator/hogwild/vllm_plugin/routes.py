@@ -41,6 +41,7 @@ from hogwild.protocol import (
     parse_json,
 )
 from hogwild.vllm_plugin import compat
+from hogwild.vllm_plugin.versions import UNKNOWN
 
 log = logging.getLogger("hogwild.routes")
 
@@ -71,6 +72,7 @@ class TrainingRoutes:
         self.prefix_cache_resets = 0
         self.prefix_cache_reset_failures = 0
         self.reported_gpu_wait_error = ""
+        self.last_policy = ""  # the worker's prefix_cache setting, as the last status said
 
     # ---- helpers ------------------------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
@@ -103,6 +105,7 @@ class TrainingRoutes:
                 raise ProtocolError("not_connected", "the training worker is not reachable") from None
             raise
         self.note_protection(status)
+        self.last_policy = prefix_cache_policy(status)
         return status
 
     def note_protection(self, status: StatusReply) -> None:
@@ -115,19 +118,30 @@ class TrainingRoutes:
                 "hogwild: the worker's serving protection waits on the host, not in the GPU (%s)", error
             )
 
-    async def drop_stale_prefixes(self, policy: str) -> bool:
+    async def drop_stale_prefixes(self, policy: str, attempts: int = PREFIX_RESET_ATTEMPTS) -> bool:
         """After the weights changed, drop KV blocks computed with the old ones (policy "reset")."""
         if policy != "reset":
             return False
-        for _ in range(PREFIX_RESET_ATTEMPTS):
+        for attempt in range(attempts):
             if await compat.reset_prefix_cache(self.engine_client):
                 self.prefix_cache_resets += 1
                 return True
-            # Blocks in use by running requests cannot be freed yet; they drop on the next try.
-            await asyncio.sleep(PREFIX_RESET_PAUSE_S)
+            if attempt + 1 < attempts:  # blocks in use by running requests cannot be freed yet: try again
+                await asyncio.sleep(PREFIX_RESET_PAUSE_S)
         self.prefix_cache_reset_failures += 1
-        log.warning("hogwild: prefix cache still in use after training; stale prefixes may be served")
+        if attempts > 1:
+            log.warning("hogwild: prefix cache still in use after training; stale prefixes may be served")
         return False
+
+    async def weights_changed_elsewhere(self, version: str) -> None:
+        """A serving request found a new weights version. While a /train of this server runs, its own route
+        resets the prefix cache when it ends (as before replicas). Otherwise the change came from elsewhere:
+        another replica's request trained these weights too, or the replica group handed this replica its
+        weights. Then drop prefixes now, before this request reads them (the worker's policy, as /train)."""
+        if self.train_lock.locked() or version == UNKNOWN:
+            return
+        # One attempt: a serving request is waiting on it. Blocks in use now are retried at the next change.
+        await self.drop_stale_prefixes(self.last_policy or "reset", attempts=1)
 
     # ---- routes -------------------------------------------------------------------------------------
     async def train(self, request: Request) -> JSONResponse:

@@ -48,15 +48,26 @@ def write_start_version(run_dir: Path, step: int) -> str:
 
 
 class WeightsVersionMiddleware:
-    def __init__(self, app: ASGIApp, path: Path) -> None:
+    """`on_version` (if given) hears of a version other than the last one it heard of, before the request
+    that saw it goes on: the plugin drops cached prefixes there when the weights changed without a /train of
+    this server (another replica's request, or a replica group handing this one its weights)."""
+
+    def __init__(
+        self, app: ASGIApp, path: Path, on_version: Callable[[str], Awaitable[None]] | None = None
+    ) -> None:
         self.app = app
         self.path = path
+        self.on_version = on_version
+        self._heard = ""
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope.get("type") != "http" or not str(scope.get("path", "")).startswith(SERVING_PREFIXES):
             await self.app(scope, receive, send)
             return
         first = read_version(self.path)
+        if self.on_version is not None and first != self._heard:
+            self._heard = first
+            await self.on_version(first)
         streaming = False
 
         async def send_with_version(message: MutableMapping[str, Any]) -> None:
