@@ -60,8 +60,11 @@ class GroupSettings:
         if not address:
             return None
         rendezvous.split_address(address)  # ValueError early, with the address in it
+        replica_text = env.get(defaults.ENV_REPLICA, "0").strip()
+        if not replica_text.isdigit():
+            raise ValueError(f"{defaults.ENV_REPLICA}={replica_text!r} is not a replica ordinal (0, 1, ...)")
         return cls(
-            replica=int(env.get(defaults.ENV_REPLICA, "0")),
+            replica=int(replica_text),
             rendezvous=address,
             host_store=env.get(defaults.ENV_HOST_STORE, "") == "1",
             settle_s=float(env.get("HOGWILD_GROUP_SETTLE_S", "2.0")),
