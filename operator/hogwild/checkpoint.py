@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hogwild.faults import fault_point
+from hogwild.replies import CheckpointSummary
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +61,7 @@ class Checkpoint:
     time: float
     meta: Mapping[str, Any]
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> CheckpointSummary:
         return {"step": self.step, "path": str(self.path), "time": self.time}
 
 

@@ -31,11 +31,13 @@ from hogwild.errors import ProtocolError as ProtocolError
 from hogwild.replies import CheckpointReply as CheckpointReply
 from hogwild.replies import CheckpointSummary as CheckpointSummary
 from hogwild.replies import ConfigureReply as ConfigureReply
+from hogwild.replies import Endpoints as Endpoints
 from hogwild.replies import GatedTrainReply as GatedTrainReply
 from hogwild.replies import Reply as Reply
 from hogwild.replies import Restored as Restored
 from hogwild.replies import RestoreReply as RestoreReply
 from hogwild.replies import RollbackReply as RollbackReply
+from hogwild.replies import SafetyStatus as SafetyStatus
 from hogwild.replies import StatusReply as StatusReply
 from hogwild.replies import TrainReply as TrainReply
 from hogwild.replies import TrainSteps as TrainSteps

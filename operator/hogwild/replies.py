@@ -85,9 +85,31 @@ class CheckpointSummary(TypedDict):
     time: float
 
 
+class SafetyStatus(TypedDict):
+    """The part of status that hogwild.worker.safety owns: versions, kept versions, the gate, rollbacks."""
+
+    version: str
+    lineage: dict[str, Any]
+    snapshots: list[dict[str, Any]]
+    snapshot_bytes: int
+    kept_checkpoints: list[dict[str, Any]]
+    gate: dict[str, Any]
+    rollbacks: int
+    last_rollback: dict[str, Any] | None
+
+
+class Endpoints(TypedDict, total=False):
+    """Where the worker answers (hogwild.worker.main sets them once its sockets are up)."""
+
+    incarnation: str  # which worker process answers: a change means the last one died
+    metrics_port: int
+    ipc_endpoint: str
+    control_endpoint: str | None
+
+
 class StatusReply(TypedDict):
     """status: what the worker holds and does now. The safety part (`version` ... `last_rollback`,
-    hogwild.worker.safety) and the endpoints are absent only from a worker that has none of them yet."""
+    SafetyStatus) and the endpoints (Endpoints) are absent only from a worker that has none of them yet."""
 
     connected: bool  # the served weights are mapped
     paused: bool
@@ -116,7 +138,7 @@ class StatusReply(TypedDict):
     gate: NotRequired[dict[str, Any]]
     rollbacks: NotRequired[int]
     last_rollback: NotRequired[dict[str, Any] | None]
-    incarnation: NotRequired[str]  # which worker process answers: a change means the last one died
+    incarnation: NotRequired[str]
     metrics_port: NotRequired[int]
     ipc_endpoint: NotRequired[str]
     control_endpoint: NotRequired[str | None]

@@ -26,7 +26,15 @@ from typing import Any
 
 from hogwild import checkpoint, versions
 from hogwild.config import EvalGate
-from hogwild.protocol import ProtocolError, Sample
+from hogwild.protocol import (
+    GatedTrainReply,
+    ProtocolError,
+    Restored,
+    RollbackReply,
+    SafetyStatus,
+    Sample,
+    TrainSteps,
+)
 from hogwild.versions import Kept, Lineage, Target, TargetError, Verdict
 from hogwild.worker import evaluation, persistence, snapshots
 from hogwild.worker.evaluation import EvalSet
@@ -65,7 +73,7 @@ class Safety:
         self.last_verdict: dict[str, Any] | None = None
         self.last_rollback: dict[str, Any] | None = None
         self._published = ""
-        self._last_request: tuple[str, dict[str, Any]] | None = None  # (rollback request_id, its reply)
+        self._last_request: tuple[str, RollbackReply] | None = None  # (rollback request_id, its reply)
         self._checkpoints: tuple[tuple[int, int], list[Kept]] | None = None  # ((mtime, links), what it held)
         # (version, snapshot): the current weights are that kept snapshot's unchanged copy (right after a
         # rollback or revert to it), so it is not copied again.
@@ -137,7 +145,7 @@ class Safety:
 
     def rollback(
         self, target: Target, *, reason: str = "rollback", request_id: str | None = None
-    ) -> dict[str, Any]:
+    ) -> RollbackReply:
         if request_id is not None and self._last_request and self._last_request[0] == request_id:
             return {**self._last_request[1], "repeated": True}  # idempotent: applied already, not again
         started = time.monotonic()
@@ -176,10 +184,10 @@ class Safety:
         self.rollbacks += reason == "rollback"
         self.metrics.rollbacks.labels(kind=kept.kind, reason=reason).inc()
         self.metrics.rollback_seconds.set(seconds)
-        restored: dict[str, Any] = {"kind": kept.kind, "version": kept.version, "step": kept.step}
+        restored: Restored = {"kind": kept.kind, "version": kept.version, "step": kept.step}
         if kept.kind == "checkpoint":
             restored["path"] = kept.key
-        reply = {
+        reply: RollbackReply = {
             "restored": restored,
             "from_version": before,
             "version": self.version,
@@ -283,12 +291,12 @@ class Safety:
         self.last_verdict = record
         return verdict
 
-    def gated(self, train: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def gated(self, train: Callable[[], TrainSteps]) -> GatedTrainReply:
         """Run one /train request's steps (`train` returns its reply) under the snapshot and the gate."""
         snap, loss_before = self.before_update()
         first_step_at = time.monotonic()
         try:
-            reply = train()
+            steps = train()
         except ProtocolError as err:
             if loss_before is not None and snap is not None and snap.version != self.version:
                 with self.trainer.exclusive():  # a gated update that did not finish is not kept
@@ -297,10 +305,12 @@ class Safety:
             raise
         self.publish()  # the service publishes after every step too; this covers a request of skipped steps
         verdict = self.after_update(snap, loss_before, first_step_at)
-        reply["step"] = self.trainer.counters.step
-        reply["version"] = self.version
-        reply["gate"] = self.last_verdict if verdict is not None else None
-        return reply
+        return {
+            **steps,
+            "step": self.trainer.counters.step,
+            "version": self.version,
+            "gate": self.last_verdict if verdict is not None else None,
+        }
 
     def revert(self, snap: snapshots.Snapshot, rejected: str) -> None:
         mapped = self._mapped_or_fail()
@@ -311,7 +321,7 @@ class Safety:
         self._copy_of_kept = (self.version, snap)
 
     # ---- status --------------------------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self) -> SafetyStatus:
         gate = self.trainer.config.gate
         return {
             "version": self.version,

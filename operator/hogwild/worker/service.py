@@ -19,18 +19,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from hogwild import checkpoint
 from hogwild.config import ConfigError, TrainingConfig
 from hogwild.protocol import (
+    CheckpointReply,
     CheckpointRequest,
+    ConfigureReply,
     ConfigureRequest,
+    Endpoints,
+    GatedTrainReply,
     ProtocolError,
+    Reply,
     Request,
+    RestoreReply,
     RestoreRequest,
+    RollbackReply,
     RollbackRequest,
+    StatusReply,
     StatusRequest,
+    TrainReply,
     TrainRequest,
     new_id,
 )
@@ -43,7 +51,8 @@ from hogwild.worker.trainer import StepStats, Trainer
 from hogwild.worker.watcher import Watcher
 
 log = logging.getLogger("hogwild.worker")
-Done = Callable[[dict[str, Any] | ProtocolError], None]
+TRAINED_LOG_FIELDS = ("step", "loss", "tokens", "skipped", "steps")
+Done = Callable[[Reply | ProtocolError], None]
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,7 @@ class WorkerService:
             )
         )
         self._rolling_back = False
-        self.endpoints: dict[str, Any] = {}
+        self.endpoints: Endpoints = {}
         # Which process answers: a client that sees it change knows its in-flight request died with the last.
         self.incarnation = new_id()
         self._train_thread: threading.Thread | None = None
@@ -191,10 +200,10 @@ class WorkerService:
     def writing(self) -> bool:
         return self._writing
 
-    def _run(self, name: str, job: Callable[[], dict[str, Any]], done: Done) -> threading.Thread:
+    def _run(self, name: str, job: Callable[[], Reply], done: Done) -> threading.Thread:
         def target() -> None:
             try:
-                result: dict[str, Any] | ProtocolError = job()
+                result: Reply | ProtocolError = job()
             except ProtocolError as err:
                 result = err
             except Exception as err:  # a failed job answers an error; the worker lives on
@@ -218,7 +227,7 @@ class WorkerService:
         if self._rolling_back:
             raise ProtocolError("busy", "a rollback is running; train after it finishes")
 
-        def finished(result: dict[str, Any] | ProtocolError) -> None:
+        def finished(result: Reply | ProtocolError) -> None:
             self.metrics.train_requests.labels(
                 result=result.code if isinstance(result, ProtocolError) else "ok"
             ).inc()
@@ -235,12 +244,12 @@ class WorkerService:
         self._training = True
         self._train_thread = self._run("train", lambda: self.train(request), finished)
 
-    def _start_maintenance(self, name: str, job: Callable[[], dict[str, Any]], done: Done) -> None:
+    def _start_maintenance(self, name: str, job: Callable[[], Reply], done: Done) -> None:
         """Checkpoint, restore and rollback take turns; each runs under its own name, which its errors carry."""
         if self.writing:
             raise ProtocolError("busy", "a checkpoint or restore is already running")
 
-        def finished(result: dict[str, Any] | ProtocolError) -> None:
+        def finished(result: Reply | ProtocolError) -> None:
             self._writing = False
             done(result)
 
@@ -248,7 +257,7 @@ class WorkerService:
         self._maintenance_thread = self._run(name, job, finished)
 
     # ---- requests ----------------------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StatusReply:
         t, c, mapped = self.trainer, self.trainer.counters, self.mapped
         return status.status_reply(
             status.StatusInputs(
@@ -275,7 +284,7 @@ class WorkerService:
             )
         )
 
-    def configure(self, request: ConfigureRequest) -> dict[str, Any]:
+    def configure(self, request: ConfigureRequest) -> ConfigureReply:
         # The evaluation set and the gate are checked before anything changes: a bad set changes nothing.
         gate = request.changes.get("gate", self.trainer.config.gate)
         if request.eval_samples is not None:
@@ -295,7 +304,7 @@ class WorkerService:
         )
         return reply
 
-    def train(self, request: TrainRequest) -> dict[str, Any]:
+    def train(self, request: TrainRequest) -> GatedTrainReply:
         deadline = time.monotonic() + request.timeout_s
 
         def should_stop() -> str | None:
@@ -317,31 +326,17 @@ class WorkerService:
                 request, should_stop=should_stop, rest=lambda s: self._stopping.wait(s) and None
             ).reply()
         )
-        log.info(
-            "trained",
-            extra={
-                "event": "trained",
-                **{k: reply[k] for k in ("step", "loss", "tokens", "skipped", "steps")},
-            },
-        )
+        _log_trained(reply)
         return reply
 
-    def _run_shared_train(
-        self, request: TrainRequest, should_stop: Callable[[], str | None]
-    ) -> dict[str, Any]:
+    def _run_shared_train(self, request: TrainRequest, should_stop: Callable[[], str | None]) -> TrainReply:
         """One train request of the replica group, on this member (the group thread calls it on every one)."""
-        reply = self.trainer.train(
+        steps = self.trainer.train(
             request, should_stop=should_stop, rest=lambda s: self._stopping.wait(s) and None
         ).reply()
         self.safety.publish()
-        reply["version"] = self.safety.version
-        log.info(
-            "trained",
-            extra={
-                "event": "trained",
-                **{k: reply[k] for k in ("step", "loss", "tokens", "skipped", "steps")},
-            },
-        )
+        reply: TrainReply = {**steps, "version": self.safety.version}
+        _log_trained(reply)
         return reply
 
     def _peer_saved(self, step: int) -> None:
@@ -353,7 +348,7 @@ class WorkerService:
             if self.trainer.counters.step == step:
                 self._saved_now(mapped)
 
-    def checkpoint(self, reason: str) -> dict[str, Any]:
+    def checkpoint(self, reason: str) -> CheckpointReply:
         with self.trainer.exclusive():  # no step runs while the weights are copied out
             mapped = self.mapped
             if mapped is None:
@@ -375,7 +370,7 @@ class WorkerService:
             size_bytes=written.bytes,
             timestamp=written.checkpoint.time,
         )
-        reply = {
+        reply: CheckpointReply = {
             "step": written.checkpoint.step,
             "path": str(written.checkpoint.path),
             "bytes": written.bytes,
@@ -387,7 +382,7 @@ class WorkerService:
         log.info("checkpoint written", extra={"event": "checkpoint", **reply})
         return reply
 
-    def restore(self, request: RestoreRequest) -> dict[str, Any]:
+    def restore(self, request: RestoreRequest) -> RestoreReply:
         found = checkpoint.find(self.settings.checkpoint_dir, request.step)
         if found is None:
             which = (
@@ -420,7 +415,7 @@ class WorkerService:
                 self.safety.new_lineage(
                     f"restore of {found.path.name}", found.meta.get("weights_version"), "restore"
                 )
-        reply = {
+        reply: RestoreReply = {
             "version": self.safety.version,
             "step": self.trainer.counters.step,
             "path": str(found.path),
@@ -430,7 +425,7 @@ class WorkerService:
         log.info("restored", extra={"event": "restored", **reply})
         return reply
 
-    def rollback(self, request: RollbackRequest) -> dict[str, Any]:
+    def rollback(self, request: RollbackRequest) -> RollbackReply:
         self._rolling_back = True
         try:
             reply = self.safety.rollback(request.to, request_id=request.request_id)
@@ -503,7 +498,7 @@ class WorkerService:
             self._start_maintenance("checkpoint", lambda: self.checkpoint("interval"), self._log_result)
 
     @staticmethod
-    def _log_result(result: dict[str, Any] | ProtocolError) -> None:
+    def _log_result(result: Reply | ProtocolError) -> None:
         if isinstance(result, ProtocolError):
             log.error("interval checkpoint failed: %s", result.message, extra={"event": "checkpoint_failed"})
 
@@ -522,3 +517,10 @@ class WorkerService:
             except Exception:
                 log.exception("final checkpoint failed", extra={"event": "checkpoint_failed"})
         self.gate.close()
+
+
+def _log_trained(reply: TrainReply) -> None:
+    log.info(
+        "trained",
+        extra={"event": "trained", **{k: v for k, v in reply.items() if k in TRAINED_LOG_FIELDS}},
+    )

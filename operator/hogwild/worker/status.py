@@ -10,6 +10,7 @@ from typing import Any
 
 from hogwild.config import TrainingConfig, config_to_dict
 from hogwild.handles import Manifest
+from hogwild.protocol import CheckpointSummary, Endpoints, SafetyStatus, StatusReply
 
 # What the watcher does after reading the manifest.
 NOTHING, MAP, DISCONNECT = "nothing", "map", "disconnect"
@@ -48,7 +49,7 @@ class StatusInputs:
     loss: float | None
     skipped_steps: int
     config: TrainingConfig
-    last_checkpoint: dict[str, Any] | None
+    last_checkpoint: CheckpointSummary | None
     manifest: Manifest | None
     optimizer: str | None
     optimizer_state_bytes: int
@@ -56,9 +57,9 @@ class StatusInputs:
     device: str | None
     trained_since_checkpoint: bool
     mapping_error: str | None
-    endpoints: dict[str, Any]
+    endpoints: Endpoints
     protection: dict[str, Any] | None = None  # what serving protection did (points, waits, waited_s, ...)
-    safety: dict[str, Any] | None = None  # version, lineage, kept versions, the gate (hogwild.worker.safety)
+    safety: SafetyStatus | None = None  # version, lineage, kept versions, the gate (hogwild.worker.safety)
     group: dict[str, Any] | None = None  # the replica group (hogwild.worker.group); None: a lone worker
 
 
@@ -78,7 +79,7 @@ ALONE = {
 }
 
 
-def status_reply(s: StatusInputs) -> dict[str, Any]:
+def status_reply(s: StatusInputs) -> StatusReply:
     exporter = None
     if s.manifest is not None:
         exporter = {
@@ -88,7 +89,7 @@ def status_reply(s: StatusInputs) -> dict[str, Any]:
             "backend": s.manifest.backend,
             "vllm_version": s.manifest.vllm_version,
         }
-    return {
+    reply: StatusReply = {
         "connected": s.connected,
         "paused": s.config.paused,
         "busy": s.busy,
@@ -108,6 +109,7 @@ def status_reply(s: StatusInputs) -> dict[str, Any]:
         "mapping_error": s.mapping_error,
         "protection": s.protection,
         "group": s.group if s.group is not None else dict(ALONE),
-        **(s.safety or {}),
-        **s.endpoints,
     }
+    if s.safety is not None:
+        return {**reply, **s.safety, **s.endpoints}
+    return {**reply, **s.endpoints}

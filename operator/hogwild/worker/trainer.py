@@ -27,7 +27,7 @@ import torch
 from hogwild.config import TrainingConfig, apply_changes, config_to_dict
 from hogwild.faults import fault_point
 from hogwild.optim import factory
-from hogwild.protocol import ProtocolError, Sample, TrainRequest
+from hogwild.protocol import ConfigureReply, ProtocolError, Sample, TrainRequest, TrainSteps
 from hogwild.worker import batches, protection
 from hogwild.worker.batches import Encoded, StepBatch
 
@@ -79,7 +79,7 @@ class TrainResult:
     truncated_tokens: int = 0
     stopped: str | None = None  # "paused" when a pause ended the request early
 
-    def reply(self) -> dict[str, Any]:
+    def reply(self) -> TrainSteps:
         finite = [x for x in self.losses if x is not None]
         return {
             "step": self.step,
@@ -165,7 +165,7 @@ class Trainer:
         return self.module is not None
 
     # ---- configuration ---------------------------------------------------------------------------------
-    def configure(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+    def configure(self, changes: Mapping[str, Any]) -> ConfigureReply:
         """Apply hyperparameter changes: now if no step runs, else before the next one. Raises ConfigError."""
         with self._config_lock:
             new, reset = apply_changes(self.config, changes)
@@ -269,6 +269,9 @@ class Trainer:
                 c.step += 1
                 c.tokens_trained += tokens
                 c.loss = loss
+                # The moment this step's update is in the served weights: bench/replicas.py compares it
+                # across the replicas of a group (how long they may differ after a step).
+                log.debug("step applied", extra={"event": "step_applied", "step": c.step})
             stats = StepStats(
                 c.step,
                 loss,
