@@ -179,11 +179,22 @@ def _curve_line(shape: str, row: Mapping[str, Any], mark: str = "") -> str:
     )
 
 
-def curve_table(results: Mapping[str, Any]) -> str:
+def shipped(row: Mapping[str, Any]) -> bool:
+    """Whether a curve row measured a candidate the bench still runs (`gpu_interference.CANDIDATES`: what
+    ships); the others emulated designs that never shipped, and stay as history."""
+    from gpu_interference import CANDIDATES
+
+    return row["name"].partition("#")[0] in {name for name, _ in CANDIDATES}
+
+
+def curve_table(results: Mapping[str, Any], current: bool = True) -> str:
+    """The curve rows of shipped candidates (`current`), or those of the retired ones."""
     lines = list(CURVE_HEADER)
     for shape in SHAPES:
         entry = results.get(shape) or {}
         for row in entry.get("protection_curve") or []:
+            if shipped(row) != current:
+                continue
             mark = " (default)" if row["name"] == entry.get("protection_default") else ""
             lines.append(_curve_line(shape, row, mark))
     return "\n".join(lines)
@@ -228,8 +239,14 @@ def render(results: Mapping[str, Any]) -> str:
             main_table(results),
             "Training step variants:",
             train_table(results),
-            "Serving protection, trade-off curve (steady load at half the measured serving capacity):",
+            "Serving protection, trade-off curve (steady load at half the measured serving capacity), the "
+            "candidates `python -m bench gpu --part interference` runs:",
             curve_table(results),
+            "Retired candidates: bench-side emulations of designs that never shipped (step-level yield, layer-only "
+            "points, tail and head pieces patched into the trainer, fixed queue depths, unsplit projections), and "
+            "earlier runs of the default under names the bench no longer has. Their code is in git history; the "
+            'rows are kept for what they showed (see "Changes that mattered"):',
+            curve_table(results, current=False),
             "The same under MPS (user-space daemon; serving at 100 %, the trainer at the share shown; p99 ratio "
             "against serving alone under MPS in the same run):",
             mps_table(results),
