@@ -222,7 +222,7 @@ class WorkerService:
             raise ProtocolError("not_connected", "the served weights are not mapped yet")
         if self.trainer.config.paused:
             raise ProtocolError("busy", "training is paused (configure paused=false to resume)")
-        if self.busy:
+        if self._training:  # this replica's own request (one of another replica's only makes this one wait)
             raise ProtocolError("busy", "a train request is already running; one runs at a time")
         if self._rolling_back:
             raise ProtocolError("busy", "a rollback is running; train after it finishes")
