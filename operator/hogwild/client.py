@@ -16,8 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 import zmq
 import zmq.asyncio
@@ -42,10 +41,10 @@ ReplyT = TypeVar("ReplyT")
 
 def liveness_verdict(
     kind: str,
-    baseline: Mapping[str, Any],
-    seen: Mapping[str, Any] | None,
+    baseline: StatusReply,
+    seen: StatusReply | None,
     silent_s: float,
-    last: Mapping[str, Any] | None = None,
+    last: StatusReply | None = None,
 ) -> str | None:
     """Why a `kind` request in flight is lost, or None while the worker that took it still answers. Pure.
 
