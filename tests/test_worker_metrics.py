@@ -305,7 +305,7 @@ def test_a_checkpoint_between_a_step_and_its_callback_holds_that_step(service: W
     assert mapped is not None
     service._on_step(stats(skipped=False, step=1))
     service.trainer.counters.step = 1
-    service._saved_now(mapped)  # what checkpoint() does under the lock, after writing step 1
+    service.unsaved.saved_now(mapped, 1)  # what checkpoint() does under the lock, after writing step 1
     service._on_step(stats(skipped=False, step=1))  # step 1's late callback
     late = unsaved_since(service)
     service._on_step(stats(skipped=False, step=2))

@@ -16,7 +16,8 @@ changes neither the weights nor the optimizer state, so it does not create it.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +121,43 @@ class UnsavedMarker:
     def clear(self) -> None:
         """A checkpoint now holds everything the served weights hold."""
         self.path.unlink(missing_ok=True)
+
+
+class UnsavedTracker:
+    """Whether the served weights hold training that no checkpoint has: the marker of whatever is mapped now.
+
+    `saved` remembers the (exporter nonce, step) the newest checkpoint holds, and one lock keeps the marker's
+    check and change in one piece: a checkpoint waiting for the trainer's lock runs right after a step,
+    before that step's on_step callback, and must not be undone by it."""
+
+    def __init__(self, run_dir: Path, mapped: Callable[[], MappedModel | None]) -> None:
+        self.run_dir, self._mapped = run_dir, mapped
+        self._saved: tuple[str, int] | None = None
+        self._lock = threading.Lock()
+
+    def marker(self, mapped: MappedModel) -> UnsavedMarker:
+        return UnsavedMarker(self.run_dir, mapped.manifest.exporter.nonce)
+
+    @property
+    def since(self) -> float | None:
+        """Wall time of the first change to the served weights that no checkpoint has; None: all saved."""
+        mapped = self._mapped()
+        return self.marker(mapped).since() if mapped is not None else None
+
+    def saved_now(self, mapped: MappedModel, step: int) -> None:
+        """Under the trainer's lock: a checkpoint (or a restore of the newest one) holds the weights at `step`."""
+        with self._lock:
+            self._saved = (mapped.manifest.exporter.nonce, step)
+            self.marker(mapped).clear()
+
+    def unsaved_at(self, mapped: MappedModel, when: float) -> None:
+        with self._lock:
+            self._saved = None
+            self.marker(mapped).mark(when)
+
+    def stepped(self, mapped: MappedModel, step: int, when: float) -> None:
+        """An applied step's callback: unsaved from `when`, unless a checkpoint already holds that step."""
+        with self._lock:
+            if self._saved == (mapped.manifest.exporter.nonce, step):
+                return  # a checkpoint taken right after this step, before this callback, already holds it
+            self.marker(mapped).mark(when)

@@ -118,11 +118,7 @@ class WorkerService:
         self._maintenance_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._training = self._writing = False
-        # The (exporter nonce, step) the newest checkpoint of these weights holds, and a lock that keeps the
-        # marker's check and change in one piece: a checkpoint waiting for the trainer's lock runs right
-        # after a step, before that step's on_step callback, and must not be undone by it.
-        self._saved: tuple[str, int] | None = None
-        self._unsaved_lock = threading.Lock()
+        self.unsaved = persistence.UnsavedTracker(settings.run_dir, lambda: self.watcher.mapped)
         removed = checkpoint.sweep_temporary(settings.checkpoint_dir)
         if removed:
             log.info(
@@ -346,7 +342,7 @@ class WorkerService:
             return
         with self.trainer.lock:
             if self.trainer.counters.step == step:
-                self._saved_now(mapped)
+                self.unsaved.saved_now(mapped, step)
 
     def checkpoint(self, reason: str) -> CheckpointReply:
         with self.trainer.exclusive():  # no step runs while the weights are copied out
@@ -358,7 +354,7 @@ class WorkerService:
             written = persistence.save(
                 self.settings.checkpoint_dir, self.trainer, mapped, reason, self.safety.version
             )
-            self._saved_now(mapped)
+            self.unsaved.saved_now(mapped, self.trainer.counters.step)
         if self.group is not None:
             self.group.note_saved(written.checkpoint.step)
         removed = checkpoint.prune(self.settings.checkpoint_dir, self.trainer.config.checkpoint_keep)
@@ -407,9 +403,9 @@ class WorkerService:
             if newest is None or newest.path != found.path or not request.weights:
                 # Rolled back to an older checkpoint: persist the rollback with the next checkpoint. Unsaved
                 # since now, or since earlier if steps were already unsaved (the earlier time is kept).
-                self._unsaved_at(mapped, time.time())
+                self.unsaved.unsaved_at(mapped, time.time())
             else:
-                self._saved_now(mapped)
+                self.unsaved.saved_now(mapped, self.trainer.counters.step)
             if request.weights:
                 self.safety.snapshots.went_back_to(None)
                 self.safety.new_lineage(
@@ -431,35 +427,19 @@ class WorkerService:
             reply = self.safety.rollback(request.to, request_id=request.request_id)
             mapped = self.mapped
             if mapped is not None:  # the rolled-back weights are not the newest checkpoint's (in general)
-                self._unsaved_at(mapped, time.time())
+                self.unsaved.unsaved_at(mapped, time.time())
             return reply
         finally:
             self._rolling_back = False
 
-    # ---- the unsaved-since marker -------------------------------------------------------------------------
-    def _marker(self, mapped: MappedModel) -> persistence.UnsavedMarker:
-        return persistence.UnsavedMarker(self.settings.run_dir, mapped.manifest.exporter.nonce)
-
+    # ---- what no checkpoint holds (hogwild.worker.persistence) -------------------------------------------------
     @property
     def unsaved_since(self) -> float | None:
-        """Wall time of the first change to the served weights that no checkpoint has; None: all saved."""
-        mapped = self.mapped
-        return self._marker(mapped).since() if mapped is not None else None
+        return self.unsaved.since
 
     @property
     def trained_since_checkpoint(self) -> bool:
-        return self.unsaved_since is not None
-
-    def _saved_now(self, mapped: MappedModel) -> None:
-        """Under the trainer's lock: a checkpoint (or a restore of the newest one) holds the served weights."""
-        with self._unsaved_lock:
-            self._saved = (mapped.manifest.exporter.nonce, self.trainer.counters.step)
-            self._marker(mapped).clear()
-
-    def _unsaved_at(self, mapped: MappedModel, when: float) -> None:
-        with self._unsaved_lock:
-            self._saved = None
-            self._marker(mapped).mark(when)
+        return self.unsaved.since is not None
 
     def _on_step(self, stats: StepStats) -> None:
         self.gate.idle()  # until the next step's first point the trainer is neither training nor held
@@ -472,11 +452,7 @@ class WorkerService:
         mapped = self.mapped
         if mapped is None:
             return
-        when = time.time()
-        with self._unsaved_lock:
-            if self._saved == (mapped.manifest.exporter.nonce, stats.step):
-                return  # a checkpoint taken right after this step, before this callback, already holds it
-            self._marker(mapped).mark(when)
+        self.unsaved.stepped(mapped, stats.step, time.time())
 
     # ---- the watcher and the interval checkpoint ---------------------------------------------------------
     def tick(self) -> None:
