@@ -258,7 +258,7 @@ class RollbackRequest(Answered[RollbackReply]):
 Request = (
     TrainRequest | CheckpointRequest | StatusRequest | ConfigureRequest | RestoreRequest | RollbackRequest
 )
-REQUEST_TYPES: dict[str, Any] = {
+REQUEST_TYPES: dict[str, type[Request]] = {
     cls.type: cls
     for cls in (
         TrainRequest,
