@@ -44,8 +44,8 @@ def free_port() -> int:
 class Group:
     """Replicas of one session: exporters and workers, one shared checkpoint dir, one store."""
 
-    def __init__(self, root: Path, *, worker_hosts_store: bool = False) -> None:
-        self.root, self.model = root, cached(TinySpec())
+    def __init__(self, root: Path, *, worker_hosts_store: bool = False, device: str = "cpu") -> None:
+        self.root, self.model, self.device = root, cached(TinySpec()), device
         self.address = f"127.0.0.1:{free_port()}"
         self.store = None if worker_hosts_store else rendezvous.host_store(self.address)
         self.worker_hosts_store = worker_hosts_store
@@ -59,7 +59,10 @@ class Group:
     ) -> WorkerProcess:
         """Start replica `replica`'s exporter (unless it runs) and a new worker for it."""
         if replica not in self.exporters:
-            self.exporters[replica] = ExporterProcess(self.model, self.root / f"exporter-{replica}", env=ENV)
+            (self.root / f"exporter-{replica}").mkdir(exist_ok=True)
+            self.exporters[replica] = ExporterProcess(
+                self.model, self.root / f"exporter-{replica}", env=ENV, device=self.device
+            )
         self._starts += 1
         run = self.root / f"run-{replica}-{self._starts}"
         run.mkdir()
@@ -70,6 +73,8 @@ class Group:
             "HOGWILD_RENDEZVOUS": self.address,
             "HOGWILD_GROUP_SETTLE_S": "1.0",
             "HOGWILD_GROUP_TIMEOUT_S": "60",
+            # gloo for CUDA tensors too: NCCL refuses two ranks on the one GPU a test has (docs/replicas.md)
+            "HOGWILD_GROUP_TENSOR_BACKEND": "gloo",
         }
         if self.worker_hosts_store and replica == 0:
             env["HOGWILD_HOST_STORE"] = "1"

@@ -5,8 +5,9 @@ group re-forms (a process group cannot change its members). Plain process-group 
 default group: a worker re-forms many times in its life, and the global group is meant to be set up once.
 
 The control exchange always runs on gloo (small CPU tensors). Gradients and weights run on gloo for CPU
-tensors and on NCCL for CUDA tensors. NCCL here is written but unverified: the lent machines have one GPU,
-and NCCL refuses two ranks on one device (docs/replicas.md).
+tensors and on NCCL for CUDA tensors, unless `tensor_backend="gloo"` (HOGWILD_GROUP_TENSOR_BACKEND): gloo
+moves CUDA tensors through the host, slower, but it runs two ranks on one GPU, which NCCL refuses. That is how
+the GPU test runs a group on the one lent GPU; NCCL itself is written but unverified (docs/replicas.md).
 
 A member that dies mid-collective makes the others' collective raise (gloo: "Connection closed by peer",
 within seconds), and a member that hangs makes it time out after `timeout_s`: both surface as `GroupBroken`.
@@ -42,6 +43,7 @@ class Comms:
         timeout_s: float,
         device: torch.device,
         on_reduce: Callable[[float], None] | None = None,
+        tensor_backend: str = "auto",
     ) -> None:
         self.rank, self.size, self.device = rank, size, device
         prefix = dist.PrefixStore(f"epoch/{epoch}/pg", store)
@@ -51,7 +53,7 @@ class Comms:
             self.control: Any = dist.ProcessGroupGloo(
                 dist.PrefixStore("control", prefix), rank, size, timeout
             )
-            if device.type == "cuda":
+            if device.type == "cuda" and tensor_backend != "gloo":
                 options = dist.ProcessGroupNCCL.Options()
                 options._timeout = timeout
                 self.tensors: Any = dist.ProcessGroupNCCL(

@@ -52,6 +52,7 @@ class GroupSettings:
     settle_s: float = 2.0  # how long an epoch stays open for others to register
     timeout_s: float = 300.0  # a collective waiting longer than this breaks the group (a hung member)
     idle_s: float = 0.05  # the idle exchange's period
+    tensor_backend: str = "auto"  # gradients and weights: "auto" (gloo on CPU, NCCL on CUDA) or "gloo"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GroupSettings | None:
@@ -69,6 +70,7 @@ class GroupSettings:
             host_store=env.get(defaults.ENV_HOST_STORE, "") == "1",
             settle_s=float(env.get("HOGWILD_GROUP_SETTLE_S", "2.0")),
             timeout_s=float(env.get("HOGWILD_GROUP_TIMEOUT_S", "300")),
+            tensor_backend=env.get("HOGWILD_GROUP_TENSOR_BACKEND", "auto"),
         )
 
 
@@ -209,6 +211,7 @@ class ReplicaGroup:
                 timeout_s=self.settings.timeout_s,
                 device=device,
                 on_reduce=self.metrics.allreduce_seconds.observe,
+                tensor_backend=self.settings.tensor_backend,
             )
             synced = state.synchronize(comms, self.trainer, self._lineage())
             self._adopt_lineage(synced.lineage)
