@@ -9,7 +9,7 @@ import pytest
 
 from hogwild.config import TrainingConfig, config_to_dict
 from hogwild.operator import builders, pod_builder
-from hogwild.operator.diff import SpecDiff, config_changes, describe, diff_specs, restart_reason
+from hogwild.operator.diff import SpecDiff, config_changes, diff_specs, restart_reason
 from hogwild.operator.spec import Images, parse_spec
 
 SESSION = builders.SessionRef(name="chat", namespace="ml", uid="u-1")
@@ -114,7 +114,6 @@ def test_checkpoint_timeout_is_the_operators_alone() -> None:
 def test_identical_specs_differ_in_nothing() -> None:
     diff = diff_specs(parse_spec(BASE), parse_spec(copy.deepcopy(BASE)))
     assert diff.empty
-    assert describe(diff) == "no change"
 
 
 def pod_hash(spec: dict[str, Any]) -> str:
@@ -151,11 +150,11 @@ def test_config_changes_send_what_the_worker_does_not_report(reported: Any, expe
     assert set(config_changes(TrainingConfig(), reported)) == expected
 
 
-def test_describe_lists_restart_hot_and_reset_fields() -> None:
+def test_a_diff_lists_restart_hot_and_reset_fields() -> None:
     diff = diff_specs(
         parse_spec(BASE), parse_spec({**changed("training.rank", 8), "images": {"vllm": "reg/v:2"}})
     )
-    assert describe(diff) == "restart for spec.images.vllm; hot rank (resets optimizer state: rank)"
+    assert (diff.restart, set(diff.hot), diff.state_reset) == (("spec.images.vllm",), {"rank"}, {"rank"})
 
 
 @pytest.mark.parametrize(

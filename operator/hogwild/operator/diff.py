@@ -127,21 +127,6 @@ def diff_specs(old: SessionSpec, new: SessionSpec) -> SpecDiff:
     )
 
 
-def describe(diff: SpecDiff) -> str:
-    """One line for an event or a log: what changed and how it applies."""
-    parts = []
-    if diff.restart:
-        parts.append(f"restart for {', '.join(diff.restart)}")
-    if diff.hot:
-        reset = (
-            f" (resets optimizer state: {', '.join(sorted(diff.state_reset))})" if diff.state_reset else ""
-        )
-        parts.append(f"hot {', '.join(sorted(diff.hot))}{reset}")
-    if diff.operator:
-        parts.append(f"operator {', '.join(diff.operator)}")
-    return "; ".join(parts) or "no change"
-
-
 def restart_reason(built_from: Mapping[str, Any] | None, new: SessionSpec, images: Images) -> str:
     """Why a pod built from the CR spec `built_from` must be replaced for `new`: the fields that changed.
 
