@@ -40,6 +40,11 @@ PARTS: dict[str, tuple[str, str, str]] = {
         "operator wall time and memory for N sessions (emulated API)",
         "CPU",
     ),
+    "replicas": (
+        "replicas.py",
+        "a replica group's all-reduce cost per step against the step time, and the skew between replicas",
+        "CPU",
+    ),
     "soak": (
         "soak.py",
         "hours of malformed requests, trains, completions and worker kills in local mode",

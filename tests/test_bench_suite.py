@@ -34,7 +34,8 @@ def test_every_runnable_bench_script_is_a_part() -> None:
     (["--help"], 0, "loadgen"),
     (["no-such-part"], 2, "unknown part"),
     (["loadgen", "--help"], 0, "usage:"),
-], ids=["bare", "help", "unknown", "part-help"])  # fmt: skip
+    (["replicas", "--help"], 0, "unverified"),  # imports the group's test helpers and hogwild.worker
+], ids=["bare", "help", "unknown", "part-help", "replicas-help"])  # fmt: skip
 def test_entry_point(argv: list[str], code: int, says: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bench", *argv], cwd=ROOT, env=child_env(), capture_output=True, text=True
