@@ -323,6 +323,11 @@ def measured_request(
         seconds, count = histogram_delta(before[r], after[r], "hogwild_worker_step_seconds")
         in_step.append(seconds / count if count else math.nan)
     intervals = step_intervals(applied[members[0]], measured)
+    if not intervals:
+        raise RuntimeError(
+            "no step_applied events in the workers' logs (hogwild.worker.trainer logs one per step at DEBUG; "
+            "this bench starts the workers with HOGWILD_LOG_LEVEL=DEBUG)"
+        )
     per_step_skew = skews([applied[r] for r in members], measured)
     allreduce_mean, cycle_mean = statistics.mean(allreduce), statistics.mean(intervals)
     complaints = [
