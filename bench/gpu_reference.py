@@ -1,6 +1,6 @@
 """Float64 references for the GPU fast paths, and the relative-error measure they are judged by.
 
-Used by `gpu_bench.py --part check` and by `tests/test_gpu.py`. Written from the APOLLO paper's Algorithm 1
+Used by `gpu_bench.py --part check` and by `tests/worker/test_gpu.py`. Written from the APOLLO paper's Algorithm 1
 (arXiv 2412.05270) and the definition of the bf16 update, not from the code under test; the one thing
 shared with it is the projection matrix, which is a pure function of (seed, refresh, shape) by design.
 """

@@ -7,7 +7,7 @@ asked. Per request: TTFT (to the first streamed token), TPOT ((e2e - TTFT) / (to
 merges tokens into one chunk when it falls behind, ITL per chunk understates it), the gaps between chunks, and
 end-to-end latency; per window: percentiles and throughput.
 
-Planning and summaries are pure (tests/test_loadgen.py); `run_load` does the HTTP, with aiohttp.
+Planning and summaries are pure (tests/benchmarks/test_loadgen.py); `run_load` does the HTTP, with aiohttp.
 
     python bench/loadgen.py --url http://127.0.0.1:8000 --model NAME --vocab 1024 --rate 20 --duration-s 30
 """
@@ -162,7 +162,10 @@ async def send(session: Any, url: str, model: str, planned: Planned, start: floa
                 usage = event.get("usage")
                 if usage:
                     result.output_tokens = int(usage.get("completion_tokens") or 0)
-                if any(choice.get("text") for choice in event.get("choices") or []):
+                # Any choice counts, empty text too: a token whose bytes the detokenizer holds back (part of
+                # a UTF-8 character) streams as "" and was still generated (the tiny model's random output
+                # can be all such tokens, which left TTFT unset).
+                if event.get("choices"):
                     chunks += 1
                     if last is None:
                         result.ttft_s = now - sent

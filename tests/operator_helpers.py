@@ -44,6 +44,8 @@ from hogwild.protocol import (
 from hogwild.testing.emulator import Emulator
 from operator_process import FAST_ARGS, OperatorProcess, free_port, start_operator
 
+CRD = Path(__file__).resolve().parents[1] / "crds" / "hogwild.dev_trainingsessions.yaml"
+
 GROUP_VERSION = f"{defaults.API_GROUP}/{defaults.API_VERSION}"
 RESOURCES = {
     "TrainingSession": f"{GROUP_VERSION}/trainingsessions",
@@ -425,3 +427,27 @@ async def run_operator(
 async def resolved(value: bool) -> bool:
     """`value`, awaitable (what `eventually` polls)."""
     return value
+
+
+@contextlib.asynccontextmanager
+async def open_cluster(kind: str, tmp_path: Path) -> AsyncIterator[EmulatorCluster | KubectlCluster]:
+    """The cluster a flow runs against: `real` (the one KUBECONFIG names; skipped without it) or the emulator
+    in a watch scope (`cluster`, `namespaces`). Every real-cluster variant tears down what it made."""
+    import kmock
+    import pytest
+
+    if kind == "real":
+        if not os.environ.get("KUBECONFIG"):
+            pytest.skip("needs a real cluster: set KUBECONFIG; the emulator variants ran")
+        kubectl = kubectl_path()
+        if kubectl is None:
+            pytest.skip("kubectl is not installed (scripts/install_tools.py installs it)")
+        real = KubectlCluster(kubectl)
+        await real.setup(CRD)
+        try:
+            yield real
+        finally:
+            await real.teardown()
+        return
+    async with Emulator() as emulator, kmock.Server(emulator) as server:
+        yield EmulatorCluster(emulator, str(server.url), scope=kind, kubeconfig_dir=tmp_path)

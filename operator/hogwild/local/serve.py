@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +72,14 @@ def _share(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def stop_on_signals() -> threading.Event:
+    """Ctrl-C and SIGTERM set the returned flag: the serve loop ends, and the children stop in order."""
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    return stopping
+
+
 def main(argv: Sequence[str]) -> int:
     args, extra = parse_args(argv)
     if args.replicas != 1:
@@ -85,14 +94,7 @@ def main(argv: Sequence[str]) -> int:
         config=json.loads(args.config),
         mps_trainer_share=args.mps_trainer_share,
     )
-    stopping = False
-
-    def request_stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stopping = stop_on_signals()
     progress = None
     try:
         try:
@@ -114,7 +116,7 @@ def main(argv: Sequence[str]) -> int:
             '    -d \'{"samples": [{"text": "hello world"}], "steps": 4}\'',
             flush=True,
         )
-        while not stopping:
+        while not stopping.is_set():
             session.supervise()  # restarts a crashed worker (backoff, limit); vLLM keeps serving
             time.sleep(0.5)
     except LocalModeError as err:
@@ -148,14 +150,7 @@ def serve_replicas(args: argparse.Namespace, extra: list[str]) -> int:
         vllm_args=tuple(extra),
         config=json.loads(args.config),
     )
-    stopping = False
-
-    def request_stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stopping = stop_on_signals()
     try:
         group.start()
         group.wait_ready()
@@ -166,7 +161,7 @@ def serve_replicas(args: argparse.Namespace, extra: list[str]) -> int:
             "replica trains all of them",
             flush=True,
         )
-        while not stopping:
+        while not stopping.is_set():
             group.supervise()
             time.sleep(0.5)
     except LocalModeError as err:

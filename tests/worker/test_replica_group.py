@@ -1,0 +1,138 @@
+"""Replica groups with real worker processes over real gloo (hogwild.worker.group), on CPU.
+
+Each replica is a stand-in exporter (it holds and serves a tiny model's weights in shared memory exactly as
+the vLLM plugin does; the vLLM version of this is tests/serving/test_replicas_vllm.py) and a real `hogwild worker`
+mapping them, started with the replica environment the operator and local mode give it. The group's store
+lives in this test process, as it lives in `hogwild serve --replicas` (one test lets replica 0 host it, as
+a pod does). Kills are SIGKILL: of a worker (mid-step, by a fault point), and of a whole replica.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from group_helpers import SAMPLES, Group, assert_same_everywhere
+from hogwild.errors import ProtocolError
+
+
+@pytest.mark.slow
+def test_two_replicas_learn_together_and_hold_the_same_weights_after_every_step(tmp_path: Path) -> None:
+    g = Group(tmp_path, worker_hosts_store=True)  # as in a pod: replica 0's worker hosts the store
+    try:
+        g.start(0), g.start(1)
+        formed = g.wait_formed([0, 1])
+        assert [s["group"]["rank"] for s in formed] == [0, 1]
+        before = g.weights(0)
+        reply = g.workers[1].call("train", samples=SAMPLES, steps=3)  # taught through replica 1
+        assert (reply["step"], reply["steps"], reply["stopped"]) == (3, 3, None)
+        statuses = assert_same_everywhere(g, [0, 1])
+        assert g.weights(0) != before  # they did learn
+        # the digests of every step (before 1, 2, 3 and after) were compared across both
+        assert min(s["group"]["compared_steps"] for s in statuses) >= 4
+        # the fact's loss fell on both: a second request through replica 0 starts where replica 1 left off
+        again = g.workers[0].call("train", samples=SAMPLES[:1], steps=1)
+        assert again["step"] == 4 and again["loss"] < reply["losses"][0]
+        assert_same_everywhere(g, [0, 1])
+        # tokens of all ranks are counted once, on every replica
+        assert {s["tokens_trained"] for s in (w.call("status") for w in g.workers.values())} == {
+            reply["tokens"] + again["tokens"]
+        }
+    finally:
+        g.close()
+
+
+@pytest.mark.slow
+def test_configure_through_one_replica_reaches_every_replica(group: Group) -> None:
+    group.start(0), group.start(1)
+    group.wait_formed([0, 1])
+    reply = group.workers[1].call("configure", changes={"lr": 0.005, "paused": True})
+    assert reply["applied"] == ["lr", "paused"]
+    config = group.workers[0].wait_until(lambda s: s["config"]["paused"])["config"]
+    assert config["lr"] == 0.005
+    with pytest.raises(ProtocolError, match="paused"):
+        group.workers[0].call("train", samples=SAMPLES, steps=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "body", "message"),
+    [
+        ("restore", {}, "restore is not available for a session with replicas"),
+        ("rollback", {"to": "previous"}, "rollback is not available for a session with replicas"),
+        ("configure", {"changes": {}, "eval_samples": [{"text": "x"}]}, "evaluation gate is not available"),
+    ],
+)
+def test_what_one_replica_cannot_do_alone_is_refused_with_the_reason(
+    group: Group, kind: str, body: dict[str, Any], message: str
+) -> None:
+    group.start(0)
+    group.wait_formed([0])
+    with pytest.raises(ProtocolError, match=message):
+        group.workers[0].call(kind, **body)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_step_rejoins_and_no_acknowledged_step_is_lost(group: Group) -> None:
+    group.start(0)
+    group.start(1, fault="group.mid_step:3")  # SIGKILL between the loss sum and the gradient sum of step 3
+    group.wait_formed([0, 1])
+    acknowledged = group.workers[0].call("train", samples=SAMPLES, steps=2)
+    assert acknowledged["step"] == 2
+    with pytest.raises(ProtocolError, match="a replica left mid-step") as err:
+        group.workers[0].call("train", samples=SAMPLES, steps=5)
+    assert "weights at step 2" in err.value.message  # step 3 was applied nowhere
+    group.workers[1].proc.wait(30)
+    assert group.workers[1].proc.returncode == -signal.SIGKILL
+    # replica 0 re-forms alone and keeps training; replica 1's vLLM (exporter) kept serving throughout
+    group.wait_formed([0])
+    alone = group.workers[0].call("train", samples=SAMPLES, steps=2)
+    assert alone["step"] == 4
+    group.kill_worker(1)
+    group.start(1)  # the restarted worker maps the served weights (behind by two steps) and rejoins
+    group.wait_formed([0, 1])
+    statuses = assert_same_everywhere(group, [0, 1])
+    assert statuses[1]["step"] == 4
+
+
+@pytest.mark.slow
+def test_a_whole_replica_lost_mid_training_serving_continues_and_it_returns_in_sync(group: Group) -> None:
+    group.start(0), group.start(1)
+    group.wait_formed([0, 1])
+    group.workers[1].call("train", samples=SAMPLES, steps=2)
+    pending = group.workers[0].post("train", samples=SAMPLES, steps=400)
+    group.workers[0].wait_until(lambda s: s["step"] >= 4)
+    group.kill_replica(1)
+    # the running request ends with an error that names the steps applied; every one of them is kept
+    with pytest.raises(ProtocolError, match=r"a replica left mid-step .*weights at step (\d+)") as err:
+        pending.result(120)
+    applied = int(err.value.message.rsplit("weights at step ", 1)[1].rstrip(")"))
+    reached = group.workers[0].wait_until(lambda s: not s["busy"])["step"]
+    assert reached == applied >= 4
+    group.wait_formed([0])
+    # the lost replica comes back with fresh weights (a new node: the base model) and receives the group's
+    group.start(1)
+    group.wait_formed([0, 1])
+    statuses = assert_same_everywhere(group, [0, 1])
+    assert statuses[1]["step"] >= reached
+
+
+@pytest.mark.slow
+def test_scale_one_two_one_hot(group: Group) -> None:
+    group.start(0)
+    group.wait_formed([0])
+    assert group.workers[0].call("train", samples=SAMPLES, steps=2)["step"] == 2
+    group.start(1)  # scale up: the newcomer gets the trained weights before it trains
+    group.wait_formed([0, 1])
+    assert_same_everywhere(group, [0, 1])
+    assert group.workers[1].call("train", samples=SAMPLES, steps=1)["step"] == 3
+    # scale down: SIGTERM, as a deleted pod gets; the member leaves, the other re-forms alone at once
+    leaving = group.workers.pop(1)
+    leaving.proc.send_signal(signal.SIGTERM)
+    assert leaving.proc.wait(60) == 0
+    leaving.close()
+    group.wait_formed([0], timeout_s=30)
+    assert group.workers[0].call("train", samples=SAMPLES, steps=1)["step"] == 4
