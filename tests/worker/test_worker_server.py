@@ -57,6 +57,15 @@ def error_of(worker: WorkerProcess, kind: str, **fields: Any) -> ProtocolError:
 
 
 # ---- the messages ----------------------------------------------------------------------------------------
+def test_a_worker_started_beside_running_weights_maps_them_at_the_first_try(pod: Pod) -> None:
+    """The manifest is there when the worker starts (a restart beside a running vLLM, a replica rejoining): its
+    first mapping must not race the thread that pre-imports transformers (it failed, then waited 10 s)."""
+    worker = pod.worker()
+    worker.wait_connected()
+    events = [e.get("event") for e in worker.log_events()]
+    assert "map_failed" not in events and events.count("mapped") == 1, events
+
+
 def test_train_replies_with_step_loss_and_tokens(worker: WorkerProcess) -> None:
     start = worker.call("status")["step"]
     reply = worker.call("train", samples=[FACT], steps=2)

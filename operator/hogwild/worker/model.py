@@ -10,6 +10,7 @@ no `lm_head`; HF's own tying makes `lm_head.weight` the embedding view.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,10 @@ from hogwild.typed_calls import causal_lm_from_config
 
 # The families whose modeling code `prewarm_imports` loads ahead of the first manifest.
 PREWARM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Held while transformers is imported: its lazy top-level module answered "cannot import name 'AutoConfig'"
+# to a mapping that ran while the prewarm thread was still importing it (transformers 5.19), and the
+# mapping then waited out its 10 s retry. A mapping takes it too, so it waits for the prewarm instead.
+_TRANSFORMERS_IMPORT = threading.Lock()
 
 
 def prewarm_imports() -> list[str]:
@@ -30,20 +35,21 @@ def prewarm_imports() -> list[str]:
 
     Why: the first `AutoModelForCausalLM.from_config` imports them, which took 7-13 s on the GPU machine
     (bench/NOTES-gpu.md), all of it between vLLM exporting its weights and the worker being able to train.
-    The worker calls this on a thread at start-up, while vLLM is still loading; a later import of the same
-    module waits on Python's import lock instead of doing the work twice.
+    The worker calls this on a thread at start-up, while vLLM is still loading; a mapping that comes first
+    waits for it (one lock) instead of racing it.
     """
     import importlib
 
-    importlib.import_module("transformers")
     loaded = []
-    for family in PREWARM_FAMILIES:
-        name = f"transformers.models.{family}.modeling_{family}"
-        try:
-            importlib.import_module(name)
-        except ImportError:  # an older transformers without the family: mapping such a model fails anyway
-            continue
-        loaded.append(name)
+    with _TRANSFORMERS_IMPORT:  # a mapping waits for this (see _TRANSFORMERS_IMPORT)
+        importlib.import_module("transformers")
+        for family in PREWARM_FAMILIES:
+            name = f"transformers.models.{family}.modeling_{family}"
+            try:
+                importlib.import_module(name)
+            except ImportError:  # an older transformers without the family: mapping such a model fails anyway
+                continue
+            loaded.append(name)
     return loaded
 
 
@@ -150,8 +156,9 @@ def map_model(manifest: Manifest, requested_device: str | None = None) -> Mapped
     exported = sharing.map_tensors(manifest)
     device = resolve_device(manifest, exported, requested_device)
     views = sharing.hf_views(manifest, exported)
-    hf_config = load_hf_config(manifest)
-    module = build_module(hf_config, views, device)
+    with _TRANSFORMERS_IMPORT:
+        hf_config = load_hf_config(manifest)
+        module = build_module(hf_config, views, device)
     tied = "lm_head.weight" not in views
     return MappedModel(manifest, module, exported, views, device, tied)
 
