@@ -55,6 +55,7 @@ RESOURCES = {
     "Secret": "v1/secrets",
     "PersistentVolumeClaim": "v1/persistentvolumeclaims",
     "PodDisruptionBudget": "policy/v1/poddisruptionbudgets",
+    "NetworkPolicy": "networking.k8s.io/v1/networkpolicies",
     "Event": "v1/events",
 }
 

@@ -123,6 +123,7 @@ def all_objects(name: str) -> list[dict[str, Any]]:
         builders.build_config_map(SESSION, spec),
         builders.build_token_secret(SESSION, spec, "tok3n"),
         builders.build_curve_secret(SESSION, spec, KEYS),
+        builders.build_network_policy(SESSION, spec),
     ]
     pvc = builders.build_pvc(SESSION, spec)
     return objects + ([pvc] if pvc else [])

@@ -122,6 +122,7 @@ OPERATOR_RULES: Rules = {
     ("", "secrets"): {"get", "create"},
     ("", "events"): {"create"},
     ("policy", "poddisruptionbudgets"): {"get", "create", "delete"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "create"},
 }
 PEERING_VERBS = {"list", "watch", "patch"}
 

@@ -161,6 +161,7 @@ def assert_rbac_covers(used: set[tuple[str, str, str]]) -> None:
         ("policy", "poddisruptionbudgets", "delete"),
         ("", "pods", "delete"),
         ("", "services", "create"),
+        ("networking.k8s.io", "networkpolicies", "create"),
     }
     assert replica_verbs <= used, sorted(replica_verbs - used)
 

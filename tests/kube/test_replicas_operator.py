@@ -169,6 +169,47 @@ def test_headless_service_always_and_budget_with_more_than_one(replica_count: in
             kubernetes_validate.validate(obj, version, strict=True)
 
 
+@pytest.mark.parametrize(
+    ("source", "port", "allowed"),
+    [
+        ("anywhere", defaults.VLLM_HTTP_PORT, True),  # the OpenAI API and /train (token)
+        ("anywhere", defaults.WORKER_METRICS_PORT, True),  # Prometheus
+        ("anywhere", defaults.WORKER_CONTROL_PORT, True),  # the operator (CURVE)
+        ("anywhere", defaults.RENDEZVOUS_PORT, False),  # the group's store authenticates nothing
+        ("anywhere", 41234, False),  # a gloo connection
+        ("session", defaults.RENDEZVOUS_PORT, True),
+        ("session", 41234, True),
+        ("other session", defaults.RENDEZVOUS_PORT, False),
+    ],
+)
+def test_the_network_policy_keeps_the_group_ports_among_the_sessions_pods(
+    source: str, port: int, allowed: bool
+) -> None:
+    policy = builders.build_network_policy(SESSION, parse_spec(MODEL))
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": builders.selector_labels(SESSION)}
+    assert spec["policyTypes"] == ["Ingress"]
+    labels = {
+        "anywhere": {},
+        "session": builders.selector_labels(SESSION),
+        "other session": {**builders.selector_labels(SESSION), builders.LABEL_INSTANCE: "other"},
+    }[source]
+
+    def admits(rule: dict[str, Any]) -> bool:
+        # NetworkPolicy semantics: a rule admits when every peer list it has matches (absent: any).
+        ports = rule.get("ports")
+        peers = rule.get("from")
+        port_ok = ports is None or any(p["port"] == port for p in ports)
+        peer_ok = peers is None or any(
+            all(labels.get(k) == v for k, v in peer["podSelector"]["matchLabels"].items()) for peer in peers
+        )
+        return port_ok and peer_ok
+
+    assert any(admits(rule) for rule in spec["ingress"]) is allowed
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(policy, version, strict=True)
+
+
 def test_a_name_too_long_for_the_suffix_gets_no_headless_service() -> None:
     long = builders.SessionRef(name="c" * 55, namespace="ml", uid="u")
     assert builders.build_replicas_service(long, parse_spec(MODEL)) is None

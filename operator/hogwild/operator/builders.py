@@ -55,6 +55,7 @@ class Names:
     curve_secret: str
     replicas_service: str  # headless: per-replica DNS names for the group's rendezvous
     disruption_budget: str
+    network_policy: str
 
 
 def names(session: SessionRef, spec: SessionSpec) -> Names:
@@ -64,6 +65,7 @@ def names(session: SessionRef, spec: SessionSpec) -> Names:
         service=base,
         replicas_service=f"{base}{REPLICAS_SUFFIX}",
         disruption_budget=base,
+        network_policy=base,
         config=f"{base}-config",
         pvc=spec.checkpoint.storage.existing_claim or f"{base}-checkpoints",
         token_secret=spec.auth.token_secret or f"{base}-token",
@@ -200,6 +202,33 @@ def build_disruption_budget(session: SessionRef, spec: SessionSpec) -> dict[str,
         "kind": "PodDisruptionBudget",
         "metadata": metadata(session, n.disruption_budget, "session"),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(session)}},
+    }
+
+
+def build_network_policy(session: SessionRef, spec: SessionSpec) -> dict[str, Any]:
+    """Who may reach the session's pods: anyone on the ports they serve (the OpenAI API and /train, which
+    checks its token; /metrics; the worker's control port, which is CURVE-authenticated), and the session's
+    own pods on every port. torch.distributed authenticates nothing: the group's store (29500) and gloo's
+    connections (ports it picks at random) must stay among the replicas. Made for every session, as the
+    headless Service is: a pod built for a group keeps hosting the store after a scale down to one.
+    Enforced only where the cluster's network plugin enforces NetworkPolicy (docs/replicas.md)."""
+    n = names(session, spec)
+    served = [
+        {"port": port, "protocol": "TCP"}
+        for port in (defaults.VLLM_HTTP_PORT, defaults.WORKER_METRICS_PORT, defaults.WORKER_CONTROL_PORT)
+    ]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(session, n.network_policy, "session"),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(session)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"ports": served},
+                {"from": [{"podSelector": {"matchLabels": selector_labels(session)}}]},
+            ],
+        },
     }
 
 

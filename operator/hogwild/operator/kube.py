@@ -26,6 +26,7 @@ RESOURCES = {
     "Secret": ("api/v1", "secrets"),
     "PersistentVolumeClaim": ("api/v1", "persistentvolumeclaims"),
     "PodDisruptionBudget": ("apis/policy/v1", "poddisruptionbudgets"),
+    "NetworkPolicy": ("apis/networking.k8s.io/v1", "networkpolicies"),
     defaults.KIND: (f"apis/{defaults.API_GROUP}/{defaults.API_VERSION}", "trainingsessions"),
 }
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}

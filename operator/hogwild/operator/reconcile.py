@@ -155,6 +155,7 @@ class Controller:
         headless = builders.build_replicas_service(session, spec)
         if headless is not None:
             await self.kube.ensure(headless)
+        await self.kube.ensure(builders.build_network_policy(session, spec))
         budget = builders.build_disruption_budget(session, spec)
         if budget is not None:
             await self.kube.ensure(budget)
