@@ -113,7 +113,6 @@ class ReplicaGroup:
         # Every exchange compares all members' (step, digest): how many steps were compared, how many differed.
         self.compared_steps: set[int] = set()
         self.out_of_sync = 0
-        self.last_sync: state.Synced | None = None
         self._thread: threading.Thread | None = None
 
     # ---- the service's side ----------------------------------------------------------------------------------
@@ -216,7 +215,7 @@ class ReplicaGroup:
             synced = state.synchronize(comms, self.trainer, self._lineage())
             self._adopt_lineage(synced.lineage)
             self.metrics.group_weight_broadcasts.inc(int(synced.weights_sent))
-            self._digest, self.last_sync = (synced.step, synced.digest), synced
+            self._digest = (synced.step, synced.digest)
             self._enter(comms, membership)
             log.info(
                 "replica group formed",
@@ -394,22 +393,20 @@ class ReplicaGroup:
         return regroup
 
     def _configure(self, here: bool, body: dict[str, Any]) -> None:
+        """Apply one configure of the group's decision; answer it if it came here (it is first in the queue)."""
         job = self._take(self._configures) if here else None
-        try:
-            result: ConfigureReply | ProtocolError = self._apply_configure(ConfigureRequest.from_body(body))
-        except ProtocolError as err:
-            result = err
+        result = self._apply(body)
         if job is not None:
             job.done(result)
 
     def _configure_locally(self, job: _Job) -> None:
+        job.done(self._apply(job.body))
+
+    def _apply(self, body: dict[str, Any]) -> ConfigureReply | ProtocolError:
         try:
-            result: ConfigureReply | ProtocolError = self._apply_configure(
-                ConfigureRequest.from_body(job.body)
-            )
+            return self._apply_configure(ConfigureRequest.from_body(body))
         except ProtocolError as err:
-            result = err
-        job.done(result)
+            return err
 
     def _drain_configures(self) -> tuple[dict[str, Any], ...]:
         # Peek, not take: each is taken (and answered) when the decision applies it, in order.
