@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,15 +111,20 @@ class Group:
             exporter.close()
 
 
-def assert_same_everywhere(g: Group, members: list[int]) -> list[dict[str, Any]]:
+def assert_same_everywhere(g: Group, members: list[int], timeout_s: float = 60.0) -> list[dict[str, Any]]:
     """Every member: in sync, never out of sync, same step, digest, version, and the same served bytes."""
-    # in sync at an exchange after the last step (members exchange at every idle tick)
-    statuses = [
-        g.workers[r].wait_until(
-            lambda s: s["group"]["in_sync"] and s["group"]["last_compared_step"] == s["step"]
-        )
-        for r in members
-    ]
+
+    # The request's reply comes from one member; the others apply the same last step a few ms later (skew),
+    # so wait until every member is idle and compared at its own step, and all stand at the same step.
+    def settled(s: dict[str, Any]) -> bool:
+        return not s["busy"] and s["group"]["in_sync"] and s["group"]["last_compared_step"] == s["step"]
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = [g.workers[r].wait_until(settled, timeout_s) for r in members]
+        if len({s["step"] for s in statuses}) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert {s["group"]["out_of_sync"] for s in statuses} == {0}
     assert len({(s["step"], s["group"]["digest"], s["version"]) for s in statuses}) == 1, statuses
     assert len({g.weights(r) for r in members}) == 1
