@@ -53,6 +53,28 @@ def test_decide(controls: list[Control], epoch: int, jobs: tuple, regroup: bool,
     assert decision.out_of_step == (len({c.phase for c in controls}) > 1)
 
 
+@pytest.mark.parametrize(
+    ("controls", "resets"),
+    [
+        ([control(0), control(1)], ()),
+        # a restore waits in replica 1: it runs there, the others take its state
+        ([control(0, job={"a": 1}), control(1, reset=True)], (1,)),
+        # two at once: both, in rank order (the later one's state is what every member ends with)
+        ([control(0, reset=True), control(1, reset=True)], (0, 1)),
+        # the group re-forms: nothing runs now (each waits in its member for the next formation)
+        ([control(0, reset=True), control(1, leaving=True)], ()),
+    ],
+)
+def test_decide_runs_restores_and_rollbacks_in_rank_order(controls: list[Control], resets: tuple) -> None:
+    assert decide(controls, 1).resets == resets
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_a_control_crosses_the_wire_whole(reset: bool) -> None:
+    sent = control(1, phase="step", step=3, digest="ab", saved_step=2, configure=({"lr": 1},), reset=reset)
+    assert Control.from_wire(sent.to_wire()) == sent
+
+
 def test_decide_applies_every_members_configure_in_rank_order() -> None:
     controls = [control(0, configure=({"lr": 1},)), control(1, configure=({"lr": 2}, {"paused": True}))]
     assert decide(controls, 1).configure == ((0, {"lr": 1}), (1, {"lr": 2}), (1, {"paused": True}))

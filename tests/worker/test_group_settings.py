@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hogwild.testing.children import child_env
-from hogwild.worker.group.runner import GroupSettings
+from hogwild.worker.group.settings import GroupSettings
 
 
 @pytest.mark.parametrize(

@@ -61,18 +61,50 @@ def test_configure_through_one_replica_reaches_every_replica(group: Group) -> No
 @pytest.mark.parametrize(
     ("kind", "body", "message"),
     [
-        ("restore", {}, "restore is not available for a session with replicas"),
-        ("rollback", {"to": "previous"}, "rollback is not available for a session with replicas"),
+        # the origin's restore fails: nothing is taken from it, on any member
+        ("restore", {"step": 99}, "no complete checkpoint of step 99"),
+        ("rollback", {"to": "previous"}, "nothing kept matches previous"),
         ("configure", {"changes": {}, "eval_samples": [{"text": "x"}]}, "evaluation gate is not available"),
     ],
 )
-def test_what_one_replica_cannot_do_alone_is_refused_with_the_reason(
+def test_what_the_group_cannot_do_is_refused_with_the_reason_and_changes_nothing(
     group: Group, kind: str, body: dict[str, Any], message: str
 ) -> None:
-    group.start(0)
-    group.wait_formed([0])
+    group.start(0), group.start(1)
+    group.wait_formed([0, 1])
+    before = [group.weights(r) for r in (0, 1)]
     with pytest.raises(ProtocolError, match=message):
-        group.workers[0].call(kind, **body)
+        group.workers[1].call(kind, **body)
+    statuses = assert_same_everywhere(group, [0, 1])
+    assert [group.weights(r) for r in (0, 1)] == before and {s["step"] for s in statuses} == {0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "via"),
+    [("restore", 1), ("rollback", 0), ("rollback", 1)],
+    ids=["restore-1", "rollback-0", "rollback-1"],
+)
+def test_a_restore_or_rollback_through_one_replica_changes_every_replica(
+    group: Group, kind: str, via: int
+) -> None:
+    group.start(0), group.start(1)
+    group.wait_formed([0, 1])
+    w = group.workers
+    assert w[0].call("train", samples=SAMPLES, steps=2)["step"] == 2
+    saved = w[0].call("checkpoint")
+    kept = group.weights(0)
+    assert w[1].call("train", samples=SAMPLES, steps=2)["step"] == 4  # every member kept a snapshot of step 2
+    assert group.weights(0) != kept
+    reply = w[via].call(kind, **({"step": saved["step"]} if kind == "restore" else {"to": "previous"}))
+    statuses = assert_same_everywhere(group, [0, 1])
+    assert [s["step"] for s in statuses] == [2, 2] and group.weights(1) == kept
+    assert reply["version"] == statuses[1]["version"]
+    assert {s["lineage"]["origin"].split(" ")[0] for s in statuses} == {kind}
+    # the newest checkpoint's weights are saved on every member; a rolled-back state is saved nowhere yet
+    assert [s["trained_since_checkpoint"] for s in statuses] == [kind == "rollback"] * 2
+    assert w[1 - via].call("train", samples=SAMPLES[:1], steps=1)["step"] == 3  # and they train on together
+    assert_same_everywhere(group, [0, 1])
 
 
 @pytest.mark.slow

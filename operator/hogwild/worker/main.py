@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = WorkerMetrics()
     metrics_port, _ = metrics.serve(args.metrics_port, args.metrics_host)
     device = None if args.device == "auto" else args.device
-    from hogwild.worker.group.runner import settings_from_env
+    from hogwild.worker.group.settings import settings_from_env
 
     try:
         group = settings_from_env()

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hogwild import checkpoint
 from hogwild.config import ConfigError, TrainingConfig
 from hogwild.protocol import (
     CheckpointReply,
@@ -43,10 +42,12 @@ from hogwild.protocol import (
     new_id,
 )
 from hogwild.worker import gpu_power, persistence, protection, status
-from hogwild.worker.group.runner import GroupSettings, ReplicaGroup
+from hogwild.worker.group.runner import ReplicaGroup
+from hogwild.worker.group.settings import GroupSettings
 from hogwild.worker.metrics import WorkerMetrics
 from hogwild.worker.model import MappedModel, prewarm_imports
 from hogwild.worker.safety import Safety
+from hogwild.worker.saving import Checkpoints
 from hogwild.worker.trainer import StepStats, Trainer
 from hogwild.worker.watcher import Watcher
 
@@ -93,6 +94,15 @@ class WorkerService:
             mapped=lambda: self.watcher.mapped,
             metrics=metrics,
         )
+        self.unsaved = persistence.UnsavedTracker(settings.run_dir, lambda: self.watcher.mapped)
+        self.checkpoints = Checkpoints(
+            settings.checkpoint_dir,
+            trainer=self.trainer,
+            mapped=lambda: self.watcher.mapped,
+            safety=self.safety,
+            unsaved=self.unsaved,
+            metrics=metrics,
+        )
         self._versioned: MappedModel | None = None  # the mapping the current lineage started with
         # Replicas: train and configure requests go to the group, which runs them on every member in order.
         self.group = (
@@ -107,7 +117,8 @@ class WorkerService:
                 run_train=self._run_shared_train,
                 apply_configure=self.configure,
                 mapping=lambda: self.watcher.mapped,
-                peer_saved=self._peer_saved,
+                peer_saved=self.checkpoints.peer_saved,
+                peer_reset=self.checkpoints.peer_reset,
             )
         )
         self._rolling_back = False
@@ -118,18 +129,6 @@ class WorkerService:
         self._maintenance_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._training = self._writing = False
-        self.unsaved = persistence.UnsavedTracker(settings.run_dir, lambda: self.watcher.mapped)
-        removed = checkpoint.sweep_temporary(settings.checkpoint_dir)
-        if removed:
-            log.info(
-                "removed incomplete checkpoints",
-                extra={"event": "checkpoint_swept", "paths": [str(p) for p in removed]},
-            )
-        newest = checkpoint.newest_complete(settings.checkpoint_dir)
-        self.last_checkpoint = newest
-        self._last_checkpoint_mono = time.monotonic()
-        if newest is not None:
-            metrics.set_last_checkpoint(newest.time)
         metrics.observe_config(config)
         metrics.unsaved_since_timestamp_seconds.set_function(lambda: self.unsaved_since or 0.0)
         # Model code imports take seconds: do them now, while vLLM loads, not after it exports its weights.
@@ -160,21 +159,15 @@ class WorkerService:
         elif isinstance(request, CheckpointRequest):
             self._start_maintenance("checkpoint", lambda: self.checkpoint(request.reason), done)
         elif isinstance(request, RestoreRequest):
-            self._refuse_in_group("restore", self.group is not None)
-            if self.busy:
-                raise ProtocolError("busy", "a train request is running; restore after it finishes")
-            self._start_maintenance("restore", lambda: self.restore(request), done)
+            self._start_weights_change("restore", lambda: self.restore(request), done)
         elif isinstance(request, RollbackRequest):
-            self._refuse_in_group("rollback", self.group is not None)
-            if self.busy:
-                raise ProtocolError("busy", "a train request is running; roll back after it finishes")
-            self._start_maintenance("rollback", lambda: self.rollback(request), done)
+            self._start_weights_change("rollback", lambda: self.rollback(request), done)
         else:  # decode_request only returns the types above
             raise ProtocolError("unknown_type", f"no handler for {request.type}")
 
     @staticmethod
     def _refuse_in_group(what: str, refused: bool) -> None:
-        # Each of these changes one replica's weights or gate alone: the replicas would no longer agree.
+        # The gate reverts one replica's update alone: the replicas would no longer agree.
         if refused:
             raise ProtocolError(
                 "invalid",
@@ -196,18 +189,18 @@ class WorkerService:
     def writing(self) -> bool:
         return self._writing
 
-    def _run(self, name: str, job: Callable[[], Reply], done: Done) -> threading.Thread:
-        def target() -> None:
-            try:
-                result: Reply | ProtocolError = job()
-            except ProtocolError as err:
-                result = err
-            except Exception as err:  # a failed job answers an error; the worker lives on
-                log.exception("%s failed", name, extra={"event": f"{name}_failed"})
-                result = ProtocolError("internal", f"{name} failed: {type(err).__name__}: {err}")
-            done(result)
+    @staticmethod
+    def _attempt(name: str, job: Callable[[], Reply]) -> Reply | ProtocolError:
+        try:
+            return job()
+        except ProtocolError as err:
+            return err
+        except Exception as err:  # a failed job answers an error; the worker lives on
+            log.exception("%s failed", name, extra={"event": f"{name}_failed"})
+            return ProtocolError("internal", f"{name} failed: {type(err).__name__}: {err}")
 
-        thread = threading.Thread(target=target, name=name, daemon=True)
+    def _run(self, name: str, job: Callable[[], Reply], done: Done) -> threading.Thread:
+        thread = threading.Thread(target=lambda: done(self._attempt(name, job)), name=name, daemon=True)
         thread.start()
         return thread
 
@@ -252,6 +245,30 @@ class WorkerService:
         self._writing = True
         self._maintenance_thread = self._run(name, job, finished)
 
+    def _start_weights_change(self, name: str, job: Callable[[], Reply], done: Done) -> None:
+        """Restore and rollback: after a running train request, never during it. In a replica group they run
+        on the group's thread at an exchange, and every other member then takes these weights."""
+        # In a group, as with train, only this replica's own request refuses it: one that came through another
+        # replica ends before the group's next idle exchange, where this one runs.
+        if self._training if self.group is not None else self.busy:
+            verb = "roll back" if name == "rollback" else name
+            raise ProtocolError("busy", f"a train request is running; {verb} after it finishes")
+        if self.group is None:
+            self._start_maintenance(name, job, done)
+            return
+        if self.writing:
+            raise ProtocolError("busy", "a checkpoint or restore is already running")
+
+        def finished(result: Reply | ProtocolError) -> None:
+            self._writing = False
+            done(result)
+
+        def run() -> tuple[Reply | ProtocolError, bool]:
+            return self._attempt(name, job), not self.trained_since_checkpoint
+
+        self.group.submit_reset(name, run, finished)  # raises (forming, busy) before the flag is set
+        self._writing = True
+
     # ---- requests ----------------------------------------------------------------------------------------
     def status(self) -> StatusReply:
         t, c, mapped = self.trainer, self.trainer.counters, self.mapped
@@ -265,7 +282,7 @@ class WorkerService:
                 loss=c.loss,
                 skipped_steps=c.skipped_steps,
                 config=t.config,
-                last_checkpoint=self.last_checkpoint.summary() if self.last_checkpoint else None,
+                last_checkpoint=self.checkpoints.last.summary() if self.checkpoints.last else None,
                 manifest=mapped.manifest if mapped else None,
                 optimizer=type(t.optimizer).__name__ if t.optimizer is not None else None,
                 optimizer_state_bytes=t.optimizer_state_bytes,
@@ -327,6 +344,7 @@ class WorkerService:
 
     def _run_shared_train(self, request: TrainRequest, should_stop: Callable[[], str | None]) -> TrainReply:
         """One train request of the replica group, on this member (the group thread calls it on every one)."""
+        self.safety.before_update()  # the snapshot to roll back to, as a lone worker keeps (no gate in a group)
         steps = self.trainer.train(
             request, should_stop=should_stop, rest=lambda s: self._stopping.wait(s) and None
         ).reply()
@@ -335,91 +353,14 @@ class WorkerService:
         _log_trained(reply)
         return reply
 
-    def _peer_saved(self, step: int) -> None:
-        """Another member wrote a checkpoint of `step`: if these weights are at that step, they are saved too."""
-        mapped = self.mapped
-        if mapped is None:
-            return
-        with self.trainer.lock:
-            if self.trainer.counters.step == step:
-                self.unsaved.saved_now(mapped, step)
-
     def checkpoint(self, reason: str) -> CheckpointReply:
-        with self.trainer.exclusive():  # no step runs while the weights are copied out
-            mapped = self.mapped
-            if mapped is None:
-                raise ProtocolError(
-                    "not_connected", "the served weights are not mapped; nothing to checkpoint"
-                )
-            written = persistence.save(
-                self.settings.checkpoint_dir, self.trainer, mapped, reason, self.safety.version
-            )
-            self.unsaved.saved_now(mapped, self.trainer.counters.step)
-        if self.group is not None:
-            self.group.note_saved(written.checkpoint.step)
-        removed = checkpoint.prune(self.settings.checkpoint_dir, self.trainer.config.checkpoint_keep)
-        self.last_checkpoint = written.checkpoint
-        self._last_checkpoint_mono = time.monotonic()
-        self.metrics.observe_checkpoint(
-            reason=reason,
-            seconds=written.seconds,
-            size_bytes=written.bytes,
-            timestamp=written.checkpoint.time,
-        )
-        reply: CheckpointReply = {
-            "step": written.checkpoint.step,
-            "path": str(written.checkpoint.path),
-            "bytes": written.bytes,
-            "seconds": written.seconds,
-            "reason": reason,
-            "pruned": [str(p) for p in removed],
-            "version": written.checkpoint.meta.get("weights_version"),
-        }
-        log.info("checkpoint written", extra={"event": "checkpoint", **reply})
+        reply = self.checkpoints.save(reason)
+        if self.group is not None:  # the other members hold the same weights: saved there too
+            self.group.note_saved(reply["step"])
         return reply
 
     def restore(self, request: RestoreRequest) -> RestoreReply:
-        found = checkpoint.find(self.settings.checkpoint_dir, request.step)
-        if found is None:
-            which = (
-                "no complete checkpoint"
-                if request.step is None
-                else f"no complete checkpoint of step {request.step}"
-            )
-            raise ProtocolError("not_found", f"{which} in {self.settings.checkpoint_dir}")
-        with self.trainer.exclusive():
-            mapped = self.mapped
-            if mapped is None:
-                raise ProtocolError(
-                    "not_connected", "the served weights are not mapped; nothing to restore into"
-                )
-            try:
-                loaded = persistence.load(
-                    found, self.trainer, mapped, weights=request.weights, optimizer=request.optimizer
-                )
-            except checkpoint.CheckpointError as err:
-                raise ProtocolError("invalid", str(err)) from None
-            newest = checkpoint.newest_complete(self.settings.checkpoint_dir)
-            if newest is None or newest.path != found.path or not request.weights:
-                # Rolled back to an older checkpoint: persist the rollback with the next checkpoint. Unsaved
-                # since now, or since earlier if steps were already unsaved (the earlier time is kept).
-                self.unsaved.unsaved_at(mapped, time.time())
-            else:
-                self.unsaved.saved_now(mapped, self.trainer.counters.step)
-            if request.weights:
-                self.safety.snapshots.went_back_to(None)
-                self.safety.new_lineage(
-                    f"restore of {found.path.name}", found.meta.get("weights_version"), "restore"
-                )
-        reply: RestoreReply = {
-            "version": self.safety.version,
-            "step": self.trainer.counters.step,
-            "path": str(found.path),
-            "weights": request.weights,
-            "optimizer": loaded,
-        }
-        log.info("restored", extra={"event": "restored", **reply})
-        return reply
+        return self.checkpoints.restore(request)
 
     def rollback(self, request: RollbackRequest) -> RollbackReply:
         self._rolling_back = True
@@ -465,7 +406,7 @@ class WorkerService:
         # In a replica group one member writes the interval checkpoints (rank 0): the others hold the same weights.
         due = (self.group is None or self.group.leader) and status.interval_checkpoint_due(
             interval_s=self.trainer.config.checkpoint_interval_s,
-            since_last_s=time.monotonic() - self._last_checkpoint_mono,
+            since_last_s=time.monotonic() - self.checkpoints.last_mono,
             trained_since_checkpoint=self.trained_since_checkpoint,
             connected=self.trainer.attached,
             writing=self.writing,

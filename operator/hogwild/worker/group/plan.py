@@ -38,6 +38,9 @@ class Control:
     saved_step: int | None = None  # a checkpoint of this step was just written by this member
     configure: tuple[dict[str, Any], ...] = ()  # protocol bodies of configure requests to apply, in order
     job: dict[str, Any] | None = None  # a train request's protocol body, to start (idle ticks only)
+    # A restore or rollback waits in this member (idle ticks only): it runs here, then the others take its
+    # weights, optimizer state and version. Only the member that has it needs the request itself.
+    reset: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -51,6 +54,7 @@ class Control:
             "saved_step": self.saved_step,
             "configure": list(self.configure),
             "job": self.job,
+            "reset": self.reset,
         }
 
     @classmethod
@@ -66,12 +70,14 @@ class Control:
             saved_step=body.get("saved_step"),
             configure=tuple(body.get("configure") or ()),
             job=body.get("job"),
+            reset=bool(body.get("reset", False)),
         )
 
 
 @dataclass(frozen=True)
 class Decision:
     jobs: tuple[tuple[int, dict[str, Any]], ...] = ()  # (origin rank, train body), in rank order
+    resets: tuple[int, ...] = ()  # origin ranks of restores and rollbacks, in rank order, before any job
     configure: tuple[tuple[int, dict[str, Any]], ...] = ()  # (origin rank, configure body), in rank order
     regroup: bool = False  # leave this epoch after the exchange and rendezvous again
     stop: Stop = Stop.NONE
@@ -91,6 +97,7 @@ def decide(controls: Sequence[Control], epoch: int) -> Decision:
         stop = max(stop, Stop.REGROUP)
     return Decision(
         jobs=() if regroup else tuple((rank, c.job) for rank, c in enumerate(controls) if c.job is not None),
+        resets=() if regroup else tuple(rank for rank, c in enumerate(controls) if c.reset),
         configure=tuple((rank, body) for rank, c in enumerate(controls) for body in c.configure),
         regroup=regroup,
         stop=stop,

@@ -19,17 +19,13 @@ does.
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from hogwild import defaults
 from hogwild.errors import ProtocolError
 from hogwild.faults import fault_point
 from hogwild.protocol import ConfigureReply, ConfigureRequest, Reply, TrainReply, TrainRequest
@@ -37,47 +33,12 @@ from hogwild.versions import Lineage
 from hogwild.worker.group import plan, rendezvous, state
 from hogwild.worker.group.comms import Comms, GroupBroken
 from hogwild.worker.group.digest import weights_digest
+from hogwild.worker.group.inbox import Done, Inbox, Job, Reset
+from hogwild.worker.group.settings import GroupSettings
 from hogwild.worker.metrics import WorkerMetrics
 from hogwild.worker.trainer import Trainer
 
 log = logging.getLogger("hogwild.worker")
-Done = Callable[[Reply | ProtocolError], None]
-
-
-@dataclass(frozen=True)
-class GroupSettings:
-    replica: int
-    rendezvous: str  # host:port of the store
-    host_store: bool = False
-    settle_s: float = 2.0  # how long an epoch stays open for others to register
-    timeout_s: float = 300.0  # a collective waiting longer than this breaks the group (a hung member)
-    idle_s: float = 0.05  # the idle exchange's period
-    tensor_backend: str = "auto"  # gradients and weights: "auto" (gloo on CPU, NCCL on CUDA) or "gloo"
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> GroupSettings | None:
-        """The group this worker belongs to, or None: no rendezvous named, a lone worker (one replica)."""
-        address = env.get(defaults.ENV_RENDEZVOUS, "").strip()
-        if not address:
-            return None
-        rendezvous.split_address(address)  # ValueError early, with the address in it
-        replica_text = env.get(defaults.ENV_REPLICA, "0").strip()
-        if not replica_text.isdigit():
-            raise ValueError(f"{defaults.ENV_REPLICA}={replica_text!r} is not a replica ordinal (0, 1, ...)")
-        return cls(
-            replica=int(replica_text),
-            rendezvous=address,
-            host_store=env.get(defaults.ENV_HOST_STORE, "") == "1",
-            settle_s=float(env.get("HOGWILD_GROUP_SETTLE_S", "2.0")),
-            timeout_s=float(env.get("HOGWILD_GROUP_TIMEOUT_S", "300")),
-            tensor_backend=env.get("HOGWILD_GROUP_TENSOR_BACKEND", "auto"),
-        )
-
-
-@dataclass
-class _Job:
-    body: dict[str, Any]
-    done: Done
 
 
 class ReplicaGroup:
@@ -93,18 +54,18 @@ class ReplicaGroup:
         apply_configure: Callable[[ConfigureRequest], ConfigureReply],
         mapping: Callable[[], object | None],
         peer_saved: Callable[[int], None],
+        peer_reset: Callable[[bool], None],
     ) -> None:
         self.settings, self.trainer, self.metrics = settings, trainer, metrics
         self._lineage, self._adopt_lineage = lineage, adopt_lineage
         self._run_train, self._apply_configure = run_train, apply_configure
-        self._mapping, self._peer_saved = mapping, peer_saved
+        self._mapping, self._peer_saved, self._peer_reset = mapping, peer_saved, peer_reset
         self.stopping = threading.Event()
         self.rendezvous = rendezvous.Rendezvous(
             settings.rendezvous, settings.replica, settle_s=settings.settle_s, stopping=self.stopping
         )
         self._store_host: Any = None
-        self._jobs: queue.Queue[_Job] = queue.Queue()
-        self._configures: queue.Queue[_Job] = queue.Queue()
+        self.inbox = Inbox()
         self._saved: int | None = None
         self._digest: tuple[int, str] | None = None  # (step, digest) of the served weights
         self.membership: rendezvous.Membership | None = None
@@ -112,6 +73,7 @@ class ReplicaGroup:
         self.running = False  # a shared train request runs (whoever sent it)
         # Every exchange compares all members' (step, digest): how many steps were compared, how many differed.
         self.compared_steps: set[int] = set()
+        self.last_compared_step: int | None = None  # not max(compared_steps): a restore goes back
         self.out_of_sync = 0
         self._thread: threading.Thread | None = None
 
@@ -145,17 +107,32 @@ class ReplicaGroup:
         # The service answers 409 while this replica's own request runs. One that came through another
         # replica is not refused: this one waits its turn (a client that spreads its requests over the
         # replicas behind one Service would otherwise see 409s at random).
-        if not self._jobs.empty():
+        if not self.inbox.trains.empty():
             raise ProtocolError("busy", "a train request is already waiting in this replica")
-        self._jobs.put(_Job(request.to_body(), done))
+        self.inbox.trains.put(Job(request.to_body(), done))
 
     def submit_configure(self, request: ConfigureRequest, done: Done) -> bool:
         """Queue a configure for the whole group; False when no group is formed (the caller applies it here,
         and the next formation hands the source's config to every member)."""
         if not self.formed:
             return False
-        self._configures.put(_Job(request.to_body(), done))
+        self.inbox.configures.put(Job(request.to_body(), done))
         return True
+
+    def submit_reset(
+        self, name: str, run: Callable[[], tuple[Reply | ProtocolError, bool]], done: Done
+    ) -> None:
+        """Queue a restore or rollback: at the next exchange `run` applies it here, then every other member
+        takes these weights, optimizer state and version; `done` gets `run`'s reply."""
+        if not self.formed:
+            # Applied here alone, the next formation would hand the furthest-trained member's weights back.
+            raise ProtocolError(
+                "not_connected",
+                f"the replica group is forming; send the {name} after it has formed (seconds)",
+            )
+        if not self.inbox.resets.empty():
+            raise ProtocolError("busy", "a restore or rollback is already waiting in this replica")
+        self.inbox.resets.put(Reset(name, run, done))
 
     def note_saved(self, step: int) -> None:
         """This member wrote a checkpoint of `step`: the others mark those weights saved too."""
@@ -173,7 +150,7 @@ class ReplicaGroup:
             "in_sync": self.in_sync,
             "digest": self._digest[1] if self._digest else None,
             "compared_steps": len(self.compared_steps),
-            "last_compared_step": max(self.compared_steps, default=None),
+            "last_compared_step": self.last_compared_step,
             "out_of_sync": self.out_of_sync,
         }
 
@@ -194,7 +171,7 @@ class ReplicaGroup:
                     self.rendezvous.ask_new_epoch(membership.epoch)
                 except RuntimeError:
                     self.rendezvous.forget_store()
-        self._fail_pending("the worker is leaving the replica group")
+        self.inbox.fail_all("the worker is leaving the replica group")
 
     def _serve(self, membership: rendezvous.Membership) -> str:
         """Form the group of `membership` and run it until it re-forms. Returns why it ended."""
@@ -260,8 +237,8 @@ class ReplicaGroup:
     def _leave(self) -> None:
         # Configures queued for the group that it never applied: apply them here (this member's config is
         # what a later formation hands on if this member is the source) and answer.
-        while (job := self._take(self._configures)) is not None:
-            self._configure_locally(job)
+        for job in self.inbox.configures.drain():
+            job.done(self._apply(job.body))
         self.trainer.shard, self.trainer.sum_gradients = (0, 1), None
         self.membership, self.in_sync, self.running = None, None, False
         self.metrics.group_size.set(0)
@@ -294,7 +271,9 @@ class ReplicaGroup:
     def _exchange(
         self, comms: Comms, membership: rendezvous.Membership, mapping: object, **fields: Any
     ) -> plan.Decision:
-        mine = self._control(membership, mapping, configure=self._drain_configures(), **fields)
+        mine = self._control(
+            membership, mapping, configure=tuple(job.body for job in self.inbox.configures.peek()), **fields
+        )
         controls = [plan.Control.from_wire(c) for c in comms.gather_json(mine.to_wire())]
         decision = plan.decide(controls, membership.epoch)
         if decision.out_of_step:
@@ -308,6 +287,7 @@ class ReplicaGroup:
         self.metrics.group_in_sync.set(1 if decision.in_sync else 0)
         if decision.in_sync is not None:
             self.compared_steps.add(controls[0].step)
+            self.last_compared_step = controls[0].step
         if decision.in_sync is False:
             self.out_of_sync += 1
             self.metrics.group_out_of_sync.inc()
@@ -322,12 +302,23 @@ class ReplicaGroup:
 
     def _ticks(self, comms: Comms, membership: rendezvous.Membership, mapping: object) -> str:
         while True:
-            job = None if self.stopping.is_set() else self._take(self._jobs)
-            decision = self._exchange(comms, membership, mapping, job=job.body if job is not None else None)
-            if decision.regroup:
-                if job is not None:  # not started anywhere: it runs once the group has formed again
-                    self._jobs.put(job)
+            job = None if self.stopping.is_set() else self.inbox.trains.take()
+            reset = None if self.stopping.is_set() else self.inbox.resets.take()
+            decision = self._exchange(
+                comms,
+                membership,
+                mapping,
+                job=job.body if job is not None else None,
+                reset=reset is not None,
+            )
+            if decision.regroup:  # not started anywhere: they run once the group has formed again
+                if job is not None:
+                    self.inbox.trains.put(job)
+                if reset is not None:
+                    self.inbox.resets.put(reset)
                 return "leaving" if self.stopping.is_set() else "membership"
+            for origin in decision.resets:
+                self._reset(comms, origin, reset if origin == membership.rank else None)
             for origin, body in decision.jobs:
                 if self._train(comms, membership, mapping, body, job if origin == membership.rank else None):
                     return "leaving" if self.stopping.is_set() else "membership"
@@ -340,7 +331,7 @@ class ReplicaGroup:
         membership: rendezvous.Membership,
         mapping: object,
         body: dict[str, Any],
-        mine: _Job | None,
+        mine: Job | None,
     ) -> bool:
         """Run one shared train request on this member; answer it here if it came here. Returns whether the
         group re-forms after it (a member leaves or joins: the request stopped early, "regrouping")."""
@@ -392,39 +383,44 @@ class ReplicaGroup:
             mine.done(result)
         return regroup
 
+    def _reset(self, comms: Comms, origin: int, mine: Reset | None) -> None:
+        """One restore or rollback: it runs on its origin, then every member takes the origin's state."""
+        result, saved = mine.run() if mine is not None else (None, False)
+        try:
+            outcome = comms.gather_json({"ok": not isinstance(result, ProtocolError), "saved": saved})[origin]
+            if outcome["ok"]:
+                synced = state.synchronize(comms, self.trainer, self._lineage(), source=origin)
+                self._adopt_lineage(synced.lineage)
+                self._digest = (synced.step, synced.digest)
+                self.metrics.group_weight_broadcasts.inc(int(synced.weights_sent))
+                if mine is None:
+                    self._peer_reset(bool(outcome["saved"]))
+                log.info(
+                    "replica group took a member's state",
+                    extra={"event": "group_reset", "source_rank": origin, "step": synced.step},
+                )
+        except GroupBroken as err:
+            if mine is not None:  # the group re-forms from the furthest-trained member, which may undo it
+                mine.done(
+                    ProtocolError(
+                        "not_connected",
+                        f"a replica left during the {mine.name} ({err}); the group forms again from the "
+                        f"furthest-trained replica: send the {mine.name} again once it has formed",
+                    )
+                )
+            raise
+        if mine is not None and result is not None:
+            mine.done(result)
+
     def _configure(self, here: bool, body: dict[str, Any]) -> None:
         """Apply one configure of the group's decision; answer it if it came here (it is first in the queue)."""
-        job = self._take(self._configures) if here else None
+        job = self.inbox.configures.take() if here else None
         result = self._apply(body)
         if job is not None:
             job.done(result)
-
-    def _configure_locally(self, job: _Job) -> None:
-        job.done(self._apply(job.body))
 
     def _apply(self, body: dict[str, Any]) -> ConfigureReply | ProtocolError:
         try:
             return self._apply_configure(ConfigureRequest.from_body(body))
         except ProtocolError as err:
             return err
-
-    def _drain_configures(self) -> tuple[dict[str, Any], ...]:
-        # Peek, not take: each is taken (and answered) when the decision applies it, in order.
-        with self._configures.mutex:
-            return tuple(job.body for job in list(self._configures.queue))
-
-    @staticmethod
-    def _take(jobs: queue.Queue[_Job]) -> _Job | None:
-        try:
-            return jobs.get_nowait()
-        except queue.Empty:
-            return None
-
-    def _fail_pending(self, why: str) -> None:
-        for jobs in (self._jobs, self._configures):
-            while (job := self._take(jobs)) is not None:
-                job.done(ProtocolError("not_connected", why))
-
-
-def settings_from_env() -> GroupSettings | None:
-    return GroupSettings.from_env(os.environ)

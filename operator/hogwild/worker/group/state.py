@@ -1,6 +1,8 @@
-"""What a group does when it forms: every member ends with the same weights, optimizer state and version.
+"""What a group does when it forms, and after a member restored or rolled back: every member ends with the same
+weights, optimizer state and version.
 
-The source is the furthest-trained member (plan.sync_source). The weights are broadcast into every other
+The source is the furthest-trained member (plan.sync_source) when a group forms, and the member that restored
+or rolled back after that. The weights are broadcast into every other
 member's mapped tensors, in place, only when some digest differs (members that stayed together hold the same
 bytes already); the optimizer state, counters and config always are (a few MB at APOLLO's rank); so is the
 lineage, so that a version names the same weights on every replica.
@@ -30,13 +32,16 @@ class Synced:
     lineage: Lineage
 
 
-def synchronize(comms: Comms, trainer: Trainer, lineage: Lineage) -> Synced:
-    """Collective: call on every member of a new epoch, with the trainer attached. Holds the trainer still."""
+def synchronize(comms: Comms, trainer: Trainer, lineage: Lineage, source: int | None = None) -> Synced:
+    """Collective: call on every member of a new epoch, with the trainer attached. Holds the trainer still.
+
+    `source`: the rank the others copy (a member that just restored or rolled back); None: the furthest trained.
+    """
     with trainer.exclusive():
         params = [p for _, p in trainer.named_params]
         mine = (trainer.counters.step, weights_digest(params))
         states = [(int(s), str(d)) for s, d in comms.gather_json(list(mine))]
-        source = plan.sync_source(states)
+        source = plan.sync_source(states) if source is None else source
         send_weights = plan.needs_weights(states)
         if send_weights:
             comms.broadcast_tensors_([p.data for p in params], source)
