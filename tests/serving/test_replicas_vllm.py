@@ -2,7 +2,8 @@
 
 Two vLLM servers with the plugin, two workers, gloo between the workers, the store in the serving process.
 The tests run in file order and build on each other: both serve and form one group; a fact taught through
-replica 1 is completed by both; a whole replica is killed (SIGKILL of its vLLM and worker) while training
+replica 1 is completed by both; a rollback through replica 0 takes it from both, and a second one brings it
+back; a whole replica is killed (SIGKILL of its vLLM and worker) while training
 runs through the other, which keeps serving and training; `hogwild serve` brings the lost replica back, the
 group hands it the trained weights, and it completes the fact too.
 """
@@ -143,6 +144,31 @@ def test_a_fact_taught_through_one_replica_is_completed_by_both(replicas: Served
     assert {s["group"]["out_of_sync"] for s in statuses} == {0}
     assert min(s["group"]["compared_steps"] for s in statuses) >= 30  # before every step and after the last
     # replica 0 never received a /train: its prefix cache dropped the old KV when the version changed
+    for replica in (0, 1):
+        assert complete(replicas.url(replica), model_name, PROMPT).startswith(FACT), replica
+
+
+def rollback(group: Served, replica: int, to: str) -> dict[str, Any]:
+    status, reply = http_json(
+        "POST", f"{group.url(replica)}/train/rollback", {"to": to}, token=group.token, timeout_s=300
+    )
+    assert status == 200, reply
+    return reply
+
+
+def test_a_rollback_through_one_replica_takes_the_fact_from_both_and_back(
+    replicas: Served, model_name: str
+) -> None:
+    taught = in_sync(replicas)[0]
+    # back to the snapshot every member took before the lesson: both replicas forget the fact
+    reply = rollback(replicas, 0, "previous")
+    statuses = in_sync(replicas)
+    assert {s["step"] for s in statuses} == {0} and {s["version"] for s in statuses} == {reply["version"]}
+    for replica in (0, 1):
+        assert not complete(replicas.url(replica), model_name, PROMPT).startswith(FACT), replica
+    # the state it left was kept (on the replica that rolled back): going to it brings the fact back on both
+    rollback(replicas, 0, taught["version"])
+    assert {s["step"] for s in in_sync(replicas)} == {taught["step"]}
     for replica in (0, 1):
         assert complete(replicas.url(replica), model_name, PROMPT).startswith(FACT), replica
 

@@ -3,7 +3,8 @@ exactly as the vLLM plugin does), two real workers mapping them, one group.
 
 The tensors of the group go over gloo (through the host), not NCCL: NCCL refuses two ranks on one device, and
 the lent machine has one GPU. What this checks on real hardware: CUDA IPC mapping in a group, the on-device
-weights digest, the broadcast into a joining member's CUDA weights, and bit-identical weights after training.
+weights digest, the broadcast into a joining member's CUDA weights, bit-identical weights after training, and
+a restore through one member that the other takes.
 Skipped without CUDA.
 """
 
@@ -30,6 +31,8 @@ def test_two_gpu_replicas_train_together_and_a_late_one_receives_the_weights(tmp
         status = group.workers[0].call("status")
         assert status["device"].startswith("cuda") and status["exporter"]["backend"] == "cuda_ipc"
         assert group.workers[0].call("train", samples=SAMPLES, steps=3)["step"] == 3
+        saved = group.workers[0].call("checkpoint")
+        at_checkpoint = group.weights(0)
         group.start(1)  # a fresh replica (base weights) joins: the group hands it the trained ones
         group.wait_formed([0, 1])
         assert_same_everywhere(group, [0, 1])
@@ -37,5 +40,9 @@ def test_two_gpu_replicas_train_together_and_a_late_one_receives_the_weights(tmp
         assert reply["step"] == 6
         statuses = assert_same_everywhere(group, [0, 1])
         assert {s["group"]["out_of_sync"] for s in statuses} == {0}
+        # a restore through replica 1: it loads the checkpoint into its CUDA weights, replica 0 takes them
+        assert group.workers[1].call("restore", step=saved["step"])["step"] == 3
+        statuses = assert_same_everywhere(group, [0, 1])
+        assert {s["step"] for s in statuses} == {3} and group.weights(0) == at_checkpoint
     finally:
         group.close()
