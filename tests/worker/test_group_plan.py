@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from hogwild.worker import batches
@@ -9,6 +11,7 @@ from hogwild.worker.batches import Encoded
 from hogwild.worker.group.plan import (
     Control,
     Stop,
+    agreed_loss,
     decide,
     in_sync,
     members_of,
@@ -73,6 +76,24 @@ def test_decide_runs_restores_and_rollbacks_in_rank_order(controls: list[Control
 def test_a_control_crosses_the_wire_whole(reset: bool) -> None:
     sent = control(1, phase="step", step=3, digest="ab", saved_step=2, configure=({"lr": 1},), reset=reset)
     assert Control.from_wire(sent.to_wire()) == sent
+
+
+@pytest.mark.parametrize(
+    ("said", "agreed"),
+    [
+        ([(None, None), (None, None)], (None, None)),  # the gate is off everywhere
+        ([(2.5, None), (2.5, None)], (2.5, None)),
+        # rank 0 joined after the evaluation set was sent: every member judges with rank 1's loss
+        ([(None, ("invalid", "needs an evaluation set")), (2.5, None)], (2.5, None)),
+        # nobody holds a set: every member fails the request with the lowest rank's error
+        ([(None, ("invalid", "a")), (None, ("invalid", "b"))], (None, ("invalid", "a"))),
+        ([(math.nan, None), (2.5, None)], (math.nan, None)),  # NaN is a loss: the gate refuses to train
+    ],
+)
+def test_agreed_loss(said: list, agreed: tuple) -> None:
+    loss, error = agreed_loss(said)
+    assert error == agreed[1]
+    assert loss == agreed[0] or (math.isnan(agreed[0]) and loss is not None and math.isnan(loss))
 
 
 def test_decide_applies_every_members_configure_in_rank_order() -> None:

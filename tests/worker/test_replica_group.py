@@ -64,7 +64,8 @@ def test_configure_through_one_replica_reaches_every_replica(group: Group) -> No
         # the origin's restore fails: nothing is taken from it, on any member
         ("restore", {"step": 99}, "no complete checkpoint of step 99"),
         ("rollback", {"to": "previous"}, "nothing kept matches previous"),
-        ("configure", {"changes": {}, "eval_samples": [{"text": "x"}]}, "evaluation gate is not available"),
+        # the gate is on and no member holds an evaluation set: every member refuses the request
+        ("configure", {"changes": {"gate": {"max_loss_rise": 0.0}}}, "needs an evaluation set"),
     ],
 )
 def test_what_the_group_cannot_do_is_refused_with_the_reason_and_changes_nothing(
@@ -77,6 +78,29 @@ def test_what_the_group_cannot_do_is_refused_with_the_reason_and_changes_nothing
         group.workers[1].call(kind, **body)
     statuses = assert_same_everywhere(group, [0, 1])
     assert [group.weights(r) for r in (0, 1)] == before and {s["step"] for s in statuses} == {0}
+
+
+@pytest.mark.slow
+def test_the_gate_judges_a_shared_request_once_and_every_replica_reverts_it(group: Group) -> None:
+    group.start(0), group.start(1)
+    group.wait_formed([0, 1])
+    w = group.workers
+    fact, lie = SAMPLES[0], {**SAMPLES[0], "completion": " Berlin"}
+    assert w[0].call("train", samples=[fact], steps=2)["step"] == 2
+    # the evaluation set and the gate, sent to one replica, reach both (a configure goes through the group)
+    w[1].call("configure", changes={"gate": {"max_loss_rise": 0.0}}, eval_samples=[fact])
+    kept, version = group.weights(0), assert_same_everywhere(group, [0, 1])[0]["version"]
+    reply = w[0].call("train", samples=[lie, SAMPLES[1]], steps=3)  # each member trains its share
+    gate = reply["gate"]
+    assert gate["verdict"] == "reverted" and gate["loss_after"] > gate["loss_before"]
+    statuses = assert_same_everywhere(group, [0, 1])  # one verdict, one revert, one version on both
+    assert [s["step"] for s in statuses] == [2, 2] and group.weights(1) == kept
+    assert {s["version"] for s in statuses} == {reply["version"]} != {version}
+    assert [s["gate"]["reverts"] for s in statuses] == [1, 1]
+    # an update the gate accepts is kept on both
+    accepted = w[1].call("train", samples=[fact], steps=1)
+    assert accepted["gate"]["verdict"] == "accepted" and accepted["step"] == 3
+    assert_same_everywhere(group, [0, 1])
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from hogwild import checkpoint, versions
 from hogwild.config import EvalGate
@@ -43,6 +43,16 @@ from hogwild.worker.model import MappedModel
 from hogwild.worker.trainer import Trainer
 
 log = logging.getLogger("hogwild.worker")
+
+
+class Consensus(Protocol):
+    """A replica group's agreement inside one shared /train request (hogwild.worker.group.runner): every member
+    calls each method at the same point of the request and gets rank 0's answer."""
+
+    def loss(self, mine: float | None, error: ProtocolError | None) -> float | None:
+        """Rank 0's held-out loss (None: its gate is off); raises rank 0's error on every member."""
+
+    def lineage(self, mine: Lineage) -> Lineage: ...
 
 
 def write_version(run_dir: Path, version: str) -> None:
@@ -246,43 +256,62 @@ class Safety:
         self.metrics.eval_loss.set(loss)
         return loss
 
-    def before_update(self) -> tuple[snapshots.Snapshot | None, float | None]:
+    def before_update(
+        self, consensus: Consensus | None = None
+    ) -> tuple[snapshots.Snapshot | None, float | None]:
         """Before a /train request: the snapshot to revert to and the held-out loss now (when gated)."""
         gate = self.trainer.config.gate
         with self.trainer.exclusive():
             mapped = self._mapped_or_fail()
-            if gate.enabled and self.eval_set is None:
-                self.check_policy(gate)
-                self.load_eval_file(gate)  # a file named before the weights were mapped
-            snap = self._take(mapped) if gate.enabled or self.trainer.config.snapshots > 0 else None
-            if not gate.enabled or self.eval_set is None:
-                return snap, None
-            before = self._loss(self.eval_set)
-            if not math.isfinite(before):
+            mine: float | None = None
+            error: ProtocolError | None = None
+            if gate.enabled:
+                try:
+                    if self.eval_set is None:
+                        self.check_policy(gate)
+                        self.load_eval_file(gate)  # a file named before the weights were mapped
+                    mine = self._loss(self.eval_set) if self.eval_set is not None else None
+                except ProtocolError as err:
+                    error = err
+            if consensus is not None:  # every member judges with rank 0's loss (and fails with its error)
+                before = consensus.loss(mine, error)
+            elif error is not None:
+                raise error
+            else:
+                before = mine
+            snap = self._take(mapped) if before is not None or self.trainer.config.snapshots > 0 else None
+            if before is not None and not math.isfinite(before):
                 raise ProtocolError(
                     "invalid", "the held-out loss is not finite before the update; not trained"
                 )
             return snap, before
 
     def after_update(
-        self, snap: snapshots.Snapshot | None, before: float | None, first_step_at: float | None
+        self,
+        snap: snapshots.Snapshot | None,
+        before: float | None,
+        first_step_at: float | None,
+        consensus: Consensus | None = None,
     ) -> Verdict | None:
         """After a gated request that changed the weights: judge it, and revert at once if it broke the policy."""
-        if snap is None or before is None or self.eval_set is None or snap.version == self.version:
+        if snap is None or before is None or snap.version == self.version:
             return None
         gate = self.trainer.config.gate
         with self.trainer.exclusive():
             rejected = self.version
+            after: float | None = self._loss(self.eval_set) if self.eval_set is not None else math.nan
+            if consensus is not None:
+                after = consensus.loss(after, None)
             verdict = versions.judge(
                 before,
-                self._loss(self.eval_set),
+                math.nan if after is None else after,
                 max_rise=gate.max_loss_rise,
                 max_rise_ratio=gate.max_loss_rise_ratio,
             )
             self.evaluations[verdict.verdict] += 1
             self.metrics.evaluations.labels(verdict=verdict.verdict).inc()
             if verdict.verdict == versions.REVERTED:
-                self.revert(snap, rejected)
+                self.revert(snap, rejected, consensus)
         record = {**verdict.as_dict(), "version": self.version, "time": time.time()}
         if verdict.verdict == versions.REVERTED:
             record["rejected_version"] = rejected
@@ -291,20 +320,23 @@ class Safety:
         self.last_verdict = record
         return verdict
 
-    def gated(self, train: Callable[[], TrainSteps]) -> GatedTrainReply:
-        """Run one /train request's steps (`train` returns its reply) under the snapshot and the gate."""
-        snap, loss_before = self.before_update()
+    def gated(self, train: Callable[[], TrainSteps], consensus: Consensus | None = None) -> GatedTrainReply:
+        """Run one /train request's steps (`train` returns its reply) under the snapshot and the gate.
+
+        `consensus`: the replica group's, when every member runs this request (each judges with the same losses
+        and reverts its own copy of the same snapshot); None on a lone worker."""
+        snap, loss_before = self.before_update(consensus)
         first_step_at = time.monotonic()
         try:
             steps = train()
         except ProtocolError as err:
             if loss_before is not None and snap is not None and snap.version != self.version:
                 with self.trainer.exclusive():  # a gated update that did not finish is not kept
-                    self.revert(snap, self.version)
+                    self.revert(snap, self.version, consensus)
                 err.message += f"; the gate reverted its steps (weights at {self.version})"
             raise
         self.publish()  # the service publishes after every step too; this covers a request of skipped steps
-        verdict = self.after_update(snap, loss_before, first_step_at)
+        verdict = self.after_update(snap, loss_before, first_step_at, consensus)
         return {
             **steps,
             "step": self.trainer.counters.step,
@@ -312,12 +344,14 @@ class Safety:
             "gate": self.last_verdict if verdict is not None else None,
         }
 
-    def revert(self, snap: snapshots.Snapshot, rejected: str) -> None:
+    def revert(self, snap: snapshots.Snapshot, rejected: str, consensus: Consensus | None = None) -> None:
         mapped = self._mapped_or_fail()
         snapshots.restore(snap, self.trainer, mapped)
         self.snapshots.went_back_to(snap)
         self.metrics.reverts.inc()
         self.new_lineage(f"revert of {rejected} to {snap.version}", snap.version, "revert")
+        if consensus is not None:  # each member started its own lineage: all take rank 0's
+            self.adopt_lineage(consensus.lineage(self.lineage))
         self._copy_of_kept = (self.version, snap)
 
     # ---- status --------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from hogwild.worker.group.runner import ReplicaGroup
 from hogwild.worker.group.settings import GroupSettings
 from hogwild.worker.metrics import WorkerMetrics
 from hogwild.worker.model import MappedModel, prewarm_imports
-from hogwild.worker.safety import Safety
+from hogwild.worker.safety import Consensus, Safety
 from hogwild.worker.saving import Checkpoints
 from hogwild.worker.trainer import StepStats, Trainer
 from hogwild.worker.watcher import Watcher
@@ -142,12 +142,10 @@ class WorkerService:
         if isinstance(request, StatusRequest):
             done(self.status())
         elif isinstance(request, ConfigureRequest):
-            if self.group is not None:
-                self._refuse_in_group(
-                    "the evaluation gate", request.eval_samples is not None or "gate" in request.changes
-                )
-                if self.group.submit_configure(request, done):
-                    return
+            # In a group every member applies it at the same exchange (an evaluation set too); while no group
+            # is formed it applies here at once.
+            if self.group is not None and self.group.submit_configure(request, done):
+                return
             if request.eval_samples is not None or "gate" in request.changes:
                 # A new evaluation set is evaluated first (after a running step): off the socket thread, so
                 # status keeps answering the heartbeat meanwhile.
@@ -164,16 +162,6 @@ class WorkerService:
             self._start_weights_change("rollback", lambda: self.rollback(request), done)
         else:  # decode_request only returns the types above
             raise ProtocolError("unknown_type", f"no handler for {request.type}")
-
-    @staticmethod
-    def _refuse_in_group(what: str, refused: bool) -> None:
-        # The gate reverts one replica's update alone: the replicas would no longer agree.
-        if refused:
-            raise ProtocolError(
-                "invalid",
-                f"{what} is not available for a session with replicas yet (docs/replicas.md); "
-                "the replicas would stop holding the same weights",
-            )
 
     @property
     def mapped(self) -> MappedModel | None:
@@ -342,14 +330,16 @@ class WorkerService:
         _log_trained(reply)
         return reply
 
-    def _run_shared_train(self, request: TrainRequest, should_stop: Callable[[], str | None]) -> TrainReply:
+    def _run_shared_train(
+        self, request: TrainRequest, should_stop: Callable[[], str | None], consensus: Consensus
+    ) -> TrainReply:
         """One train request of the replica group, on this member (the group thread calls it on every one)."""
-        self.safety.before_update()  # the snapshot to roll back to, as a lone worker keeps (no gate in a group)
-        steps = self.trainer.train(
-            request, should_stop=should_stop, rest=lambda s: self._stopping.wait(s) and None
-        ).reply()
-        self.safety.publish()
-        reply: TrainReply = {**steps, "version": self.safety.version}
+        reply = self.safety.gated(
+            lambda: self.trainer.train(
+                request, should_stop=should_stop, rest=lambda s: self._stopping.wait(s) and None
+            ).reply(),
+            consensus,
+        )
         _log_trained(reply)
         return reply
 

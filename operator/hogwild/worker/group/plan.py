@@ -130,6 +130,21 @@ def needs_weights(states: Sequence[tuple[int, str | None]]) -> bool:
     return len({digest for _, digest in states}) > 1 or any(digest is None for _, digest in states)
 
 
+def agreed_loss(
+    said: Sequence[tuple[float | None, tuple[str, str] | None]],
+) -> tuple[float | None, tuple[str, str] | None]:
+    """The held-out loss every member of a shared request judges the evaluation gate with, from each member's
+    (loss, error) by rank: the lowest rank that computed one (a member that joined after the evaluation set
+    was sent holds none), else the lowest rank's error (code, message), else None (the gate is off)."""
+    for loss, _ in said:
+        if loss is not None:
+            return loss, None
+    for _, error in said:
+        if error is not None:
+            return None, error
+    return None, None
+
+
 def members_of(registered: Sequence[int]) -> tuple[int, ...]:
     """The closed member list of an epoch: ordinals, ascending (rank = index)."""
     return tuple(sorted(set(registered)))

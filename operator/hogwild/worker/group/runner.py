@@ -36,6 +36,7 @@ from hogwild.worker.group.digest import weights_digest
 from hogwild.worker.group.inbox import Done, Inbox, Job, Reset
 from hogwild.worker.group.settings import GroupSettings
 from hogwild.worker.metrics import WorkerMetrics
+from hogwild.worker.safety import Consensus
 from hogwild.worker.trainer import Trainer
 
 log = logging.getLogger("hogwild.worker")
@@ -50,7 +51,7 @@ class ReplicaGroup:
         metrics: WorkerMetrics,
         lineage: Callable[[], Lineage],
         adopt_lineage: Callable[[Lineage], None],
-        run_train: Callable[[TrainRequest, Callable[[], str | None]], TrainReply],
+        run_train: Callable[[TrainRequest, Callable[[], str | None], Consensus], TrainReply],
         apply_configure: Callable[[ConfigureRequest], ConfigureReply],
         mapping: Callable[[], object | None],
         peer_saved: Callable[[int], None],
@@ -360,7 +361,9 @@ class ReplicaGroup:
 
         self.running = True
         try:
-            result: TrainReply | ProtocolError = self._run_train(request, should_stop)
+            result: TrainReply | ProtocolError = self._run_train(
+                request, should_stop, state.RequestConsensus(comms)
+            )
         except GroupBroken as err:
             if mine is not None:
                 mine.done(

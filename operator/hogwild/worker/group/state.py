@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from hogwild.errors import ProtocolError
 from hogwild.versions import Lineage
 from hogwild.worker.group import plan
 from hogwild.worker.group.comms import Comms
@@ -53,3 +54,22 @@ def synchronize(comms: Comms, trainer: Trainer, lineage: Lineage, source: int | 
         shared = comms.gather_json(lineage.as_dict())[source]
         digest = weights_digest(params) if send_weights else states[source][1]
     return Synced(source, send_weights, trainer.counters.step, digest, Lineage(**shared))
+
+
+class RequestConsensus:
+    """The evaluation gate's agreement inside one shared train request (hogwild.worker.safety.Consensus): every
+    member calls each method at the same point, so every member judges with the same losses and ends with the
+    same version after a revert."""
+
+    def __init__(self, comms: Comms) -> None:
+        self.comms = comms
+
+    def loss(self, mine: float | None, error: ProtocolError | None) -> float | None:
+        said = self.comms.gather_json([mine, [error.code, error.message] if error is not None else None])
+        loss, failed = plan.agreed_loss([(value, (e[0], e[1]) if e else None) for value, e in said])
+        if failed is not None:
+            raise ProtocolError(*failed)
+        return loss
+
+    def lineage(self, mine: Lineage) -> Lineage:
+        return Lineage(**self.comms.gather_json(mine.as_dict())[0])
