@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hogwild import auth
 from hogwild.defaults import MANIFEST_NAME
 from hogwild.testing.exporter import ExporterProcess
 from hogwild.testing.tiny_model import TinySpec, cached
@@ -49,11 +50,18 @@ class Group:
         self.exporters: dict[int, ExporterProcess] = {}
         self.workers: dict[int, WorkerProcess] = {}
         self._starts = 0
+        self.curve = auth.write_curve_dir(root / "curve")
 
     def start(
-        self, replica: int, *, fault: str | None = None, config: dict[str, Any] | None = None
+        self,
+        replica: int,
+        *,
+        fault: str | None = None,
+        config: dict[str, Any] | None = None,
+        alone: bool = False,
     ) -> WorkerProcess:
-        """Start replica `replica`'s exporter (unless it runs) and a new worker for it."""
+        """Start replica `replica`'s exporter (unless it runs) and a new worker for it. `alone`: as a pod built
+        for one replica (no group environment), with the operator's CURVE channel (`self.curve`) to join later."""
         if replica not in self.exporters:
             (self.root / f"exporter-{replica}").mkdir(exist_ok=True)
             self.exporters[replica] = ExporterProcess(
@@ -76,7 +84,14 @@ class Group:
             env["HOGWILD_HOST_STORE"] = "1"
         if fault:
             env["HOGWILD_FAULT"] = fault
-        worker = WorkerProcess(run, self.checkpoints, env=env, config=config or CONFIG)
+        if alone:
+            env = {
+                k: v
+                for k, v in env.items()
+                if k not in {"HOGWILD_REPLICA", "HOGWILD_RENDEZVOUS", "HOGWILD_HOST_STORE"}
+            }
+        curve = self.curve if alone else None
+        worker = WorkerProcess(run, self.checkpoints, env=env, config=config or CONFIG, curve_dir=curve)
         self.workers[replica] = worker
         return worker
 

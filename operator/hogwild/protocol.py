@@ -33,6 +33,7 @@ from hogwild.replies import CheckpointSummary as CheckpointSummary
 from hogwild.replies import ConfigureReply as ConfigureReply
 from hogwild.replies import Endpoints as Endpoints
 from hogwild.replies import GatedTrainReply as GatedTrainReply
+from hogwild.replies import JoinReply as JoinReply
 from hogwild.replies import Reply as Reply
 from hogwild.replies import Restored as Restored
 from hogwild.replies import RestoreReply as RestoreReply
@@ -255,8 +256,46 @@ class RollbackRequest(Answered[RollbackReply]):
         return body
 
 
+@dataclass(frozen=True)
+class JoinRequest(Answered[JoinReply]):
+    """Join the session's replica group now: what a pod built for a group has in its environment
+    (hogwild.worker.group.settings), sent by the operator to a running replica built for one, on a scale-up.
+    Only the operator's control channel may send it (the worker refuses it on the vLLM socket)."""
+
+    type: ClassVar[str] = "join"
+    replica: int
+    rendezvous: str  # host:port of the group's store
+    host_store: bool = False
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> JoinRequest:
+        _no_unknown("join", body, {"replica", "rendezvous", "host_store"})
+        replica = body.get("replica")
+        if isinstance(replica, bool) or not isinstance(replica, int) or not 0 <= replica < 1000:
+            raise ProtocolError("invalid", f"replica must be a replica ordinal (0, 1, ...), got {replica!r}")
+        address = body.get("rendezvous")
+        host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+        if not isinstance(address, str) or not host or len(address) > 300 or not port.isdigit():
+            raise ProtocolError("invalid", f"rendezvous must be host:port, got {address!r}")
+        if not 0 < int(port) < 65536:
+            raise ProtocolError("invalid", f"rendezvous port must be 1-65535, got {port}")
+        host_store = body.get("host_store", False)
+        if not isinstance(host_store, bool):
+            raise ProtocolError("invalid", "host_store must be true or false")
+        return cls(replica=replica, rendezvous=address, host_store=host_store)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"replica": self.replica, "rendezvous": self.rendezvous, "host_store": self.host_store}
+
+
 Request = (
-    TrainRequest | CheckpointRequest | StatusRequest | ConfigureRequest | RestoreRequest | RollbackRequest
+    TrainRequest
+    | CheckpointRequest
+    | StatusRequest
+    | ConfigureRequest
+    | RestoreRequest
+    | RollbackRequest
+    | JoinRequest
 )
 REQUEST_TYPES: dict[str, type[Request]] = {
     cls.type: cls
@@ -267,10 +306,13 @@ REQUEST_TYPES: dict[str, type[Request]] = {
         ConfigureRequest,
         RestoreRequest,
         RollbackRequest,
+        JoinRequest,
     )
 }
 # Requests that change weights or training state: they need the token on HTTP.
-WEIGHT_CHANGING = frozenset({"train", "checkpoint", "configure", "restore", "rollback"})
+WEIGHT_CHANGING = frozenset({"train", "checkpoint", "configure", "restore", "rollback", "join"})
+# Requests only the operator sends, over its CURVE channel; the worker refuses them on the vLLM socket.
+CONTROL_ONLY = frozenset({"join"})
 
 
 # ---- envelopes ----------------------------------------------------------------------------------------

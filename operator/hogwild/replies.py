@@ -144,6 +144,13 @@ class StatusReply(TypedDict):
     control_endpoint: NotRequired[str | None]
 
 
+class JoinReply(TypedDict):
+    """join: the replica group this worker now belongs to (hogwild.worker.group.runner's status)."""
+
+    joined: bool  # False: it was a member of that group already (a repeated join changes nothing)
+    group: dict[str, Any]
+
+
 Reply = (
     TrainReply
     | GatedTrainReply
@@ -151,5 +158,6 @@ Reply = (
     | ConfigureReply
     | RestoreReply
     | RollbackReply
+    | JoinReply
     | StatusReply
 )

@@ -76,6 +76,18 @@ BAD_FRAMES = {
     "configure bad lr": (frame({"v": 1, "type": "configure", "changes": {"lr": -1}}), "invalid"),
     "restore nothing": (frame({"v": 1, "type": "restore", "weights": False, "optimizer": False}), "invalid"),
     "restore bad step": (frame({"v": 1, "type": "restore", "step": "last"}), "invalid"),
+    "join no address": (frame({"v": 1, "type": "join", "replica": 0}), "invalid"),
+    "join no port": (frame({"v": 1, "type": "join", "replica": 0, "rendezvous": "chat-replicas"}), "invalid"),
+    "join port 0": (frame({"v": 1, "type": "join", "replica": 0, "rendezvous": "h:0"}), "invalid"),
+    "join bad ordinal": (frame({"v": 1, "type": "join", "replica": -1, "rendezvous": "h:29500"}), "invalid"),
+    "join ordinal bool": (
+        frame({"v": 1, "type": "join", "replica": True, "rendezvous": "h:29500"}),
+        "invalid",
+    ),
+    "join host_store": (
+        frame({"v": 1, "type": "join", "replica": 0, "rendezvous": "h:1", "host_store": 1}),
+        "invalid",
+    ),
 }
 
 
@@ -93,6 +105,7 @@ REQUESTS = [
     protocol.StatusRequest(),
     protocol.ConfigureRequest(changes={"lr": 0.001, "betas": (0.8, 0.9), "paused": True}),
     protocol.RestoreRequest(step=12, optimizer=False),
+    protocol.JoinRequest(replica=0, rendezvous="replica-0.chat-replicas.ml.svc:29500", host_store=True),
 ]
 
 

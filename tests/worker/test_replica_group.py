@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from group_helpers import SAMPLES, Group, assert_same_everywhere
+from hogwild import auth
 from hogwild.errors import ProtocolError
+from hogwild.testing.worker_process import call
 
 
 @pytest.mark.slow
@@ -192,3 +194,32 @@ def test_scale_one_two_one_hot(group: Group) -> None:
     leaving.close()
     group.wait_formed([0], timeout_s=30)
     assert group.workers[0].call("train", samples=SAMPLES, steps=1)["step"] == 4
+
+
+@pytest.mark.slow
+def test_a_replica_built_for_one_joins_the_group_when_told_without_a_restart(tmp_path: Path) -> None:
+    """A scale-up from one replica: the operator tells replica 0's running worker to join (over CURVE)."""
+    group = Group(tmp_path, worker_hosts_store=True)
+    try:
+        lone = group.start(0, alone=True)
+        alone = lone.wait_until(lambda s: s["connected"])
+        assert alone["group"]["state"] == "alone"
+        assert lone.call("train", samples=SAMPLES, steps=2)["step"] == 2
+        join = {"replica": 0, "rendezvous": group.address, "host_store": True}
+        with pytest.raises(ProtocolError, match="control channel only"):  # not from the vLLM side
+            lone.call("join", **join)
+        control = auth.load_curve_keys("client", group.curve)
+        endpoint = alone["control_endpoint"]
+        assert call(endpoint, "join", curve=control, **join)["joined"] is True
+        group.start(1)  # built for the group: it finds replica 0's store and receives the trained weights
+        group.wait_formed([0, 1])
+        assert lone.call("status")["incarnation"] == alone["incarnation"]  # the same process: no restart
+        assert_same_everywhere(group, [0, 1])
+        assert group.workers[1].call("train", samples=SAMPLES, steps=1)["step"] == 3
+        assert_same_everywhere(group, [0, 1])
+        # the operator repeats itself on every reconcile: a repeated join changes nothing; another is refused
+        assert call(endpoint, "join", curve=control, **join)["joined"] is False
+        with pytest.raises(ProtocolError, match="replica 0 of the group"):
+            call(endpoint, "join", curve=control, **{**join, "replica": 2})
+    finally:
+        group.close()

@@ -25,6 +25,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from hogwild import defaults
 from hogwild.auth import CurveKeys
 from hogwild.protocol import (
+    CONTROL_ONLY,
     MAX_FRAME_BYTES,
     ProtocolError,
     decode_request,
@@ -68,7 +69,7 @@ class WorkerServer:
         self.sockets: list[zmq.Socket[bytes]] = []
         self.auth: ThreadAuthenticator | None = None
         self.ipc_endpoint = f"ipc://{ipc_path}"
-        self.sockets.append(self._router(self.ipc_endpoint))
+        self.sockets.append(self._router(self.ipc_endpoint))  # first: the vLLM socket (CONTROL_ONLY refused)
         self.tcp_endpoint: str | None = None
         if curve is not None:
             self.auth = ThreadAuthenticator(self.context)
@@ -143,6 +144,10 @@ class WorkerServer:
             done = self._reply_later(sock, envelope, request_id_of(frame))
             request_id, request = decode_request(frame)
             done = self._reply_later(sock, envelope, request_id)
+            if request.type in CONTROL_ONLY and sock is self.sockets[0]:
+                raise ProtocolError(
+                    "unauthorized", f"{request.type} comes from the operator's control channel only"
+                )
             self.service.handle(request, done)
         except ProtocolError as err:
             done(err)

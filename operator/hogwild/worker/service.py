@@ -28,6 +28,8 @@ from hogwild.protocol import (
     ConfigureRequest,
     Endpoints,
     GatedTrainReply,
+    JoinReply,
+    JoinRequest,
     ProtocolError,
     Reply,
     Request,
@@ -37,13 +39,12 @@ from hogwild.protocol import (
     RollbackRequest,
     StatusReply,
     StatusRequest,
-    TrainReply,
     TrainRequest,
     new_id,
 )
 from hogwild.worker import gpu_power, persistence, protection, status
 from hogwild.worker.group.runner import ReplicaGroup
-from hogwild.worker.group.settings import GroupSettings
+from hogwild.worker.group.settings import GroupSettings, settings_to_join
 from hogwild.worker.metrics import WorkerMetrics
 from hogwild.worker.model import MappedModel, prewarm_imports
 from hogwild.worker.safety import Consensus, Safety
@@ -105,22 +106,7 @@ class WorkerService:
         )
         self._versioned: MappedModel | None = None  # the mapping the current lineage started with
         # Replicas: train and configure requests go to the group, which runs them on every member in order.
-        self.group = (
-            None
-            if settings.group is None
-            else ReplicaGroup(
-                settings.group,
-                trainer=self.trainer,
-                metrics=metrics,
-                lineage=lambda: self.safety.lineage,
-                adopt_lineage=self.safety.adopt_lineage,
-                run_train=self._run_shared_train,
-                apply_configure=self.configure,
-                mapping=lambda: self.watcher.mapped,
-                peer_saved=self.checkpoints.peer_saved,
-                peer_reset=self.checkpoints.peer_reset,
-            )
-        )
+        self.group = None if settings.group is None else self._replica_group(settings.group)
         self._rolling_back = False
         self.endpoints: Endpoints = {}
         # Which process answers: a client that sees it change knows its in-flight request died with the last.
@@ -160,8 +146,51 @@ class WorkerService:
             self._start_weights_change("restore", lambda: self.restore(request), done)
         elif isinstance(request, RollbackRequest):
             self._start_weights_change("rollback", lambda: self.rollback(request), done)
+        elif isinstance(request, JoinRequest):
+            done(self.join(request))
         else:  # decode_request only returns the types above
             raise ProtocolError("unknown_type", f"no handler for {request.type}")
+
+    def _replica_group(self, settings: GroupSettings) -> ReplicaGroup:
+        return ReplicaGroup(
+            settings,
+            trainer=self.trainer,
+            metrics=self.metrics,
+            lineage=lambda: self.safety.lineage,
+            adopt_lineage=self.safety.adopt_lineage,
+            run_train=self._train_gated,
+            apply_configure=self.configure,
+            mapping=lambda: self.watcher.mapped,
+            peer_saved=self.checkpoints.peer_saved,
+            peer_reset=self.checkpoints.peer_reset,
+        )
+
+    def join(self, request: JoinRequest) -> JoinReply:
+        """Join the session's replica group now, as if started with the group's environment (the operator
+        sends this to a running pod built for one replica when the session scales up)."""
+        wanted = settings_to_join(request.replica, request.rendezvous, request.host_store)
+        if self.group is not None:
+            have = self.group.settings
+            if (have.replica, have.rendezvous, have.host_store) != (
+                wanted.replica,
+                wanted.rendezvous,
+                wanted.host_store,
+            ):
+                raise ProtocolError(
+                    "invalid",
+                    f"this worker is replica {have.replica} of the group at {have.rendezvous} already",
+                )
+            return {"joined": False, "group": self.group.status()}
+        # A lone request or checkpoint runs without the group's collectives: join between them, not during.
+        if self._training or self.writing:
+            raise ProtocolError("busy", "a train request or checkpoint is running; join after it finishes")
+        self.group = self._replica_group(wanted)
+        self.group.start()
+        log.info(
+            "joining a replica group",
+            extra={"event": "group_join", "replica": wanted.replica, "rendezvous": wanted.rendezvous},
+        )
+        return {"joined": True, "group": self.group.status()}
 
     @property
     def mapped(self) -> MappedModel | None:
@@ -322,25 +351,26 @@ class WorkerService:
                 )
             return "paused" if self.trainer.config.paused else None
 
-        reply = self.safety.gated(
-            lambda: self.trainer.train(
-                request, should_stop=should_stop, rest=lambda s: self._stopping.wait(s) and None
-            ).reply()
-        )
-        _log_trained(reply)
-        return reply
+        return self._train_gated(request, should_stop)
 
-    def _run_shared_train(
-        self, request: TrainRequest, should_stop: Callable[[], str | None], consensus: Consensus
-    ) -> TrainReply:
-        """One train request of the replica group, on this member (the group thread calls it on every one)."""
+    def _train_gated(
+        self,
+        request: TrainRequest,
+        should_stop: Callable[[], str | None],
+        consensus: Consensus | None = None,
+    ) -> GatedTrainReply:
+        """A train request's steps under the snapshot and the gate: alone, or (`consensus`, called on the group's
+        thread) as one member of a replica group's shared request."""
         reply = self.safety.gated(
             lambda: self.trainer.train(
                 request, should_stop=should_stop, rest=lambda s: self._stopping.wait(s) and None
             ).reply(),
             consensus,
         )
-        _log_trained(reply)
+        log.info(
+            "trained",
+            extra={"event": "trained", **{k: v for k, v in reply.items() if k in TRAINED_LOG_FIELDS}},
+        )
         return reply
 
     def checkpoint(self, reason: str) -> CheckpointReply:
@@ -424,10 +454,3 @@ class WorkerService:
             except Exception:
                 log.exception("final checkpoint failed", extra={"event": "checkpoint_failed"})
         self.gate.close()
-
-
-def _log_trained(reply: TrainReply) -> None:
-    log.info(
-        "trained",
-        extra={"event": "trained", **{k: v for k, v in reply.items() if k in TRAINED_LOG_FIELDS}},
-    )

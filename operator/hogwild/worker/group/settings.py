@@ -41,5 +41,19 @@ class GroupSettings:
         )
 
 
+def settings_to_join(replica: int, address: str, host_store: bool) -> GroupSettings:
+    """The settings a join message names (a pod built for one replica joins on a scale-up), with this
+    process's HOGWILD_GROUP_* tunables, as if the pod had been started with the group's environment."""
+    env = {
+        **os.environ,
+        defaults.ENV_REPLICA: str(replica),
+        defaults.ENV_RENDEZVOUS: address,
+        defaults.ENV_HOST_STORE: "1" if host_store else "",
+    }
+    settings = GroupSettings.from_env(env)
+    assert settings is not None  # the rendezvous is set
+    return settings
+
+
 def settings_from_env() -> GroupSettings | None:
     return GroupSettings.from_env(os.environ)
