@@ -34,6 +34,7 @@ from hogwild.config import TrainingConfig, apply_changes, config_to_dict
 from hogwild.protocol import (
     CheckpointRequest,
     ConfigureRequest,
+    JoinRequest,
     ProtocolError,
     StatusRequest,
     decode_request,
@@ -377,6 +378,11 @@ class FakeWorker:
                 return None
             path = f"{defaults.CHECKPOINT_DIR}/step-{self.step:08d}"
             return encode_reply(request_id, {"step": self.step, "path": path, "reason": request.reason})
+        if isinstance(request, JoinRequest) and self.group is not None and self.group.get("state") == "alone":
+            # A lone worker told to join: it reports the group it then forms with the others.
+            self.group = {**self.group, "state": "formed", "replica": request.replica, "rank": request.replica,
+                          "size": 2, "members": [0, 1], "epoch": 1, "in_sync": True, "digest": "d-1"}  # fmt: skip
+            return encode_reply(request_id, {"joined": True, "group": self.group})
         return encode_error(request_id, ProtocolError("invalid", f"{request.type} is not served here"))
 
     def _serve(self) -> None:

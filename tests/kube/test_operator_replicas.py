@@ -42,6 +42,9 @@ def group(replica: int, size: int, *, in_sync: bool = True) -> dict[str, Any]:
     }
 
 
+ALONE = {"replica": 0, "state": "alone", "rank": 0, "size": 1, "members": [0], "epoch": 0, "in_sync": True}
+
+
 def env_of(pod: dict[str, Any]) -> dict[str, str]:
     trainer = next(c for c in pod["spec"]["containers"] if c["name"] == "trainer")
     return {e["name"]: e.get("value", "") for e in trainer.get("env", [])}
@@ -66,7 +69,7 @@ async def test_scale_1_2_3_1_is_hot(cluster: Cluster) -> None:
         await cluster.create(session_manifest("chat", cluster.namespace))
         keys = await secret_keys(cluster, "chat")
         checkpoints: list[str] = []
-        w0 = FakeWorker(keys, on_checkpoint=checkpoints.append)  # an older worker: no `group` in its reply
+        w0 = FakeWorker(keys, on_checkpoint=checkpoints.append, group=ALONE)  # built for one replica
         w1 = FakeWorker(keys, group=group(1, 2))
         try:
             await point_at(cluster, "chat", f"{w0.address},{w1.address}")
@@ -82,32 +85,28 @@ async def test_scale_1_2_3_1_is_hot(cluster: Cluster) -> None:
             headless = await eventually(lambda: cluster.get("Service", "chat-replicas"), "headless Service")
             assert headless["spec"]["clusterIP"] == "None"
             first_uid = await uid(cluster, "chat")
-            assert defaults.ENV_RENDEZVOUS not in env_of(await cluster.get("Pod", "chat") or {})
+            pod0 = await cluster.get("Pod", "chat") or {}
+            assert defaults.ENV_RENDEZVOUS not in env_of(pod0)
+            assert (pod0["spec"]["hostname"], pod0["spec"]["subdomain"]) == ("replica-0", "chat-replicas")
 
-            # 1 -> 2: replica 1 comes first; replica 0 (built for one) stays until replica 1 serves.
+            # 1 -> 2: replica 1 is added; replica 0 (built for one) joins the group in place, told by the
+            # operator over CURVE, and hosts the store that replica 1 finds by replica 0's DNS name.
             await scale(cluster, 2)
             pod1 = await eventually(lambda: cluster.get("Pod", "chat-1"), "replica 1's pod")
             assert env_of(pod1)[defaults.ENV_REPLICA] == "1"
-            assert env_of(pod1)[defaults.ENV_RENDEZVOUS].startswith("replica-0.chat-replicas.")
+            rendezvous = env_of(pod1)[defaults.ENV_RENDEZVOUS]
+            assert rendezvous == f"replica-0.chat-replicas.{cluster.namespace}.svc:{defaults.RENDEZVOUS_PORT}"
             assert pod1["spec"]["subdomain"] == "chat-replicas"
             pdb = await eventually(lambda: cluster.get("PodDisruptionBudget", "chat"), "the budget")
             assert pdb["spec"]["maxUnavailable"] == 1
-            assert await uid(cluster, "chat") == first_uid, "replica 0 is not replaced while it serves alone"
+            await eventually(lambda: _asked_to_join(w0), "replica 0's worker told to join")
+            assert ("join", {"replica": 0, "rendezvous": rendezvous, "host_store": True}) in w0.requests
             await cluster.mark_running("chat-1")
-
-            async def rejoined() -> bool:
-                now = await uid(cluster, "chat")
-                return now is not None and now != first_uid
-
-            await eventually(rejoined, "replica 0 replaced to join the group, once replica 1 serves")
-            assert "pre-restart" in checkpoints, "replica 0 checkpointed before it went"
-            pod0 = await cluster.get("Pod", "chat") or {}
-            assert env_of(pod0)[defaults.ENV_HOST_STORE] == "1"
-            w0.group = group(0, 2)
-            await cluster.mark_running("chat")
             two = await wait_status(
                 cluster, "chat", "two replicas in sync", lambda s: s.get("inSyncReplicas") == 2
             )
+            assert await uid(cluster, "chat") == first_uid, "replica 0 joined without a restart"
+            assert "pre-restart" not in checkpoints
             entries = {e["replica"]: e for e in two["replicaStatuses"]}
             assert (entries[0]["pod"], entries[1]["pod"]) == ("chat", "chat-1")
             assert entries[1]["groupState"] == "formed" and entries[1]["groupSize"] == 2
@@ -164,6 +163,10 @@ def assert_rbac_covers(used: set[tuple[str, str, str]]) -> None:
         ("networking.k8s.io", "networkpolicies", "create"),
     }
     assert replica_verbs <= used, sorted(replica_verbs - used)
+
+
+async def _asked_to_join(worker: FakeWorker) -> bool:
+    return "join" in worker.kinds()
 
 
 async def _both_have_lr(w0: FakeWorker, w1: FakeWorker, lr: float) -> bool:

@@ -51,10 +51,10 @@ def test_replica_pod_names_labels_and_group_env(
     assert built["metadata"]["labels"][builders.LABEL_INSTANCE] == "chat"
     assert {k: v for k, v in trainer_env(built).items() if k in GROUP_ENV} == env
     spec = built["spec"]
-    if replica_count == 1:  # a one-replica pod is what it was before replicas, apart from its label
-        assert not {"hostname", "subdomain", "topologySpreadConstraints"} & set(spec)
-    else:
-        assert (spec["hostname"], spec["subdomain"]) == (f"replica-{ordinal}", "chat-replicas")
+    # Every pod has its DNS name under the headless Service: one built for one replica joins in place.
+    assert (spec["hostname"], spec["subdomain"]) == (f"replica-{ordinal}", "chat-replicas")
+    if replica_count == 1:  # no placement: nothing to keep together or spread yet
+        assert not {"topologySpreadConstraints", "affinity"} & set(spec)
     assert pod_builder.group_member(built) is (replica_count > 1)
     for version in KUBE_VERSIONS:
         kubernetes_validate.validate(built, version, strict=True)
@@ -210,9 +210,10 @@ def test_the_network_policy_keeps_the_group_ports_among_the_sessions_pods(
         kubernetes_validate.validate(policy, version, strict=True)
 
 
-def test_a_name_too_long_for_the_suffix_gets_no_headless_service() -> None:
+def test_a_name_too_long_for_the_suffix_gets_no_headless_service_and_no_dns_name() -> None:
     long = builders.SessionRef(name="c" * 55, namespace="ml", uid="u")
     assert builders.build_replicas_service(long, parse_spec(MODEL)) is None
+    assert not {"hostname", "subdomain"} & set(pod_builder.build_pod(long, parse_spec(MODEL))["spec"])
 
 
 @pytest.mark.parametrize(
@@ -239,6 +240,7 @@ def found(
     member: bool = True,
     ours: bool = True,
     terminating: bool = False,
+    dns_name: bool = True,
 ) -> replicas.Found:
     facts = PodFacts(
         name=builders.pod_name(SESSION, ordinal),
@@ -247,6 +249,7 @@ def found(
         vllm_ready=ready,
         trainer_running=phase == "Running",
         pod_hash=hash_,
+        dns_name=dns_name,
     )
     return replicas.Found(ordinal, facts, ours=ours, member=member)
 
@@ -256,13 +259,21 @@ PLANS = [
     ("create-first", 1, [], replicas.Plan(create=(0,))),
     ("steady-one", 1, [found(0, member=False)], replicas.Plan()),
     ("scale-up-1-2", 2, [found(0, member=False, ready=True)], replicas.Plan(create=(1,))),
+    # built for one replica: it joins in place (its worker is told to), never replaced for it
+    ("joins-in-place", 2, [found(0, member=False), found(1)], replicas.Plan()),
+    # built by an older operator (no DNS name): replaced to join, once another replica serves
     (
-        "join-once-another-serves",
+        "old-pod-replaced-once-another-serves",
         2,
-        [found(0, member=False), found(1)],
+        [found(0, member=False, dns_name=False), found(1)],
         replicas.Plan(replace=(0,), join=True),
     ),
-    ("no-join-while-alone-serves", 2, [found(0, member=False), found(1, ready=False)], replicas.Plan()),
+    (
+        "old-pod-kept-while-it-serves-alone",
+        2,
+        [found(0, member=False, dns_name=False), found(1, ready=False)],
+        replicas.Plan(),
+    ),
     ("scale-up-2-4", 4, [found(0), found(1)], replicas.Plan(create=(2, 3))),
     ("scale-down-4-1", 1, [found(0), found(1), found(2), found(3)], replicas.Plan(remove=(3, 2, 1))),
     ("member-stays-at-one", 1, [found(0, member=True)], replicas.Plan()),

@@ -26,6 +26,7 @@ from hogwild.operator.builders import (
     CONFIG_KEY,
     LABEL_INSTANCE,
     LABEL_REPLICA,
+    MAX_GROUP_NAME,
     REPLICAS_SUFFIX,
     Names,
     SessionRef,
@@ -278,6 +279,10 @@ def build_pod(session: SessionRef, spec: SessionSpec, ordinal: int = 0) -> dict[
     meta["labels"][LABEL_REPLICA] = str(ordinal)
     if spec.replicas > 1:
         _join_group(session, spec, pod_spec, ordinal)
+    elif len(session.name) <= MAX_GROUP_NAME:
+        # Its DNS name from the start: on a scale-up this pod joins the group in place (the operator tells
+        # its worker to, hogwild.operator.workers) and the new replicas find the store it hosts by this name.
+        _name_in_group(session, pod_spec, ordinal)
     meta["annotations"][POD_HASH_ANNOTATION] = pod_hash(pod)
     return pod
 
@@ -286,10 +291,10 @@ def _join_group(session: SessionRef, spec: SessionSpec, pod_spec: dict[str, Any]
     """What makes a pod a member of the session's replica group (the worker's contract in hogwild.defaults):
     a DNS name under the headless Service, the group's env, and where it may run (`_placement`).
 
-    Pod env and hostname cannot change on a running pod, so a pod built for one replica stays out of the
-    group until it is replaced (hogwild.operator.replicas decides when)."""
-    pod_spec["hostname"] = replica_hostname(ordinal)
-    pod_spec["subdomain"] = f"{session.name}{REPLICAS_SUFFIX}"
+    Pod env and hostname cannot change on a running pod. A pod built for one replica has the DNS name
+    already (`build_pod`), and its worker joins when told; an older one without it stays out of the group
+    until it is replaced (hogwild.operator.replicas decides when)."""
+    _name_in_group(session, pod_spec, ordinal)
     group_env = [
         {"name": defaults.ENV_REPLICA, "value": str(ordinal)},
         {"name": defaults.ENV_RENDEZVOUS, "value": rendezvous(session)},
@@ -303,6 +308,12 @@ def _join_group(session: SessionRef, spec: SessionSpec, pod_spec: dict[str, Any]
         {"name": "rendezvous", "containerPort": defaults.RENDEZVOUS_PORT, "protocol": "TCP"},
     ]
     pod_spec.update(_placement(session, spec))
+
+
+def _name_in_group(session: SessionRef, pod_spec: dict[str, Any], ordinal: int) -> None:
+    """`replica-<i>.<session>-replicas.<ns>.svc`, under the headless Service (builders.build_replicas_service)."""
+    pod_spec["hostname"] = replica_hostname(ordinal)
+    pod_spec["subdomain"] = f"{session.name}{REPLICAS_SUFFIX}"
 
 
 def _placement(session: SessionRef, spec: SessionSpec) -> dict[str, Any]:

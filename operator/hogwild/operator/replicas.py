@@ -6,9 +6,11 @@ touched by a change of spec.replicas (pod_builder keeps the replica count out of
 highest ordinal first; a removed replica's worker leaves the group on SIGTERM by itself. A restart-requiring
 change replaces every replica, the checkpoint asked of one (the group writes it once).
 
-One exception to "never touched": a pod built for a one-replica session has no group env or DNS name, and
-a running pod's env cannot change. When such a pod must join a group (spec.replicas went from 1 to more), it
-is replaced, with its checkpoint first, but only once another replica serves: the session never stops
+A pod built for a one-replica session has no group env (a running pod's env cannot change), but it has its
+DNS name under the headless Service: on a scale-up from one, its worker is told to join the group in place
+(hogwild.operator.workers), and it hosts the store the new replicas find by that name. One exception to
+"never touched": a pod built before pods had that name (an older operator) cannot be reached by the others,
+so it is replaced, with its checkpoint first, but only once another replica serves: the session never stops
 answering for it. Pure: no I/O.
 """
 
@@ -61,8 +63,8 @@ def plan(replicas: int, found: Mapping[int, Found], want_hash: str) -> Plan:
             waiting.append(i)
         elif f.pod.phase in {"Failed", "Succeeded"} or f.pod.pod_hash != want_hash:
             outdated.append(i)
-        elif replicas > 1 and not f.member:
-            joining.append(i)
+        elif replicas > 1 and not f.member and not f.pod.dns_name:
+            joining.append(i)  # built for one replica before pods had a DNS name: only a new pod can join
     if outdated:
         # Ask a replica that can answer for the checkpoint: a running trainer, replica 0 when it can.
         answering = [i for i in outdated if found[i].pod.phase == "Running" and found[i].pod.trainer_running]

@@ -77,6 +77,9 @@ class PodFacts:
     stuck: str | None = None  # "<container>: <reason>: <message>" when a container cannot start
     restarts: int = 0
     pod_hash: str | None = None
+    dns_name: bool = (
+        False  # has a hostname under the session's headless Service: it can join a group in place
+    )
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,7 @@ def pod_facts(pod: Mapping[str, Any], hash_annotation: str) -> PodFacts:
         stuck=stuck,
         restarts=sum(int(s.get("restartCount", 0)) for s in states.values()),
         pod_hash=(meta.get("annotations") or {}).get(hash_annotation),
+        dns_name=bool((pod.get("spec") or {}).get("hostname") and (pod.get("spec") or {}).get("subdomain")),
     )
 
 

@@ -25,6 +25,7 @@ from hogwild.operator.replica_pods import Converged
 from hogwild.operator.spec import SessionSpec
 from hogwild.protocol import (
     ConfigureRequest,
+    JoinRequest,
     ProtocolError,
     RollbackRequest,
     Sample,
@@ -112,6 +113,13 @@ class Workers:
         except ProtocolError as err:
             self.keys_unsure(session.uid)
             return replace(obs, worker_error=f"{err.code}: {err.message}"), None
+        if (
+            spec.replicas > 1
+            and pod.dns_name
+            and (group := replicas.group_of(said))
+            and group.state == "alone"
+        ):
+            said = await self._join(body, session, target, replica, said)
         facts = status.worker_facts(said)
         obs = replace(obs, safety=safety.safety_status(said))
         if replica == 0:
@@ -147,6 +155,33 @@ class Workers:
             )
         pending = tuple(sorted(config_changes(spec.training, facts.config)))
         return replace(obs, worker=facts, config_pending=pending), said
+
+    async def _join(
+        self,
+        body: Mapping[str, Any],
+        session: builders.SessionRef,
+        target: Target,
+        replica: int,
+        said: StatusReply,
+    ) -> StatusReply:
+        """A running replica built for one (its pod has the group's DNS name, not its env) joins the group in
+        place when the session scales up: no restart; replica 0 then hosts the store the new replicas find
+        by that name. Asked again on every reconcile until the worker says it is in the group."""
+        request = JoinRequest(
+            replica=replica, rendezvous=builders.rendezvous(session), host_store=replica == 0
+        )
+        try:
+            reply = await self.relay.request(target, request, self.options.configure_timeout_s)
+            said = await self.relay.request(target, StatusRequest(), self.options.status_timeout_s)
+        except ProtocolError as err:  # busy (a lone request runs), or away: the next reconcile asks again
+            logger.info("join session=%s/%s replica=%d: %s", session.namespace, session.name, replica, err)
+            return said
+        if reply.get("joined"):
+            self.emit(
+                body, "Normal", "JoinedGroup", f"replica {replica}'s worker joined the replica group in place"
+            )
+            logger.info("joined session=%s/%s replica=%d", session.namespace, session.name, replica)
+        return said
 
     async def _eval_samples(
         self, session: builders.SessionRef, spec: SessionSpec, *, force: bool, held: str | None
