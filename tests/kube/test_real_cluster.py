@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -136,33 +137,51 @@ def sessions_elsewhere(namespace: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def chart_operator(namespace: str, tmp_path: Path, values: dict[str, Any]) -> Iterator[OperatorProcess]:
+def chart_operators(
+    namespace: str, tmp_path: Path, values: dict[str, Any]
+) -> Iterator[list[OperatorProcess]]:
     """`helm install` into `namespace`, then the operator run here exactly as the release's Deployment runs it,
-    with its ServiceAccount's token (RBAC is the chart's own); uninstalled afterwards."""
+    once per Deployment replica, with its ServiceAccount's token (RBAC is the chart's own); uninstalled
+    afterwards."""
     release = "hw"
     values = {"operator.service.port": free_port(), **values}
     installed = helm("install", release, CHART, "--namespace", namespace, *set_args(values))
     assert installed.returncode == 0, installed.stderr
-    operator: OperatorProcess | None = None
+    operators: list[OperatorProcess] = []
     try:
         deployment = installed_operator(namespace, release)
         pod_spec = deployment["spec"]["template"]["spec"]
         (container,) = [c for c in pod_spec["containers"] if c["name"] == "operator"]
         kubeconfig = service_account_kubeconfig(namespace, pod_spec["serviceAccountName"], tmp_path / "sa")
-        operator = OperatorProcess(
-            command_line(container), {**literal_env(container), "KUBECONFIG": kubeconfig}
-        )
-        yield operator
-        log = operator.log()
-        assert "Forbidden" not in log and " 403" not in log, "the chart's RBAC lacks a verb:\n" + log[-4000:]
+        env = {**literal_env(container), "KUBECONFIG": kubeconfig}
+        for replica in range(deployment["spec"].get("replicas", 1)):
+            command = command_line(container)
+            if replica:  # each pod has an address of its own; here they share one host
+                command = [
+                    f"--metrics-port={free_port()}" if a.startswith("--metrics-port=") else a for a in command
+                ]
+            operators.append(OperatorProcess(command, env))
+        yield operators
+        for operator in operators:
+            log = operator.log()
+            assert "Forbidden" not in log and " 403" not in log, (
+                "the chart's RBAC lacks a verb:\n" + log[-4000:]
+            )
     except BaseException:
-        if operator is not None:
+        for operator in operators:
             print(operator.log()[-6000:])
         raise
     finally:
-        if operator is not None:
+        for operator in operators:
             operator.stop()
         helm("uninstall", release, "--namespace", namespace)
+
+
+@contextlib.contextmanager
+def chart_operator(namespace: str, tmp_path: Path, values: dict[str, Any]) -> Iterator[OperatorProcess]:
+    """`chart_operators` with the chart's one replica."""
+    with chart_operators(namespace, tmp_path, values) as (operator,):
+        yield operator
 
 
 def exists(namespace: str, kind: str, name: str) -> bool:
@@ -239,3 +258,47 @@ def test_replicas_example_gets_its_replicas_budget_and_headless_service_then_sca
         assert operator.alive(), operator.log()[-4000:]
         kubectl("delete", "trainingsession", "-n", namespace, "qwen-chat", "--wait=false")
         until(lambda: not exists(namespace, "ts", "qwen-chat"), "the session gone", 120)
+
+
+def test_two_chart_replicas_with_peering_one_acts_then_the_other_takes_over(
+    namespace: str, tmp_path: Path
+) -> None:
+    """`operator.replicas: 2` with peering (values.yaml's way to run a standby): the chart's peering CRD and
+    KopfPeering, two copies of its Deployment's command under its RBAC. Each picks a random priority, so one
+    acts and the other pauses; when the active one stops, the standby makes the next session's pod."""
+    values = {
+        "watch.scope": "namespaces",
+        "watch.namespaces": [namespace],
+        "operator.replicas": 2,
+        "operator.peering.enabled": True,
+    }
+    with chart_operators(namespace, tmp_path, values) as operators:
+        assert len(operators) == 2
+        paused = until(
+            lambda: [o for o in operators if "Pausing operations in favour of" in o.log()],
+            "one replica pausing for the other",
+            60,
+        )
+        (standby,) = paused
+        (active,) = [o for o in operators if o is not standby]
+        kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples" / "minimal.yaml"))
+        until(lambda: exists(namespace, "pod", "qwen-chat"), "the session's pod", 60)
+        status = until(lambda: session_status(namespace, "qwen-chat"), "the session's status", 60)
+        assert status.get("observedGeneration") == 1, status
+        assert "qwen-chat" in active.log() and "qwen-chat" not in standby.log(), standby.log()[-4000:]
+
+        active.process.send_signal(signal.SIGTERM)  # kopf stops gracefully and clears its peering entry
+        active.process.wait(30)
+        until(lambda: "Resuming operations" in standby.log(), "the standby resuming", 60)
+        second = yaml.safe_load((ROOT / "examples" / "minimal.yaml").read_text())
+        second["metadata"]["name"] = "qwen-chat-two"
+        kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(second))
+        until(lambda: exists(namespace, "pod", "qwen-chat-two"), "the standby making the next pod", 60)
+        assert standby.alive(), standby.log()[-4000:]
+        for name in ("qwen-chat", "qwen-chat-two"):
+            kubectl("delete", "trainingsession", "-n", namespace, name, "--wait=false")
+        until(
+            lambda: not kubectl("get", "ts", "-n", namespace, "-o", "name").stdout.strip(),
+            "sessions gone",
+            120,
+        )
