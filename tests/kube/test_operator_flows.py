@@ -326,7 +326,7 @@ async def _absent(cluster: Cluster, kind: str, name: str) -> bool:
 # ---- peering ------------------------------------------------------------------------------------------
 async def test_peering_lets_only_the_highest_priority_operator_act(cluster: Cluster) -> None:
     if not isinstance(cluster, EmulatorCluster):
-        pytest.skip("peering needs the kopf peering CRD installed; the emulator variants cover it")
+        pytest.skip("counts the emulator's creates; test_real_cluster runs peering on a real API server")
     peering = {"operator.peering.enabled": True, **cluster.chart_values}
     for obj in peering_objects(render_chart(cluster.namespace, peering)):  # what `helm install` creates
         await cluster.create_anywhere(obj)
