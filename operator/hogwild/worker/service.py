@@ -170,12 +170,8 @@ class WorkerService:
         sends this to a running pod built for one replica when the session scales up)."""
         wanted = settings_to_join(request.replica, request.rendezvous, request.host_store)
         if self.group is not None:
-            have = self.group.settings
-            if (have.replica, have.rendezvous, have.host_store) != (
-                wanted.replica,
-                wanted.rendezvous,
-                wanted.host_store,
-            ):
+            have = self.group.settings  # the same environment gives the same tunables: compare all
+            if have != wanted:
                 raise ProtocolError(
                     "invalid",
                     f"this worker is replica {have.replica} of the group at {have.rendezvous} already",
@@ -241,17 +237,25 @@ class WorkerService:
             self._training = False
             done(result)
 
-        if self.group is not None:
-            self.group.submit_train(request, finished)  # raises (busy, forming) before any flag is set
-            self.metrics.busy.set(1)
-            self._training = True
-            return
+        # The flag goes up before the job can start: a job that ends at once must find it up, to take it down.
         self.metrics.busy.set(1)
         self._training = True
-        self._train_thread = self._run("train", lambda: self.train(request), finished)
+        try:
+            if self.group is not None:
+                self.group.submit_train(request, finished)  # raises (busy, forming) before it runs
+            else:
+                self._train_thread = self._run("train", lambda: self.train(request), finished)
+        except ProtocolError:
+            self.metrics.busy.set(0)
+            self._training = False
+            raise
 
-    def _start_maintenance(self, name: str, job: Callable[[], Reply], done: Done) -> None:
-        """Checkpoint, restore and rollback take turns; each runs under its own name, which its errors carry."""
+    def _start_maintenance(
+        self, name: str, job: Callable[[], Reply], done: Done, *, in_group: bool = False
+    ) -> None:
+        """Checkpoint, restore and rollback take turns; each runs under its own name, which its errors carry.
+        `in_group`: a restore or rollback of a replica group, run on the group's thread at an exchange, after
+        which every other member takes these weights."""
         if self.writing:
             raise ProtocolError("busy", "a checkpoint or restore is already running")
 
@@ -259,32 +263,25 @@ class WorkerService:
             self._writing = False
             done(result)
 
-        self._writing = True
-        self._maintenance_thread = self._run(name, job, finished)
+        self._writing = True  # before the job can start (see _start_train)
+        try:
+            if in_group and self.group is not None:
+                run = lambda: (self._attempt(name, job), not self.trained_since_checkpoint)  # noqa: E731
+                self.group.submit_reset(name, run, finished)  # raises (forming, busy) before it runs
+            else:
+                self._maintenance_thread = self._run(name, job, finished)
+        except ProtocolError:
+            self._writing = False
+            raise
 
     def _start_weights_change(self, name: str, job: Callable[[], Reply], done: Done) -> None:
-        """Restore and rollback: after a running train request, never during it. In a replica group they run
-        on the group's thread at an exchange, and every other member then takes these weights."""
+        """Restore and rollback: after a running train request, never during it."""
         # In a group, as with train, only this replica's own request refuses it: one that came through another
         # replica ends before the group's next idle exchange, where this one runs.
         if self._training if self.group is not None else self.busy:
             verb = "roll back" if name == "rollback" else name
             raise ProtocolError("busy", f"a train request is running; {verb} after it finishes")
-        if self.group is None:
-            self._start_maintenance(name, job, done)
-            return
-        if self.writing:
-            raise ProtocolError("busy", "a checkpoint or restore is already running")
-
-        def finished(result: Reply | ProtocolError) -> None:
-            self._writing = False
-            done(result)
-
-        def run() -> tuple[Reply | ProtocolError, bool]:
-            return self._attempt(name, job), not self.trained_since_checkpoint
-
-        self.group.submit_reset(name, run, finished)  # raises (forming, busy) before the flag is set
-        self._writing = True
+        self._start_maintenance(name, job, done, in_group=self.group is not None)
 
     # ---- requests ----------------------------------------------------------------------------------------
     def status(self) -> StatusReply:
