@@ -321,6 +321,7 @@ class FakeWorker:
         answer_checkpoints: bool = True,
         on_checkpoint: Callable[[str], None] | None = None,
         group: dict[str, Any] | None = None,
+        knows_join: bool = True,
     ) -> None:
         self.connected, self.answer_checkpoints, self.on_checkpoint = (
             connected,
@@ -329,6 +330,7 @@ class FakeWorker:
         )
         # The replica group as a worker of a replicated session reports it (None: an older worker's reply).
         self.group = group
+        self.knows_join = knows_join  # False: a worker image older than `join`
         self.config = TrainingConfig()
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.step = 0
@@ -378,6 +380,8 @@ class FakeWorker:
                 return None
             path = f"{defaults.CHECKPOINT_DIR}/step-{self.step:08d}"
             return encode_reply(request_id, {"step": self.step, "path": path, "reason": request.reason})
+        if isinstance(request, JoinRequest) and not self.knows_join:
+            return encode_error(request_id, ProtocolError("unknown_type", "unknown message type 'join'"))
         if isinstance(request, JoinRequest) and self.group is not None and self.group.get("state") == "alone":
             # A lone worker told to join: it reports the group it then forms with the others.
             self.group = {**self.group, "state": "formed", "replica": request.replica, "rank": request.replica,

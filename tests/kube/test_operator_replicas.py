@@ -143,6 +143,36 @@ async def test_scale_1_2_3_1_is_hot(cluster: Cluster) -> None:
             w1.close()
 
 
+async def test_a_lone_worker_that_cannot_join_says_so_and_its_pod_stays(cluster: Cluster) -> None:
+    """A worker image older than the operator (no `join`): the session's SpecApplied condition says why its
+    replica stays alone; the pod is not replaced for it (a new one would be built the same)."""
+    async with run_operator(cluster):
+        await cluster.create(session_manifest("chat", cluster.namespace))
+        keys = await secret_keys(cluster, "chat")
+        w0 = FakeWorker(keys, group=ALONE, knows_join=False)
+        w1 = FakeWorker(keys, group=group(1, 2))
+        try:
+            await point_at(cluster, "chat", f"{w0.address},{w1.address}")
+            await eventually(lambda: cluster.get("Pod", "chat"), "replica 0's pod")
+            await cluster.mark_running("chat")
+            first_uid = await uid(cluster, "chat")
+            await scale(cluster, 2)
+            await eventually(lambda: cluster.get("Pod", "chat-1"), "replica 1's pod")
+            await cluster.mark_running("chat-1")
+
+            def refused(s: dict[str, Any]) -> bool:
+                return "cannot join the replica group" in (condition(s, "SpecApplied") or {}).get(
+                    "message", ""
+                )
+
+            said = await wait_status(cluster, "chat", "the join refusal in the status", refused)
+            assert "unknown_type" in condition(said, "SpecApplied")["message"]
+            assert await uid(cluster, "chat") == first_uid
+        finally:
+            w0.close()
+            w1.close()
+
+
 def assert_rbac_covers(used: set[tuple[str, str, str]]) -> None:
     """Every (group, resource, verb) the operator used is one the chart's Role grants (a real API server
     would refuse the rest), and the replicas' own verbs were really used (the flow is not vacuous)."""

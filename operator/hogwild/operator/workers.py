@@ -113,15 +113,16 @@ class Workers:
         except ProtocolError as err:
             self.keys_unsure(session.uid)
             return replace(obs, worker_error=f"{err.code}: {err.message}"), None
+        cannot_join: str | None = None
         if (
             spec.replicas > 1
             and pod.dns_name
             and (group := replicas.group_of(said))
             and group.state == "alone"
         ):
-            said = await self._join(body, session, target, replica, said)
+            said, cannot_join = await self._join(body, session, target, replica, said)
         facts = status.worker_facts(said)
-        obs = replace(obs, safety=safety.safety_status(said))
+        obs = replace(obs, safety=safety.safety_status(said), relay_error=cannot_join or obs.relay_error)
         if replica == 0:
             obs = await self._rollback(body, session, spec, target, obs)
         changes = config_changes(spec.training, facts.config)
@@ -163,10 +164,11 @@ class Workers:
         target: Target,
         replica: int,
         said: StatusReply,
-    ) -> StatusReply:
+    ) -> tuple[StatusReply, str | None]:
         """A running replica built for one (its pod has the group's DNS name, not its env) joins the group in
         place when the session scales up: no restart; replica 0 then hosts the store the new replicas find
-        by that name. Asked again on every reconcile until the worker says it is in the group."""
+        by that name. Asked again on every reconcile until the worker says it is in the group. Returns the
+        worker's status and, when the worker cannot join at all (an older worker image), why."""
         request = JoinRequest(
             replica=replica, rendezvous=builders.rendezvous(session), host_store=replica == 0
         )
@@ -175,13 +177,18 @@ class Workers:
             said = await self.relay.request(target, StatusRequest(), self.options.status_timeout_s)
         except ProtocolError as err:  # busy (a lone request runs), or away: the next reconcile asks again
             logger.info("join session=%s/%s replica=%d: %s", session.namespace, session.name, replica, err)
-            return said
+            if err.code in {"busy", "not_connected", "timeout"}:
+                return said, None
+            return (
+                said,
+                f"replica {replica}'s worker cannot join the replica group: {err.code}: {err.message}",
+            )
         if reply.get("joined"):
             self.emit(
                 body, "Normal", "JoinedGroup", f"replica {replica}'s worker joined the replica group in place"
             )
             logger.info("joined session=%s/%s replica=%d", session.namespace, session.name, replica)
-        return said
+        return said, None
 
     async def _eval_samples(
         self, session: builders.SessionRef, spec: SessionSpec, *, force: bool, held: str | None
