@@ -42,7 +42,7 @@ from hogwild.protocol import (
     TrainRequest,
     new_id,
 )
-from hogwild.worker import gpu_power, persistence, protection, status
+from hogwild.worker import gpu_power, jobs, persistence, protection, status
 from hogwild.worker.group.runner import ReplicaGroup
 from hogwild.worker.group.settings import GroupSettings, settings_to_join
 from hogwild.worker.metrics import WorkerMetrics
@@ -111,10 +111,12 @@ class WorkerService:
         self.endpoints: Endpoints = {}
         # Which process answers: a client that sees it change knows its in-flight request died with the last.
         self.incarnation = new_id()
-        self._train_thread: threading.Thread | None = None
-        self._maintenance_thread: threading.Thread | None = None
+        self.training = jobs.Slot(
+            "a train request is already running; one runs at a time",
+            lambda running: metrics.busy.set(1 if running else 0),
+        )
+        self.maintenance = jobs.Slot("a checkpoint or restore is already running")
         self._stopping = threading.Event()
-        self._training = self._writing = False
         metrics.observe_config(config)
         metrics.unsaved_since_timestamp_seconds.set_function(lambda: self.unsaved_since or 0.0)
         # Model code imports take seconds: do them now, while vLLM loads, not after it exports its weights.
@@ -135,7 +137,7 @@ class WorkerService:
             if request.eval_samples is not None or "gate" in request.changes:
                 # A new evaluation set is evaluated first (after a running step): off the socket thread, so
                 # status keeps answering the heartbeat meanwhile.
-                self._run("configure", lambda: self.configure(request), done)
+                jobs.on_thread("configure", lambda: self.configure(request), done)
             else:
                 done(self.configure(request))
         elif isinstance(request, TrainRequest):
@@ -178,7 +180,7 @@ class WorkerService:
                 )
             return {"joined": False, "group": self.group.status()}
         # A lone request or checkpoint runs without the group's collectives: join between them, not during.
-        if self._training or self.writing:
+        if self.training.running or self.writing:
             raise ProtocolError("busy", "a train request or checkpoint is running; join after it finishes")
         self.group = self._replica_group(wanted)
         self.group.start()
@@ -192,30 +194,13 @@ class WorkerService:
     def mapped(self) -> MappedModel | None:
         return self.watcher.mapped
 
-    # Flags, not Thread.is_alive(): they drop BEFORE the reply goes out, so a client that got its reply
-    # never sees the job still running.
     @property
     def busy(self) -> bool:
-        return self._training or (self.group is not None and self.group.running)
+        return self.training.running or (self.group is not None and self.group.running)
 
     @property
     def writing(self) -> bool:
-        return self._writing
-
-    @staticmethod
-    def _attempt(name: str, job: Callable[[], Reply]) -> Reply | ProtocolError:
-        try:
-            return job()
-        except ProtocolError as err:
-            return err
-        except Exception as err:  # a failed job answers an error; the worker lives on
-            log.exception("%s failed", name, extra={"event": f"{name}_failed"})
-            return ProtocolError("internal", f"{name} failed: {type(err).__name__}: {err}")
-
-    def _run(self, name: str, job: Callable[[], Reply], done: Done) -> threading.Thread:
-        thread = threading.Thread(target=lambda: done(self._attempt(name, job)), name=name, daemon=True)
-        thread.start()
-        return thread
+        return self.maintenance.running
 
     def _start_train(self, request: TrainRequest, done: Done) -> None:
         if self._stopping.is_set():
@@ -224,64 +209,45 @@ class WorkerService:
             raise ProtocolError("not_connected", "the served weights are not mapped yet")
         if self.trainer.config.paused:
             raise ProtocolError("busy", "training is paused (configure paused=false to resume)")
-        if self._training:  # this replica's own request (one of another replica's only makes this one wait)
-            raise ProtocolError("busy", "a train request is already running; one runs at a time")
         if self._rolling_back:
             raise ProtocolError("busy", "a rollback is running; train after it finishes")
 
-        def finished(result: Reply | ProtocolError) -> None:
-            self.metrics.train_requests.labels(
-                result=result.code if isinstance(result, ProtocolError) else "ok"
-            ).inc()
-            self.metrics.busy.set(0)
-            self._training = False
+        def counted(result: Reply | ProtocolError) -> None:
+            code = result.code if isinstance(result, ProtocolError) else "ok"
+            self.metrics.train_requests.labels(result=code).inc()
             done(result)
 
-        # The flag goes up before the job can start: a job that ends at once must find it up, to take it down.
-        self.metrics.busy.set(1)
-        self._training = True
-        try:
-            if self.group is not None:
-                self.group.submit_train(request, finished)  # raises (busy, forming) before it runs
-            else:
-                self._train_thread = self._run("train", lambda: self.train(request), finished)
-        except ProtocolError:
-            self.metrics.busy.set(0)
-            self._training = False
-            raise
+        def start(finished: Done) -> threading.Thread | None:
+            if self.group is None:
+                return jobs.on_thread("train", lambda: self.train(request), finished)
+            self.group.submit_train(request, finished)  # raises (busy, forming) before it runs
+            return None
 
-    def _start_maintenance(
-        self, name: str, job: Callable[[], Reply], done: Done, *, in_group: bool = False
-    ) -> None:
+        # This replica's own request holds the slot; one that came through another replica only makes it wait.
+        self.training.start(start, counted)
+
+    def _start_maintenance(self, name: str, job: Callable[[], Reply], done: Done) -> None:
         """Checkpoint, restore and rollback take turns; each runs under its own name, which its errors carry.
-        `in_group`: a restore or rollback of a replica group, run on the group's thread at an exchange, after
-        which every other member takes these weights."""
-        if self.writing:
-            raise ProtocolError("busy", "a checkpoint or restore is already running")
+        In a replica group a restore or rollback runs on the group's thread at an exchange, after which every
+        other member takes these weights."""
 
-        def finished(result: Reply | ProtocolError) -> None:
-            self._writing = False
-            done(result)
+        def start(finished: Done) -> threading.Thread | None:
+            if self.group is None or name == "checkpoint":
+                return jobs.on_thread(name, job, finished)
+            run = lambda: (jobs.attempt(name, job), not self.trained_since_checkpoint)  # noqa: E731
+            self.group.submit_reset(name, run, finished)  # raises (forming, busy) before it runs
+            return None
 
-        self._writing = True  # before the job can start (see _start_train)
-        try:
-            if in_group and self.group is not None:
-                run = lambda: (self._attempt(name, job), not self.trained_since_checkpoint)  # noqa: E731
-                self.group.submit_reset(name, run, finished)  # raises (forming, busy) before it runs
-            else:
-                self._maintenance_thread = self._run(name, job, finished)
-        except ProtocolError:
-            self._writing = False
-            raise
+        self.maintenance.start(start, done)
 
     def _start_weights_change(self, name: str, job: Callable[[], Reply], done: Done) -> None:
         """Restore and rollback: after a running train request, never during it."""
         # In a group, as with train, only this replica's own request refuses it: one that came through another
         # replica ends before the group's next idle exchange, where this one runs.
-        if self._training if self.group is not None else self.busy:
+        if self.training.running if self.group is not None else self.busy:
             verb = "roll back" if name == "rollback" else name
             raise ProtocolError("busy", f"a train request is running; {verb} after it finishes")
-        self._start_maintenance(name, job, done, in_group=self.group is not None)
+        self._start_maintenance(name, job, done)
 
     # ---- requests ----------------------------------------------------------------------------------------
     def status(self) -> StatusReply:
@@ -442,7 +408,7 @@ class WorkerService:
         self._stopping.set()
         if self.group is not None:
             self.group.stop()  # leave first: the others re-form and keep training without this member
-        for thread in (self._train_thread, self._maintenance_thread):
+        for thread in (self.training.thread, self.maintenance.thread):
             if thread is not None:
                 thread.join(join_timeout_s)
         if self.trainer.attached and self.trained_since_checkpoint:
