@@ -1,13 +1,16 @@
-"""The worker's state behind the five protocol messages: jobs, checkpoints and the interval.
+"""The worker's state behind its protocol messages (status, configure, train, checkpoint, restore, rollback,
+join): jobs, checkpoints and the interval.
 
 The socket loop (hogwild.worker.server) calls `handle` and `tick` from one thread. Quick requests (status,
-configure) answer at once; train runs on its own thread and checkpoint/restore on another, so status keeps
-answering while they run. Each job replies through `done` when it finishes. One train at a time (a second
-gets `busy`), and one checkpoint or restore at a time.
+configure, join) answer at once; train runs on its own thread and checkpoint/restore on another, so status
+keeps answering while they run (hogwild.worker.jobs: one train at a time, a second gets `busy`, and one
+checkpoint or restore at a time). In a replica group, train, configure, restore and rollback go through the
+group's thread instead (hogwild.worker.group.runner). Each job replies through `done` when it finishes.
 
 What "unsaved since" means (the marker behind trained_since_checkpoint, the SIGTERM checkpoint and the
-hogwild_worker_unsaved_since_timestamp_seconds gauge), and what a checkpoint holds: hogwild.worker.persistence.
-Mapping the served weights (and following vLLM's restarts): hogwild.worker.watcher.
+hogwild_worker_unsaved_since_timestamp_seconds gauge), and what a checkpoint holds: hogwild.worker.persistence;
+writing and restoring one: hogwild.worker.saving. Mapping the served weights (and following vLLM's restarts):
+hogwild.worker.watcher.
 """
 
 from __future__ import annotations
