@@ -310,7 +310,7 @@ REQUEST_TYPES: dict[str, type[Request]] = {
     )
 }
 # Requests that change weights or training state: they need the token on HTTP.
-WEIGHT_CHANGING = frozenset({"train", "checkpoint", "configure", "restore", "rollback", "join"})
+WEIGHT_CHANGING = frozenset({"train", "checkpoint", "configure", "restore", "rollback"})
 # Requests only the operator sends, over its CURVE channel; the worker refuses them on the vLLM socket.
 CONTROL_ONLY = frozenset({"join"})
 

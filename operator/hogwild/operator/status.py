@@ -77,9 +77,8 @@ class PodFacts:
     stuck: str | None = None  # "<container>: <reason>: <message>" when a container cannot start
     restarts: int = 0
     pod_hash: str | None = None
-    dns_name: bool = (
-        False  # has a hostname under the session's headless Service: it can join a group in place
-    )
+    # It has a hostname under the session's headless Service: it can join a replica group in place.
+    dns_name: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +135,7 @@ def _container_states(statuses: list[Mapping[str, Any]]) -> dict[str, Mapping[st
 def pod_facts(pod: Mapping[str, Any], hash_annotation: str) -> PodFacts:
     meta = pod.get("metadata", {})
     status = pod.get("status", {}) or {}
+    spec = pod.get("spec") or {}
     conditions = {c.get("type"): c for c in status.get("conditions", []) or []}
     scheduled = conditions.get("PodScheduled", {})
     states = {
@@ -162,7 +162,7 @@ def pod_facts(pod: Mapping[str, Any], hash_annotation: str) -> PodFacts:
         stuck=stuck,
         restarts=sum(int(s.get("restartCount", 0)) for s in states.values()),
         pod_hash=(meta.get("annotations") or {}).get(hash_annotation),
-        dns_name=bool((pod.get("spec") or {}).get("hostname") and (pod.get("spec") or {}).get("subdomain")),
+        dns_name=bool(spec.get("hostname") and spec.get("subdomain")),
     )
 
 

@@ -73,6 +73,6 @@ class Inbox:
 
     def fail_all(self, why: str) -> None:
         """Answer everything still waiting (the member leaves the group for good)."""
-        waiting: list[Job | Reset] = [*self.trains.drain(), *self.configures.drain()]
-        for item in [*waiting, *self.resets.drain()]:
+        waiting: list[Job | Reset] = [*self.trains.drain(), *self.configures.drain(), *self.resets.drain()]
+        for item in waiting:
             item.done(ProtocolError("not_connected", why))

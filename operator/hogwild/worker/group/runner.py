@@ -190,10 +190,7 @@ class ReplicaGroup:
                 on_reduce=self.metrics.allreduce_seconds.observe,
                 tensor_backend=self.settings.tensor_backend,
             )
-            synced = state.synchronize(comms, self.trainer, self._lineage())
-            self._adopt_lineage(synced.lineage)
-            self.metrics.group_weight_broadcasts.inc(int(synced.weights_sent))
-            self._digest = (synced.step, synced.digest)
+            synced = self._synchronize(comms)
             self._enter(comms, membership)
             log.info(
                 "replica group formed",
@@ -219,6 +216,14 @@ class ReplicaGroup:
             return "error"
         finally:
             self._leave()
+
+    def _synchronize(self, comms: Comms, source: int | None = None) -> state.Synced:
+        """Every member takes the source's weights, optimizer state and version (state.synchronize)."""
+        synced = state.synchronize(comms, self.trainer, self._lineage(), source=source)
+        self._adopt_lineage(synced.lineage)
+        self.metrics.group_weight_broadcasts.inc(int(synced.weights_sent))
+        self._digest = (synced.step, synced.digest)
+        return synced
 
     def _enter(self, comms: Comms, membership: rendezvous.Membership) -> None:
         params = [p for _, p in self.trainer.named_params]
@@ -392,10 +397,7 @@ class ReplicaGroup:
         try:
             outcome = comms.gather_json({"ok": not isinstance(result, ProtocolError), "saved": saved})[origin]
             if outcome["ok"]:
-                synced = state.synchronize(comms, self.trainer, self._lineage(), source=origin)
-                self._adopt_lineage(synced.lineage)
-                self._digest = (synced.step, synced.digest)
-                self.metrics.group_weight_broadcasts.inc(int(synced.weights_sent))
+                synced = self._synchronize(comms, source=origin)
                 if mine is None:
                     self._peer_reset(bool(outcome["saved"]))
                 log.info(
